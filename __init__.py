@@ -1,0 +1,17 @@
+"""ComfyUI entry point of the APDM package (this folder goes into ComfyUI/custom_nodes/).
+
+Imports cleanly without ComfyUI (the tests import it): the nodes only touch ComfyUI's
+modules when they run. The engine, ``apdm_core``, lives next to this file; it is put on
+sys.path here so the package works without a pip install.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

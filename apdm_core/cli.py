@@ -1,0 +1,180 @@
+"""``apdm`` command line: protect, demo, config. Flags are generated from ProtectConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS, ProtectConfig
+from .errors import APDMError
+
+log = logging.getLogger("apdm")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ProtectConfig field (``--outer-steps`` ...), with the field's help text."""
+    hints = typing.get_type_hints(ProtectConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(ProtectConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} options"))
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = {"help": f"{meta['help']} (default: {default!r})", "default": argparse.SUPPRESS, "dest": f.name}
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        typ = hints[f.name]
+        if typ == list[str]:
+            kw["nargs"] = "+"
+        elif typ in (int, float):
+            kw["type"] = typ
+        names = [_flag(f.name)]
+        if f.name == "output":
+            names.append("--out")
+        group.add_argument(*names, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> ProtectConfig:
+    """defaults < --preset < --config FILE < explicit flags."""
+    values: dict = {}
+    if getattr(args, "preset", None):
+        values.update(ProtectConfig.from_preset(args.preset).to_dict())
+    if getattr(args, "config", None):
+        values.update(ProtectConfig.load(args.config).to_dict())
+    values.update({f.name: getattr(args, f.name) for f in fields(ProtectConfig) if hasattr(args, f.name)})
+    return ProtectConfig(**values)
+
+
+def _quiet_libraries() -> None:
+    for name in ("diffusers", "transformers"):
+        try:
+            mod = __import__(name)
+            mod.utils.logging.set_verbosity_error()
+            mod.utils.logging.disable_progress_bar()
+        except Exception:  # pragma: no cover - optional niceties
+            pass
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from .progress import tqdm_callback
+    from .protect import protect
+
+    config = config_from_args(args)
+    if not config.model:
+        raise APDMError("--model is required (a diffusers folder or a .safetensors checkpoint).")
+    if not config.images:
+        raise APDMError("--images is required (a folder of 4-6 photos of the subject).")
+    if not config.output:
+        raise APDMError("--out is required (a new folder or .safetensors file for the protected model).")
+    if args.save_config:
+        config.save(args.save_config)
+        print(f"config written to {args.save_config}")
+    result = protect(
+        config,
+        progress=tqdm_callback(),
+        resume=args.resume,
+        keep_state=args.keep_state,
+        overwrite=args.overwrite,
+    )
+    return _report_protect(result)
+
+
+def _report_protect(result) -> int:
+    if result.cancelled:
+        print(
+            f"stopped after {result.steps_done} outer steps; state saved to {result.state_path} (continue with --resume)"
+        )
+        return 130
+    last = result.history[-1] if result.history else {}
+    print(
+        f"protected model written to {result.output}  ({result.steps_done} outer steps, {result.seconds:.1f} s)"
+    )
+    if last:
+        print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = ProtectConfig.from_preset(args.preset)
+    sys.stdout.write(config.to_yaml() if args.format == "yaml" else config.to_json() + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .progress import tqdm_callback
+
+    result = run_demo(Path(args.out), progress=tqdm_callback("demo"), overwrite=args.overwrite)
+    return _report_protect(result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apdm", description="Protect diffusion models against unauthorized personalization (APDM)."
+    )
+    parser.add_argument("--version", action="version", version=f"apdm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show library logs and progress bars.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("protect", help="Protect a model against personalization of one subject.")
+    p.add_argument(
+        "--config", help="Load settings from a JSON/YAML file written by --save-config or `apdm config`."
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="Start from a preset (paper = defaults).")
+    p.add_argument(
+        "--save-config",
+        metavar="FILE",
+        help="Write the resolved settings to FILE (.json/.yaml) to repeat the run.",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="Continue from the state file of an interrupted run."
+    )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="Keep the state file after finishing (to extend the run later).",
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_protect)
+
+    c = sub.add_parser("config", help="Print a full config (to edit and pass with --config).")
+    c.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    c.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    c.set_defaults(func=cmd_config)
+
+    d = sub.add_parser("demo", help="Run the whole flow on the built-in demo model (CPU, a few minutes).")
+    d.add_argument("--out", default="apdm_out/demo", help="Output folder (default: apdm_out/demo).")
+    d.add_argument("--overwrite", action="store_true", help="Replace an existing demo output.")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except APDMError as exc:
+        print(f"apdm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("apdm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""ProtectConfig: every setting of a protection run, validated, with a JSON/YAML round trip.
+
+Defaults are the paper's (APDM, arXiv 2511.01307, Sec. 5.1): AdamW, lr_personalize =
+lr_protect = 5e-6, 800 outer steps, N_per = 20 inner steps, beta = 1, prior weight 1,
+batch 1, at the model's native resolution (512 px for SD1.5). One dataclass serves the CLI
+(flags are generated from the fields), the ComfyUI nodes, the Gradio UI and the state file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+LOSSES = ("dpo", "naive")
+ACCUMULATIONS = ("protect", "protect+personalize")
+DPO_REDUCTIONS = ("sample", "element")
+PAIR_ORDERS = ("name", "listdir")
+PRECISIONS = ("no", "bf16")
+OPTIMIZERS = ("adamw",)
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ProtectConfig:
+    # --- what to protect -------------------------------------------------------------
+    model: str = _f(
+        "", "Base model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
+    )
+    images: list[str] = _f(
+        [], "Subject images: a folder or a list of png/jpg/webp files (4-6 is typical).", group="io"
+    )
+    instance_prompt: str = _f(
+        "a photo of sks person",
+        "Prompt an attacker would personalize with (identifier + class).",
+        group="basic",
+    )
+    class_prompt: str = _f(
+        "a photo of person", "Generic class prompt: positives and prior-preservation images.", group="basic"
+    )
+    output: str = _f(
+        "", "Where to write the protected model (a new folder or .safetensors file).", group="io"
+    )
+    class_images: str = _f(
+        "", "Optional folder of your own class images; missing ones are generated.", group="io"
+    )
+    cache_dir: str = _f(
+        "", "Cache for generated pairs/class images (default: $APDM_CACHE_DIR or ~/.cache/apdm).", group="io"
+    )
+    state_path: str = _f("", "Resumable state file (default: <output>.apdm-state.pt).", group="io")
+    # --- the algorithm ---------------------------------------------------------------
+    loss: str = _f(
+        "dpo", "Protection loss: 'dpo' (the paper) or 'naive' (-L_per + lambda*L_ppl, ablation).", LOSSES
+    )
+    accumulation: str = _f(
+        "protect",
+        "L2P accumulation: 'protect' = paper Alg. 1 (protection gradients only); "
+        "'protect+personalize' = the released code (also adds grad L_per at each inner step).",
+        ACCUMULATIONS,
+    )
+    outer_steps: int = _f(800, "Outer protection steps N_protect.", group="basic")
+    inner_steps: int = _f(
+        20, "Simulated DreamBooth steps N_per per outer step (0 = DPO without L2P).", group="basic"
+    )
+    lr_protect: float = _f(5e-6, "Learning rate of the protection (outer) optimizer.", group="basic")
+    lr_personalize: float = _f(5e-6, "Learning rate of the simulated attacker (inner) optimizer.")
+    beta: float = _f(
+        1.0,
+        "DPO beta (1 = strongest protection; 10 or more preserves quality but protects less).",
+        group="basic",
+    )
+    prior_weight: float = _f(1.0, "Weight lambda of the prior-preservation terms (both paths).")
+    naive_lambda: float = _f(
+        1.0, "lambda in the naive loss L_adv = -L_per + lambda*L_ppl (loss='naive' only)."
+    )
+    dpo_reduction: str = _f(
+        "sample",
+        "Apply log-sigmoid per sample (paper) or per latent element (released code).",
+        DPO_REDUCTIONS,
+    )
+    pair_order: str = _f(
+        "name",
+        "Pair subject and positive images by sorted name (paper) or directory order (released code).",
+        PAIR_ORDERS,
+    )
+    num_class_images: int = _f(200, "Class images for prior preservation (DreamBooth uses 200).")
+    resolution: int = _f(0, "Training resolution in pixels; 0 = the model's native size (512 for SD1.5).")
+    batch_size: int = _f(1, "Images per step for each term.")
+    optimizer: str = _f("adamw", "Optimizer for both paths.", OPTIMIZERS)
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    # --- generation of pairs / class images --------------------------------------------
+    sample_steps: int = _f(50, "Denoising steps when generating positives and class images.")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance when generating positives and class images.")
+    sample_batch_size: int = _f(4, "Images generated per batch.")
+    # --- run control ---------------------------------------------------------------------
+    seed: int = _f(
+        0, "Seed for everything random (data order, timesteps, noise, generated images).", group="basic"
+    )
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    mixed_precision: str = _f(
+        "no", "Autocast precision for the UNet passes ('bf16' recommended on recent GPUs).", PRECISIONS
+    )
+    save_every: int = _f(
+        50, "Write the resumable state every K outer steps (0 = only when stopped or finished)."
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.images, (str, Path)):
+            self.images = [str(self.images)] if str(self.images) else []
+        self.images = [str(p) for p in self.images]
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> ProtectConfig:
+        """Raise InputError naming the field and the fix when a value is out of range."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise InputError(
+                    f"ProtectConfig.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
+                )
+        positive_int = ("outer_steps", "batch_size", "sample_steps", "sample_batch_size")
+        for name in positive_int:
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"ProtectConfig.{name} must be >= 1 (got {getattr(self, name)}).")
+        for name in ("inner_steps", "num_class_images", "resolution", "save_every", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {getattr(self, name)}).")
+        for name in ("lr_protect", "lr_personalize", "beta", "adam_epsilon"):
+            v = float(getattr(self, name))
+            if not (v > 0 and math.isfinite(v)):
+                raise InputError(f"ProtectConfig.{name} must be a positive number (got {v}).")
+        for name in ("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"):
+            v = float(getattr(self, name))
+            if not (v >= 0 and math.isfinite(v)):
+                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {v}).")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = float(getattr(self, name))
+            if not 0 <= v < 1:
+                raise InputError(f"ProtectConfig.{name} must be in [0, 1) (got {v}).")
+        if self.resolution and self.resolution % 8:
+            raise InputError(
+                f"ProtectConfig.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
+            )
+        if not self.instance_prompt.strip() or not self.class_prompt.strip():
+            raise InputError(
+                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
+            )
+        return self
+
+    # --- presets -----------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ProtectConfig:
+        """A config from a named preset (see PRESETS), with explicit overrides on top."""
+        if name not in PRESETS:
+            raise InputError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # --- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProtectConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        from .fileio import atomic_write_text
+
+        path = Path(path)
+        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
+        return atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProtectConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+            raise InputError(
+                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{path} must contain a mapping of ProtectConfig fields.")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ProtectConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that change what is computed; a resumed run must agree on all of them.
+RUN_IDENTITY_EXCLUDE = {"outer_steps", "save_every", "device", "output", "state_path", "cache_dir"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's settings (the defaults).
+    "paper": {},
+    # What the released reference code (KU-VGI/APDM protect.py) computes: it never zeroes the
+    # personalization gradient, applies log-sigmoid per latent element, pairs by directory order.
+    "reference": {"accumulation": "protect+personalize", "dpo_reduction": "element", "pair_order": "listdir"},
+    # Short runs for a first look in a UI; protection is weaker than the paper's.
+    "quick": {"outer_steps": 100, "inner_steps": 10, "num_class_images": 50},
+    "thorough": {"outer_steps": 1200, "inner_steps": 20},
+}

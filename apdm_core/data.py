@@ -1,0 +1,118 @@
+"""Subject images: find, open, validate, orient, crop and resize. Input files are only read."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MIN_SIDE = 256  # px; relaxed to the model's resolution for models smaller than this
+
+
+@dataclass
+class SubjectImage:
+    name: str  # file stem (or "image_003" for in-memory images); pairs are matched by it
+    image: Image.Image  # RGB, square, at the training resolution
+    path: str = ""
+
+
+def find_images(source: str | Path | Sequence[str | Path], order: str = "name") -> list[Path]:
+    """Image files from a folder or an explicit list. ``order``: 'name' (sorted) or 'listdir'."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    if not items or all(not str(i) for i in items):
+        raise InputError("No subject images given: pass a folder or image files (png/jpg/webp).")
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            names = os.listdir(p)
+            if order == "name":
+                names = sorted(names)
+            found = [p / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+            if not found:
+                raise InputError(
+                    f"{p} contains no png/jpg/webp images; put the subject photos in this folder."
+                )
+            files.extend(found)
+        elif p.is_file():
+            if not p.name.lower().endswith(IMAGE_EXTENSIONS):
+                raise InputError(f"{p} is not a png/jpg/webp image; convert it or remove it from the list.")
+            files.append(p)
+        else:
+            raise InputError(f"{p} does not exist; check the path of the subject images.")
+    return files
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """Center-crop to a square and resize to ``size`` (bicubic, antialiased)."""
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+def prepare_image(
+    image: Image.Image, size: int, name: str = "image", min_side: int | None = None
+) -> Image.Image:
+    """EXIF-orient, convert to RGB, check the short side, center-crop and resize."""
+    image = ImageOps.exif_transpose(image)
+    image = image.convert("RGB")
+    limit = min(MIN_SIDE, size) if min_side is None else min_side
+    if min(image.size) < limit:
+        raise InputError(
+            f"{name} is too small ({image.size[0]}x{image.size[1]} px); the short side must be at least "
+            f"{limit} px. Use a larger photo of the subject."
+        )
+    return center_square(image, size)
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise InputError(
+            f"{path} cannot be read as an image ({exc.__class__.__name__}); re-save it as PNG or JPEG, or remove it."
+        ) from exc
+
+
+def load_subject_images(
+    source, size: int, order: str = "name", min_side: int | None = None
+) -> list[SubjectImage]:
+    """Load subject photos from a folder / list of files, or wrap PIL images given directly."""
+    if isinstance(source, Image.Image) or (
+        isinstance(source, (list, tuple)) and source and isinstance(source[0], Image.Image)
+    ):
+        images = [source] if isinstance(source, Image.Image) else list(source)
+        subjects = [
+            SubjectImage(f"image_{i:03d}", prepare_image(im, size, f"image {i}", min_side))
+            for i, im in enumerate(images)
+        ]
+    else:
+        subjects = []
+        for path in find_images(source, order):
+            subjects.append(
+                SubjectImage(path.stem, prepare_image(open_image(path), size, str(path), min_side), str(path))
+            )
+    if not subjects:
+        raise InputError("No subject images given: at least 1 image is needed (4-6 is typical).")
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise InputError(
+            f"Subject images must have distinct file names (pairs are matched by name): {names}."
+        )
+    if len(subjects) < 3:
+        warnings.warn(
+            f"Only {len(subjects)} subject image(s): protection generalises better with 4-6 photos of the subject.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return subjects

@@ -1,0 +1,90 @@
+"""Atomic writes and hashing: outputs appear complete or not at all, inputs are never touched."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import APDMError, InputError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_target(path: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse to write over an existing output (unless asked) or over any input file."""
+    resolved = path.resolve()
+    for p in protected:
+        if p is not None and Path(p).exists() and resolved == Path(p).resolve():
+            raise InputError(
+                f"{path}: this is an input file; choose another output name (inputs are never overwritten)."
+            )
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite).")
+
+
+def _disk_full_message(path: Path, exc: OSError) -> APDMError:
+    return APDMError(
+        f"Writing {path} failed: the disk is full ({exc.strerror}). Free some space in {path.parent} "
+        "or choose another output folder; nothing was written."
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()
+) -> Iterator[Path]:
+    """Yield a temporary path in the target folder; on success rename it to ``path``.
+
+    Works for a file or a folder (whatever the caller creates at the temporary path).
+    On any error the temporary is removed and an existing ``path`` stays intact.
+    """
+    path = Path(path)
+    check_target(path, overwrite, protected)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # the caller creates a file or a folder here
+    try:
+        yield tmp
+        if path.is_dir() and overwrite:
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full_message(path, exc) from exc
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)

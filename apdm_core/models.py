@@ -1,0 +1,240 @@
+"""Load Stable Diffusion components and hand them around as one ``SDModel``.
+
+This issue's scope is diffusers folders; single-file checkpoints plug into ``load_model``
+through ``apdm_core.checkpoint`` when present. Every host (ComfyUI, A1111, CLI) goes through
+``load_model`` so a real SD checkpoint and the tiny demo model take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} but this torch has no CUDA; use device='cpu'.")
+    return dev
+
+
+@dataclass
+class SDModel:
+    """The components of a Stable Diffusion model plus where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the model's own sampling scheduler; training uses noise_scheduler()
+    source: str = ""  # the file or folder it was loaded from ("" = built in memory)
+    kind: str = "diffusers"  # sd1 / sd2 / sd2-v / diffusers / tiny
+    info: dict[str, Any] = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    # --- facts about the model ------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def noise_scheduler(self):
+        """The DDPM training scheduler with this model's betas and prediction type."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    def to(self, device: torch.device | str) -> SDModel:
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device)
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 over the UNet's tensors (names, dtypes, bytes): identifies the base model for caches."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.unet.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(t.dtype).encode())
+                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    # --- using it ---------------------------------------------------------------------------
+    def pipeline(self, unet=None, scheduler=None):
+        """A StableDiffusionPipeline over these components (no safety checker, nothing downloaded)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet if unet is not None else self.unet,
+            scheduler=scheduler if scheduler is not None else self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings exactly as the diffusers pipeline computes them for sampling."""
+        pipe = self.pipeline()
+        embeds, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return embeds.detach()
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: list[Image.Image], batch_size: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled VAE latent distributions (mean, std) of PIL images, for sampling latents later."""
+        means, stds = [], []
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        for i in range(0, len(images), batch_size):
+            x = pil_to_tensor(images[i : i + batch_size]).to(self.device, dtype)
+            dist = vae.encode(x).latent_dist
+            means.append(((dist.mean - shift) * vae.config.scaling_factor).float())
+            stds.append((dist.std * vae.config.scaling_factor).float())
+        return torch.cat(means), torch.cat(stds)
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL RGB images -> float tensor (N, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (N, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = (
+        ((x.detach().float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
+    return [Image.fromarray(a) for a in arr]
+
+
+def _load_scheduler(folder: Path):
+    import diffusers
+
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    if not cfg_path.exists():
+        raise InputError(
+            f"{folder}: no scheduler/scheduler_config.json; is this a complete diffusers model folder?"
+        )
+    import json
+
+    cls_name = json.loads(cfg_path.read_text()).get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, cls_name, None) or diffusers.PNDMScheduler
+    return cls.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+
+
+def load_diffusers_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDModel:
+    """Load a diffusers-format SD model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    missing = [
+        s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / s).is_dir()
+    ]
+    if missing:
+        raise InputError(
+            f"{folder} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/). "
+            "Pass a folder saved by diffusers (save_pretrained) or a single-file .safetensors checkpoint."
+        )
+    kw = {"local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype, **kw
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Could not load the diffusers model in {folder}: {exc}") from exc
+    scheduler = _load_scheduler(folder)
+    kind = "tiny" if (folder / "apdm_tiny.json").exists() else "diffusers"
+    return SDModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(folder), kind=kind)
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kw
+) -> SDModel:
+    """Load a model from a diffusers folder or (when apdm_core.checkpoint supports it) a single file."""
+    path = Path(path)
+    if not str(path):
+        raise InputError("No model given: pass --model with a diffusers folder or a .safetensors checkpoint.")
+    if not path.exists():
+        raise InputError(
+            f"Model {path} does not exist; pass a diffusers folder or a .safetensors checkpoint."
+        )
+    if path.is_dir():
+        model = load_diffusers_folder(path, dtype=dtype)
+    else:
+        try:
+            from . import checkpoint
+        except ImportError as exc:
+            raise InputError(
+                f"{path}: single-file checkpoints are not supported by this build; use a diffusers folder."
+            ) from exc
+        model = checkpoint.load_single_file(path, dtype=dtype, **kw)
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    return model.to(device)
+
+
+def save_diffusers(
+    model: SDModel, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write the model as a diffusers folder, atomically (temp folder + rename); never over the source."""
+    from .fileio import atomic_path
+
+    out_dir = Path(out_dir)
+    protected = (Path(model.source),) if model.source else ()
+    with atomic_path(out_dir, overwrite=overwrite, protected=protected) as tmp:
+        model.pipeline().save_pretrained(tmp, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return out_dir

@@ -1,0 +1,179 @@
+"""Generated images the protection needs: one positive per subject image, and class images.
+
+Positives (x+) and prior-preservation class images are generated once with the *base*
+model from the class prompt and cached on disk under a key made of the model fingerprint,
+prompt, size, sampler settings and seed, so a second run (or a resumed run) reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .data import SubjectImage, center_square, find_images, open_image
+from .fileio import atomic_write_bytes
+from .models import SDModel
+from .progress import ProgressCallback, StopCheck, Tracker
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("APDM_CACHE_DIR") or Path.home() / ".cache" / "apdm")
+
+
+def cache_key(
+    model: SDModel, prompt: str, size: int, steps: int, guidance: float, seed: int, kind: str
+) -> tuple[str, dict]:
+    spec = {
+        "kind": kind,
+        "model": model.fingerprint(),
+        "prompt": prompt,
+        "size": size,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "sampler": type(model.scheduler).__name__,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16], spec
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A per-image seed derived from the run seed and the subject's name (stable across runs)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+@torch.no_grad()
+def sample_images(
+    model: SDModel,
+    prompt: str,
+    seeds: list[int],
+    size: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 4,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """Generate one image per seed with the model's own scheduler (one seeded generator per image)."""
+    pipe = model.pipeline()
+    out: list[Image.Image] = []
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i : i + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+        result = pipe(
+            prompt=[prompt] * len(chunk),
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="pil",
+        )
+        out.extend(result.images)
+    return out
+
+
+def _save_png(path: Path, image: Image.Image, meta: dict) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("apdm", json.dumps(meta, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_png(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _generate_missing(
+    model: SDModel,
+    prompt: str,
+    jobs: list[tuple[Path, int, dict]],
+    stage: str,
+    size: int,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+) -> None:
+    """Generate the (path, seed, metadata) jobs whose file is missing, saving batch by batch."""
+    todo = [j for j in jobs if not j[0].exists()]
+    if not todo:
+        return
+    tracker = Tracker(stage, len(todo), progress, should_stop)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        images = sample_images(
+            model, prompt, [seed for _, seed, _ in chunk], size, steps, guidance, batch_size
+        )
+        for (path, _, meta), im in zip(chunk, images):
+            _save_png(path, im, meta)
+        tracker.update(len(chunk))
+
+
+def generate_pairs(
+    model: SDModel,
+    subjects: list[SubjectImage],
+    class_prompt: str,
+    *,
+    size: int,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_size: int = 4,
+    cache_dir: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> list[Image.Image]:
+    """One positive class image per subject image, matched by the subject's name; cached."""
+    key, spec = cache_key(model, class_prompt, size, steps, guidance, seed, "pairs")
+    folder = Path(cache_dir or default_cache_dir()) / "pairs" / key
+    paths = [folder / f"{s.name}.png" for s in subjects]
+    jobs = [(p, name_seed(seed, s.name), {**spec, "subject": s.name}) for p, s in zip(paths, subjects)]
+    _generate_missing(
+        model, class_prompt, jobs, "pairs", size, steps, guidance, batch_size, progress, should_stop
+    )
+    return [_load_png(p) for p in paths]
+
+
+def ensure_class_images(
+    model: SDModel,
+    class_prompt: str,
+    count: int,
+    *,
+    size: int,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_size: int = 4,
+    class_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> list[Image.Image]:
+    """``count`` class images: the user's own (``class_dir``) first, the missing ones generated and cached."""
+    if count == 0:
+        return []
+    images: list[Image.Image] = []
+    if class_dir:
+        for p in find_images(class_dir)[:count]:
+            images.append(center_square(open_image(p).convert("RGB"), size))
+    missing = count - len(images)
+    if missing <= 0:
+        return images
+    key, spec = cache_key(model, class_prompt, size, steps, guidance, seed, "class")
+    folder = Path(cache_dir or default_cache_dir()) / "class" / key
+    paths = [folder / f"{i:04d}.png" for i in range(missing)]
+    jobs = [(p, name_seed(seed, f"class-{i}"), {**spec, "index": i}) for i, p in enumerate(paths)]
+    _generate_missing(
+        model, class_prompt, jobs, "class_images", size, steps, guidance, batch_size, progress, should_stop
+    )
+    return images + [_load_png(p) for p in paths]
