@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import typing
@@ -116,6 +117,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _report_protect(result)
 
 
+# Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
+# ``func`` on its parsers. Add a module here rather than growing this file.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apdm", description="Protect diffusion models against unauthorized personalization (APDM)."
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="apdm_out/demo", help="Output folder (default: apdm_out/demo).")
     d.add_argument("--overwrite", action="store_true", help="Replace an existing demo output.")
     d.set_defaults(func=cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 

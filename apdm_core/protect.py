@@ -22,7 +22,6 @@ state file, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -39,10 +38,11 @@ from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
 from .errors import Cancelled, InputError, TrainingDiverged
 from .fileio import atomic_path
-from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, training_target
+from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss
 from .models import SDModel, load_model, resolve_device
 from .pairs import default_cache_dir, ensure_class_images, generate_pairs
 from .progress import ProgressCallback, StopCheck, Tracker
+from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +52,6 @@ STATE_VERSION = 1
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
-class LatentBank:
-    """VAE latent distributions (mean, std) of fixed images; each draw samples a fresh latent."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.mean, self.std = mean, std
-
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
-    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        eps = torch.randn(self.mean[idx].shape, generator=generator).to(self.mean.device)
-        return self.mean[idx] + self.std[idx] * eps
-
-
-@dataclass
-class NoisyBatch:
-    latents: torch.Tensor  # x_t
-    timesteps: torch.Tensor
-    target: torch.Tensor
-    embeds: torch.Tensor
-
-
 @dataclass
 class ProtectionData:
     """Everything the loop samples from: latent banks and the two prompt embeddings."""
@@ -83,33 +61,7 @@ class ProtectionData:
     prior: LatentBank | None  # class images for prior preservation
     instance_embeds: torch.Tensor  # (1, L, D)
     class_embeds: torch.Tensor  # (1, L, D)
-    scheduler: object  # DDPM training scheduler
-
-    def randint(self, n: int, size: int, g: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, n, (size,), generator=g)
-
-    def noise_and_timesteps(self, z0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.randn(z0.shape, generator=g).to(z0.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), generator=g).to(
-            z0.device
-        )
-        return noise, t
-
-    def noisy(
-        self, z0: torch.Tensor, embeds: torch.Tensor, g: torch.Generator, noise=None, t=None
-    ) -> NoisyBatch:
-        """Forward-diffuse clean latents at random timesteps (or the given noise/t)."""
-        b = z0.shape[0]
-        if noise is None:
-            noise, t = self.noise_and_timesteps(z0, g)
-        x_t = self.scheduler.add_noise(z0, noise, t)
-        return NoisyBatch(x_t, t, training_target(self.scheduler, z0, noise, t), embeds.expand(b, -1, -1))
-
-
-def _cat(*batches: NoisyBatch) -> NoisyBatch:
-    return NoisyBatch(
-        *(torch.cat([getattr(b, f) for b in batches]) for f in ("latents", "timesteps", "target", "embeds"))
-    )
+    diffusion: Diffusion  # forward diffusion with the model's training scheduler
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,6 +98,7 @@ class L2PTrainer:
         self.accum = [torch.zeros_like(p) for p in self.params]
         self.optimizer = self._adamw(self.params, config.lr_protect)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.forward = make_forward(device, config.mixed_precision)
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step_start = self.generator.get_state()
@@ -163,17 +116,6 @@ class L2PTrainer:
             kw["foreach"] = True
         return torch.optim.AdamW(params, **kw)
 
-    def _autocast(self):
-        if self.cfg.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _forward(self, unet, batch: NoisyBatch) -> torch.Tensor:
-        with self._autocast():
-            return unet(
-                batch.latents, batch.timesteps, encoder_hidden_states=batch.embeds, return_dict=False
-            )[0]
-
     @staticmethod
     def _check(value: torch.Tensor, what: str, where: str) -> float:
         v = float(value.detach())
@@ -187,37 +129,26 @@ class L2PTrainer:
     # --- the two paths -----------------------------------------------------------------------
     def personalization_loss(self, unet) -> torch.Tensor:
         """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
-        d, g, b = self.data, self.generator, self.cfg.batch_size
-        inst = d.noisy(d.subject.sample(d.randint(len(d.subject), b, g), g), d.instance_embeds, g)
-        if d.prior is None or self.cfg.prior_weight == 0:
-            return noise_prediction_loss(self._forward(unet, inst), inst.target)
-        prior = d.noisy(d.prior.sample(d.randint(len(d.prior), b, g), g), d.class_embeds, g)
-        pred_inst, pred_prior = self._forward(unet, _cat(inst, prior)).chunk(2)
-        return noise_prediction_loss(pred_inst, inst.target) + self.cfg.prior_weight * noise_prediction_loss(
-            pred_prior, prior.target
-        )
+        d = self.data
+        return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, d.instance_embeds, self.generator,
+                               self.cfg.batch_size, d.prior, d.class_embeds, self.cfg.prior_weight)  # fmt: skip
 
     def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO (or naive) loss plus lambda * prior preservation, at the current weights of ``unet``."""
         d, g, b, cfg = self.data, self.generator, self.cfg.batch_size, self.cfg
         use_prior = d.prior is not None and cfg.prior_weight > 0
-        prior = (
-            d.noisy(d.prior.sample(d.randint(len(d.prior), b, g), g), d.class_embeds, g)
-            if use_prior
-            else None
-        )
-        stats: dict[str, float] = {}
+        prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g) if use_prior else None
         if cfg.loss == "dpo":
-            k = d.randint(len(d.subject), b, g)
+            k = torch.randint(0, len(d.subject), (b,), generator=g)
             z_pos, z_neg = d.positive.sample(k, g), d.subject.sample(k, g)
-            noise, t = d.noise_and_timesteps(z_pos, g)  # the pair shares t and the noise
-            pos = d.noisy(z_pos, d.instance_embeds, g, noise, t)
-            neg = d.noisy(z_neg, d.instance_embeds, g, noise, t)
-            pair = _cat(pos, neg)
-            batch = _cat(pair, prior) if use_prior else pair
-            pred = self._forward(unet, batch)
+            noise, t = d.diffusion.noise_and_timesteps(z_pos, g)  # the pair shares t and the noise
+            pair = NoisyBatch.cat(
+                d.diffusion.noisy(z_pos, d.instance_embeds, g, noise, t),
+                d.diffusion.noisy(z_neg, d.instance_embeds, g, noise, t),
+            )
+            pred = self.forward(unet, NoisyBatch.cat(pair, prior) if use_prior else pair)
             with torch.no_grad():
-                ref = self._forward(self.ref_unet, pair)
+                ref = self.forward(self.ref_unet, pair)
             err = (pred[: 2 * b].float() - pair.target.float()).pow(2)
             ref_err = (ref.float() - pair.target.float()).pow(2)
             loss, s = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, cfg.dpo_reduction)
@@ -226,19 +157,16 @@ class L2PTrainer:
                 prior_loss = noise_prediction_loss(pred[2 * b :], prior.target)
                 stats["prior"] = float(prior_loss.detach())
                 loss = loss + cfg.prior_weight * prior_loss
-        else:  # naive: -L_per + lambda * L_ppl
-            inst = d.noisy(d.subject.sample(d.randint(len(d.subject), b, g), g), d.instance_embeds, g)
-            batch = _cat(inst, prior) if use_prior else inst
-            pred = self._forward(unet, batch)
-            per = noise_prediction_loss(pred[:b], inst.target)
-            prior_loss = (
-                noise_prediction_loss(pred[b:], prior.target)
-                if use_prior
-                else torch.zeros((), device=per.device)
-            )
-            loss = naive_adversarial_loss(per, prior_loss, cfg.naive_lambda)
-            stats = {"neg_per": float(-per.detach()), "prior": float(prior_loss.detach())}
-        return loss, stats
+            return loss, stats
+        # naive: -L_per + lambda * L_ppl
+        inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g)
+        pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
+        per = noise_prediction_loss(pred[:b], inst.target)
+        prior_loss = (
+            noise_prediction_loss(pred[b:], prior.target) if use_prior else torch.zeros((), device=per.device)
+        )
+        loss = naive_adversarial_loss(per, prior_loss, cfg.naive_lambda)
+        return loss, {"neg_per": float(-per.detach()), "prior": float(prior_loss.detach())}
 
     # --- one outer step ----------------------------------------------------------------------
     def outer_step(self, tracker: Tracker | None = None) -> dict:
@@ -409,7 +337,9 @@ def prepare_data(
     tracker.update(message="class images")
     embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
     tracker.update(message="prompts")
-    return ProtectionData(subject, positive, prior, embeds[:1], embeds[1:], model.noise_scheduler())
+    return ProtectionData(
+        subject, positive, prior, embeds[:1], embeds[1:], Diffusion(model.noise_scheduler())
+    )
 
 
 def protect(

@@ -160,7 +160,7 @@ def test_nan_loss_stops_with_a_message(fast_config, monkeypatch):
 
 def test_v_prediction_model(fast_config, tiny_vpred_dir):
     trainer = make_trainer(fast_config(model=str(tiny_vpred_dir)))
-    assert trainer.data.scheduler.config.prediction_type == "v_prediction"
+    assert trainer.data.diffusion.scheduler.config.prediction_type == "v_prediction"
     assert protect(fast_config(model=str(tiny_vpred_dir), outer_steps=1)).steps_done == 1
 
 

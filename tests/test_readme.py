@@ -9,7 +9,11 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding=
 
 
 def test_every_option_is_documented():
-    missing = [f.name for f in fields(ProtectConfig) if f"| `{f.name}` | `--{f.name.replace('_', '-')}` |" not in README]
+    missing = [
+        f.name
+        for f in fields(ProtectConfig)
+        if f"| `{f.name}` | `--{f.name.replace('_', '-')}` |" not in README
+    ]
     assert not missing, f"README options table lacks {missing}"
 
 

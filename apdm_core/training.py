@@ -1,0 +1,119 @@
+"""Building blocks shared by every training loop (protection, the simulated attacker, real attacks).
+
+- ``LatentBank``: cached VAE latent distributions of fixed images, re-sampled every draw.
+- ``Diffusion``: forward diffusion with the model's training scheduler and the right target.
+- ``dreambooth_loss``: the DreamBooth objective (instance term + lambda * prior term in one
+  forward), used by L2P's simulated attacker and by ``apdm_core.attack``.
+
+All randomness is drawn from an explicit CPU ``torch.Generator`` (reproducible and resumable,
+identical on CPU and GPU), then moved to the tensors' device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .losses import noise_prediction_loss, training_target
+
+
+class LatentBank:
+    """VAE latent distributions (mean, std) of fixed images; each draw samples a fresh latent."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(self.mean[idx].shape, generator=generator).to(self.mean.device)
+        return self.mean[idx] + self.std[idx] * eps
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """``batch_size`` latents of uniformly chosen images."""
+        return self.sample(torch.randint(0, len(self), (batch_size,), generator=generator), generator)
+
+
+@dataclass
+class NoisyBatch:
+    latents: torch.Tensor  # x_t
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    embeds: torch.Tensor
+
+    @staticmethod
+    def cat(*batches: NoisyBatch) -> NoisyBatch:
+        names = ("latents", "timesteps", "target", "embeds")
+        return NoisyBatch(*(torch.cat([getattr(b, n) for b in batches]) for n in names))
+
+
+class Diffusion:
+    """Forward diffusion q(x_t | x_0) with a DDPM training scheduler."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def noise_and_timesteps(self, z0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(z0.shape, generator=g).to(z0.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), generator=g)
+        return noise, t.to(z0.device)
+
+    def noisy(
+        self, z0: torch.Tensor, embeds: torch.Tensor, g: torch.Generator, noise=None, t=None
+    ) -> NoisyBatch:
+        """Noise clean latents at random timesteps (or the given noise and t) -> x_t, t, target."""
+        if noise is None:
+            noise, t = self.noise_and_timesteps(z0, g)
+        x_t = self.scheduler.add_noise(z0, noise, t)
+        target = training_target(self.scheduler, z0, noise, t)
+        return NoisyBatch(x_t, t, target, embeds.expand(z0.shape[0], -1, -1))
+
+
+def autocast_for(device: torch.device, mixed_precision: str = "no"):
+    """The autocast context for a precision setting ('no' -> fp32)."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_forward(device: torch.device, mixed_precision: str = "no") -> Callable:
+    """forward(unet, batch) -> prediction, under the requested autocast."""
+
+    def forward(unet, batch: NoisyBatch) -> torch.Tensor:
+        with autocast_for(device, mixed_precision):
+            return unet(
+                batch.latents, batch.timesteps, encoder_hidden_states=batch.embeds, return_dict=False
+            )[0]
+
+    return forward
+
+
+def dreambooth_loss(
+    unet,
+    forward: Callable,
+    diffusion: Diffusion,
+    instance: LatentBank,
+    instance_embeds: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int = 1,
+    prior: LatentBank | None = None,
+    class_embeds: torch.Tensor | None = None,
+    prior_weight: float = 1.0,
+) -> torch.Tensor:
+    """DreamBooth loss (paper Eq. 5): L_simple on subject images + lambda * L_ppl on class images.
+
+    Instance and class batches go through the UNet in one forward pass, then split, as in
+    diffusers' train_dreambooth.py.
+    """
+    inst = diffusion.noisy(instance.draw(batch_size, generator), instance_embeds, generator)
+    if prior is None or prior_weight == 0:
+        return noise_prediction_loss(forward(unet, inst), inst.target)
+    cls = diffusion.noisy(prior.draw(batch_size, generator), class_embeds, generator)
+    pred_inst, pred_cls = forward(unet, NoisyBatch.cat(inst, cls)).chunk(2)
+    return noise_prediction_loss(pred_inst, inst.target) + prior_weight * noise_prediction_loss(
+        pred_cls, cls.target
+    )
