@@ -32,8 +32,76 @@ def _f(default: Any, help: str, choices: tuple | None = None, group: str = "adva
     return field(default=default, metadata=meta, **kw)
 
 
+class ConfigIO:
+    """Shared by the config dataclasses: choices check, dict/JSON/YAML round trip, save/load."""
+
+    def check_choices(self) -> None:
+        """Raise InputError for a field whose value is not one of its ``choices`` metadata."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise InputError(
+                    f"{type(self).__name__}.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
+                )
+
+    # --- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        from .fileio import atomic_write_text
+
+        path = Path(path)
+        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
+        return atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+            raise InputError(
+                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{path} must contain a mapping of {cls.__name__} fields.")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class ProtectConfig:
+class ProtectConfig(ConfigIO):
     # --- what to protect -------------------------------------------------------------
     model: str = _f(
         "", "Base model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
@@ -127,13 +195,7 @@ class ProtectConfig:
     # ------------------------------------------------------------------------------------
     def validate(self) -> ProtectConfig:
         """Raise InputError naming the field and the fix when a value is out of range."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise InputError(
-                    f"ProtectConfig.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
-                )
+        self.check_choices()
         positive_int = ("outer_steps", "batch_size", "sample_steps", "sample_batch_size")
         for name in positive_int:
             if int(getattr(self, name)) < 1:
@@ -170,60 +232,6 @@ class ProtectConfig:
         if name not in PRESETS:
             raise InputError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
-
-    # --- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProtectConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-            )
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> Path:
-        from .fileio import atomic_write_text
-
-        path = Path(path)
-        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
-        return atomic_write_text(path, text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ProtectConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise InputError(
-                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
-            ) from exc
-        if not isinstance(data, dict):
-            raise InputError(f"{path} must contain a mapping of ProtectConfig fields.")
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> ProtectConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # Fields that change what is computed; a resumed run must agree on all of them.
