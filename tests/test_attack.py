@@ -175,3 +175,13 @@ def test_config_round_trip_and_validation(tmp_path):
         AttackConfig(crop_scale=0.5)
     with pytest.raises(InputError, match="Unknown config key"):
         AttackConfig.from_dict({"kind": "lora", "rank": 4})
+
+
+def test_gradient_checkpointing_computes_the_same_step(model, subject_dir, attack_config):
+    cfg = attack_config(kind="lora", steps=2)
+    plain, checkpointed = (
+        run_attack(model, subject_dir, cfg),
+        run_attack(model, subject_dir, cfg.replace(gradient_checkpointing=True)),
+    )
+    assert checkpointed.model.unet.is_gradient_checkpointing and not model.unet.is_gradient_checkpointing
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)

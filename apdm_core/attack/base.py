@@ -176,9 +176,12 @@ class Attack:
         raise NotImplementedError
 
 
-def frozen_copy_of_unet(model: SDModel) -> torch.nn.Module:
+def frozen_copy_of_unet(model: SDModel, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """A private copy of the model's UNet (the input model object is never modified)."""
-    return copy.deepcopy(model.unet).requires_grad_(False)
+    unet = copy.deepcopy(model.unet).requires_grad_(False)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class DreamBoothAttack(Attack):
 
     def __init__(self, model: SDModel, cfg: AttackConfig, device: torch.device) -> None:
         super().__init__(model, cfg, device)
-        self.unet = frozen_copy_of_unet(model).requires_grad_(True).train()
+        self.unet = frozen_copy_of_unet(model, cfg.gradient_checkpointing).requires_grad_(True).train()
 
     @property
     def trainable(self) -> dict[str, torch.nn.Parameter]:

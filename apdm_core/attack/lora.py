@@ -26,7 +26,7 @@ class LoRAAttack(Attack):
         from peft import LoraConfig
 
         super().__init__(model, cfg, device)
-        unet = frozen_copy_of_unet(model)
+        unet = frozen_copy_of_unet(model, cfg.gradient_checkpointing)
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                           target_modules=list(cfg.lora_targets))  # fmt: skip
         # the gaussian init draws from torch's global RNG: seed it locally, leave the caller's RNG alone

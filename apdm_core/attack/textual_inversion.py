@@ -39,8 +39,11 @@ class TextualInversionAttack(Attack):
         if not init_ids:
             raise InputError(f"--ti-init-word {init_word!r} has no tokens; use a word such as 'person'.")
         self.text_encoder = copy.deepcopy(model.text_encoder).requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):  # resizing may draw random rows: keep the caller's RNG
-            self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        with torch.random.fork_rng(devices=[]):  # resizing draws random rows: keep the caller's RNG
+            try:  # the new rows are overwritten below: skip transformers' mean/covariance init
+                self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            except TypeError:  # transformers < 4.46
+                self.text_encoder.resize_token_embeddings(len(self.tokenizer))
         table = self.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             table[self.token_ids] = table[init_ids].mean(dim=0, keepdim=True).to(table.dtype)
