@@ -248,3 +248,26 @@ def test_cli_attack_evaluate_compare(tiny_model_dir, subject_dir, tmp_path, tiny
         == 2
     )
     assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_readme_commands_of_this_section_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from apdm_core.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Test personalization") :]
+    section = section[: section.index("\n## ", 5)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = [
+        c for b in blocks for c in b.replace("\\\n", " ").splitlines() if "apdm " in c and "..." not in c
+    ]
+    assert len(commands) >= 5
+    parser = build_parser()
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        words = words[words.index("apdm") + 1 :]
+        if words[0] in ("attack", "evaluate", "compare"):
+            parser.parse_args(words)  # exits on an unknown flag
