@@ -45,6 +45,39 @@ class ConfigIO:
                     f"{type(self).__name__}.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
                 )
 
+    def check_ranges(
+        self,
+        at_least_one: tuple = (),
+        non_negative_int: tuple = (),
+        positive: tuple = (),
+        non_negative: tuple = (),
+        unit_interval: tuple = (),
+    ) -> None:
+        """Raise InputError for the first named field out of its range (None values are not checked)."""
+        checks = (
+            (at_least_one, lambda v: int(v) >= 1, "must be >= 1"),
+            (non_negative_int, lambda v: int(v) >= 0, "must be >= 0"),
+            (positive, lambda v: float(v) > 0 and math.isfinite(float(v)), "must be a positive number"),
+            (non_negative, lambda v: float(v) >= 0 and math.isfinite(float(v)), "must be >= 0"),
+            (unit_interval, lambda v: 0 <= float(v) < 1, "must be in [0, 1)"),
+        )
+        for names, ok, rule in checks:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not ok(value):
+                    raise InputError(f"{type(self).__name__}.{name} {rule} (got {value}).")
+
+    def check_resolution_and_prompts(self) -> None:
+        """For configs with ``resolution``, ``instance_prompt`` and ``class_prompt`` fields."""
+        if self.resolution and self.resolution % 8:
+            raise InputError(
+                f"{type(self).__name__}.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
+            )
+        if not self.instance_prompt.strip() or not self.class_prompt.strip():
+            raise InputError(
+                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
+            )
+
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,33 +229,14 @@ class ProtectConfig(ConfigIO):
     def validate(self) -> ProtectConfig:
         """Raise InputError naming the field and the fix when a value is out of range."""
         self.check_choices()
-        positive_int = ("outer_steps", "batch_size", "sample_steps", "sample_batch_size")
-        for name in positive_int:
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"ProtectConfig.{name} must be >= 1 (got {getattr(self, name)}).")
-        for name in ("inner_steps", "num_class_images", "resolution", "save_every", "seed"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {getattr(self, name)}).")
-        for name in ("lr_protect", "lr_personalize", "beta", "adam_epsilon"):
-            v = float(getattr(self, name))
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"ProtectConfig.{name} must be a positive number (got {v}).")
-        for name in ("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"):
-            v = float(getattr(self, name))
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {v}).")
-        for name in ("adam_beta1", "adam_beta2"):
-            v = float(getattr(self, name))
-            if not 0 <= v < 1:
-                raise InputError(f"ProtectConfig.{name} must be in [0, 1) (got {v}).")
-        if self.resolution and self.resolution % 8:
-            raise InputError(
-                f"ProtectConfig.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
-            )
-        if not self.instance_prompt.strip() or not self.class_prompt.strip():
-            raise InputError(
-                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
-            )
+        self.check_ranges(
+            at_least_one=("outer_steps", "batch_size", "sample_steps", "sample_batch_size"),
+            non_negative_int=("inner_steps", "num_class_images", "resolution", "save_every", "seed"),
+            positive=("lr_protect", "lr_personalize", "beta", "adam_epsilon"),
+            non_negative=("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"),
+            unit_interval=("adam_beta1", "adam_beta2"),
+        )
+        self.check_resolution_and_prompts()
         return self
 
     # --- presets -----------------------------------------------------------------------------

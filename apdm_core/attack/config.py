@@ -132,38 +132,23 @@ class AttackConfig(ConfigIO):
                 f"AttackConfig.kind={self.kind!r} is not a known attack; choose one of "
                 f"{', '.join(registered_attacks())}."
             )
-        for name in ("batch_size", "sample_steps", "sample_batch_size", "lora_rank", "ti_vectors"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"AttackConfig.{name} must be >= 1 (got {getattr(self, name)}).")
-        if self.steps is not None and int(self.steps) < 1:
-            raise InputError(f"AttackConfig.steps must be >= 1 (got {self.steps}).")
-        for name in ("num_class_images", "resolution", "save_every", "seed"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"AttackConfig.{name} must be >= 0 (got {getattr(self, name)}).")
-        positive = ["adam_epsilon", "lora_alpha"] + (["lr"] if self.lr is not None else [])
-        for name in positive:
-            v = float(getattr(self, name))
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"AttackConfig.{name} must be a positive number (got {v}).")
-        non_negative = ["max_grad_norm", "adam_weight_decay", "guidance_scale"]
-        non_negative += ["prior_weight"] if self.prior_weight is not None else []
-        for name in non_negative:
-            v = float(getattr(self, name))
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"AttackConfig.{name} must be >= 0 (got {v}).")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= float(getattr(self, name)) < 1:
-                raise InputError(f"AttackConfig.{name} must be in [0, 1) (got {getattr(self, name)}).")
+        self.check_ranges(
+            at_least_one=(
+                "batch_size",
+                "sample_steps",
+                "sample_batch_size",
+                "lora_rank",
+                "ti_vectors",
+                "steps",
+            ),
+            non_negative_int=("num_class_images", "resolution", "save_every", "seed"),
+            positive=("adam_epsilon", "lora_alpha", "lr"),
+            non_negative=("max_grad_norm", "adam_weight_decay", "guidance_scale", "prior_weight"),
+            unit_interval=("adam_beta1", "adam_beta2"),
+        )
         if not (self.crop_scale >= 1 and math.isfinite(self.crop_scale)):
             raise InputError(f"AttackConfig.crop_scale must be >= 1 (got {self.crop_scale}).")
-        if self.resolution and self.resolution % 8:
-            raise InputError(
-                f"AttackConfig.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
-            )
-        if not self.instance_prompt.strip() or not self.class_prompt.strip():
-            raise InputError(
-                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
-            )
+        self.check_resolution_and_prompts()
         if not self.identifier.strip() or not re.search(
             rf"(?<!\S){re.escape(self.identifier)}(?!\S)", self.instance_prompt
         ):

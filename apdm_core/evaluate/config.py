@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import ConfigIO, _f
@@ -71,14 +70,11 @@ class EvalConfig(ConfigIO):
 
     def validate(self) -> EvalConfig:
         self.check_choices()
-        for name in ("num_samples", "eval_steps", "eval_batch_size", "denoise_repeats"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"EvalConfig.{name} must be >= 1 (got {getattr(self, name)}).")
-        for name in ("eval_seed", "eval_resolution"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"EvalConfig.{name} must be >= 0 (got {getattr(self, name)}).")
-        if not (self.eval_guidance >= 0 and math.isfinite(self.eval_guidance)):
-            raise InputError(f"EvalConfig.eval_guidance must be >= 0 (got {self.eval_guidance}).")
+        self.check_ranges(
+            at_least_one=("num_samples", "eval_steps", "eval_batch_size", "denoise_repeats"),
+            non_negative_int=("eval_seed", "eval_resolution"),
+            non_negative=("eval_guidance",),
+        )
         if self.eval_resolution % 8:
             raise InputError(f"EvalConfig.eval_resolution={self.eval_resolution} must be a multiple of 8.")
         bad = [t for t in self.denoise_timesteps if not 0 <= t < 1000]
