@@ -49,6 +49,10 @@ VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
+SD1_TEXT_PREFIX, SD1_TEXT_MODEL = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+OLD_SD1_TEXT_KEY = (
+    "cond_stage_model.transformer.embeddings.position_embedding.weight"  # pre-4.x transformers names
+)
 V_PRED_STAT_KEY = re.compile(r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
 V_PRED_STD = 0.09  # ComfyUI's SD20.model_type threshold on that tensor's std
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy hint for 512-base .ckpt files
@@ -277,7 +281,7 @@ def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
         raise InputError(
             f"{ckpt.path} has no VAE (first_stage_model.*); pass a full checkpoint with its VAE baked in."
         )
-    if SD1_TEXT_KEY in ckpt:
+    if SD1_TEXT_KEY in ckpt or OLD_SD1_TEXT_KEY in ckpt:
         text, text_reason = "sd1", "CLIP ViT-L text encoder (cond_stage_model.transformer.*)"
     elif SD2_TEXT_KEY in ckpt:
         text, text_reason = "sd2", "OpenCLIP text encoder (cond_stage_model.model.*)"
@@ -396,6 +400,11 @@ def load_single_file(
     ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
     kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
     state = ckpt.state_dict()
+    if (
+        OLD_SD1_TEXT_KEY in ckpt
+    ):  # old CLIP names without "text_model.": alias them for diffusers (file unchanged)
+        state.update({SD1_TEXT_MODEL + k[len(SD1_TEXT_PREFIX) :]: v for k, v in state.items()
+                      if k.startswith(SD1_TEXT_PREFIX) and not k.startswith(SD1_TEXT_MODEL)})  # fmt: skip
     common = {"config": str(cfg_dir), "local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)

@@ -64,6 +64,12 @@ def write_config_folder(folder: Path, family: str, v_pred: bool = False) -> Path
     return folder
 
 
+def configs_from_folder(folder: Path) -> dict:
+    """The unet/vae/text configs of a diffusers config folder, in the form ``make_checkpoint`` takes."""
+    read = lambda sub, name="config.json": json.loads((Path(folder) / sub / name).read_text(encoding="utf-8"))  # noqa: E731
+    return {"unet": read("unet"), "vae": read("vae"), "text": read("text_encoder")}
+
+
 class Layout:
     """Collects (key -> shape) while walking the original module tree."""
 
@@ -90,11 +96,8 @@ class Layout:
 def unet_layout(cfg: dict, lay: Layout) -> None:
     """openaimodel.UNetModel: time_embed, input_blocks, middle_block, output_blocks, out."""
     boc, nrb, ctx = cfg["block_out_channels"], cfg["layers_per_block"], cfg["cross_attention_dim"]
-    linear_proj, emb, attn = (
-        cfg["use_linear_projection"],
-        4 * boc[0],
-        [t.startswith("CrossAttn") for t in cfg["down_block_types"]],
-    )
+    linear_proj, emb = cfg.get("use_linear_projection", False), 4 * boc[0]
+    attn = [t.startswith("CrossAttn") for t in cfg["down_block_types"]]
     P = UNET
 
     def res(n: str, i: int, o: int) -> None:  # ResBlock
@@ -204,7 +207,7 @@ def vae_layout(cfg: dict, lay: Layout) -> None:
 def clip_layout(cfg: dict, lay: Layout) -> None:
     """SD1: the Hugging Face CLIPTextModel under cond_stage_model.transformer.text_model."""
     T, d, inner = "cond_stage_model.transformer.text_model", cfg["hidden_size"], cfg["intermediate_size"]
-    lay.add(f"{T}.embeddings.token_embedding.weight", VOCAB, d)
+    lay.add(f"{T}.embeddings.token_embedding.weight", cfg.get("vocab_size", VOCAB), d)
     lay.add(f"{T}.embeddings.position_embedding.weight", 77, d)
     for i in range(cfg["num_hidden_layers"]):
         L = f"{T}.encoder.layers.{i}"
@@ -220,7 +223,7 @@ def clip_layout(cfg: dict, lay: Layout) -> None:
 def open_clip_layout(cfg: dict, lay: Layout) -> None:
     """SD2: OpenCLIP's text tower under cond_stage_model.model (one more block than diffusers keeps)."""
     T, d, inner = "cond_stage_model.model", cfg["hidden_size"], cfg["intermediate_size"]
-    lay.add(f"{T}.token_embedding.weight", VOCAB, d)
+    lay.add(f"{T}.token_embedding.weight", cfg.get("vocab_size", VOCAB), d)
     lay.add(f"{T}.positional_embedding", 77, d)
     for i in range(cfg["num_hidden_layers"] + 1):
         R = f"{T}.transformer.resblocks.{i}"
@@ -244,9 +247,10 @@ def make_checkpoint(
     seed: int = 0,
     metadata: dict[str, str] | None = None,
     extra: dict[str, torch.Tensor] | None = None,
+    configs: dict | None = None,
 ) -> Path:
-    """Write a tiny SD1- or SD2-shaped single-file checkpoint with random weights."""
-    cfg = tiny_configs(family)
+    """Write a tiny SD1- or SD2-shaped single-file checkpoint with random weights (``configs``: other sizes)."""
+    cfg = configs or tiny_configs(family)
     lay = Layout()
     unet_layout(cfg["unet"], lay)
     vae_layout(cfg["vae"], lay)

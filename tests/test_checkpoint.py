@@ -186,6 +186,20 @@ def test_sd2_open_clip_and_v_prediction_from_the_config_folder(files):
     assert len(model.text_encoder.state_dict()) > 0 and model.text_encoder.config.num_hidden_layers == 2
 
 
+def test_old_clip_key_names_load_and_export_unchanged(files, tmp_path):
+    sd = safetensors.torch.load_file(str(files["sd1"]))
+    new, old = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    sd = {(old + k[len(new) :] if k.startswith(new) else k): v for k, v in sd.items()}
+    source = tmp_path / "old-names.safetensors"
+    safetensors.torch.save_file(sd, str(source))
+    model = load_single_file(source, model_type=str(files["sd1-cfg"]))
+    ref = load_single_file(files["sd1"], model_type=str(files["sd1-cfg"]))
+    for a, b in zip(model.text_encoder.state_dict().values(), ref.text_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    dst, _ = read_all(export_single_file(model, tmp_path / "out.safetensors"))
+    assert set(dst) == set(sd) and all(same_bytes(sd[k], dst[k]) for k in sd)
+
+
 def test_load_model_dispatches_single_files(files):
     model = load_model(files["sd1"], model_type=str(files["sd1-cfg"]))
     assert model.kind == "sd1" and not any(p.requires_grad for p in model.unet.parameters())
@@ -329,7 +343,7 @@ def test_cli_protect_export_and_inspect_single_files(files, tmp_path, fast_confi
     fast_config().save(tmp_path / "fast.json")
     out = tmp_path / "protected.safetensors"
     argv = ["protect", "--config", str(tmp_path / "fast.json"), "--model", str(files["sd1"]), "--model-type", cfg,
-            "--outer-steps", "1", "--out", str(out)]  # fmt: skip
+            "--outer-steps", "1", "--inner-steps", "1", "--num-class-images", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     src, _ = read_all(files["sd1"])
     dst, meta = read_all(out)
