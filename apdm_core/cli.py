@@ -37,6 +37,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kw["nargs"] = "+"
         elif typ in (int, float):
             kw["type"] = typ
+        elif typ is bool:  # --gradient-checkpointing / --no-gradient-checkpointing
+            kw["action"] = argparse.BooleanOptionalAction
         names = [_flag(f.name)]
         if f.name == "output":
             names.append("--out")
