@@ -526,6 +526,19 @@ def prepare_data(
     should_stop: StopCheck | None,
 ) -> ProtectionData:
     """Generate/load positives and class images, then encode every fixed image and prompt once."""
+    positives, class_images = fixed_images(config, model, subjects, size, progress, should_stop)
+    return encode_data(config, model, subjects, positives, class_images, progress, should_stop)
+
+
+def fixed_images(
+    config: ProtectConfig,
+    model: SDModel,
+    subjects,
+    size: int,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> tuple[list, list]:
+    """The positives x+ (``positives[i]`` pairs with ``subjects[i]``) and the prior class images."""
     gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
            "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
            "progress": progress, "should_stop": should_stop}  # fmt: skip
@@ -541,6 +554,19 @@ def prepare_data(
         class_images = ensure_class_images(
             model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
         )
+    return positives, class_images
+
+
+def encode_data(
+    config: ProtectConfig,
+    model: SDModel,
+    subjects,
+    positives: list,
+    class_images: list,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> ProtectionData:
+    """VAE latent distributions of the fixed images and the two prompt embeddings, computed once."""
     tracker = Tracker("encode", 3, progress, should_stop)
     subject = LatentBank(*model.encode_images([s.image for s in subjects]))
     positive = LatentBank(*model.encode_images(positives))

@@ -80,11 +80,15 @@ class Diffusion:
 
 
 def autocast_for(device: torch.device, mixed_precision: str = "no"):
-    """The autocast context for a precision setting ('no'/'fp32' -> none; 'bf16', 'fp16')."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if mixed_precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
+    """The autocast context for a precision setting ('no'/'fp32' -> none; 'bf16', 'fp16').
+
+    The cast cache is off: a UNet uses each weight once per forward, so caching saves no cast
+    and would keep a half-precision copy of every weight alive for the whole forward (with
+    gradient checkpointing, that copy would be the largest activation).
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
     return contextlib.nullcontext()
 
 
