@@ -78,6 +78,8 @@ class ProtectResult:
     state_path: Path | None = None
     output: Path | None = None
     seconds: float = 0.0
+    processes: int = 1  # > 1 under accelerate launch / torchrun
+    distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
 
 
 # ------------------------------------------------------------------------------------------
@@ -675,6 +677,7 @@ def protect(
         elif state_path.exists():
             state_path.unlink()
     parallel.wait()
+    result.processes, result.distributed = parallel.world_size, parallel.kind
     result.seconds = time.perf_counter() - t_start
     return result
 
