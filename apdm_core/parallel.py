@@ -110,12 +110,30 @@ def setup_parallel(config, device_type: str) -> Parallel:
     """The process layout for ``config.distributed`` (accelerate's Accelerator when >1 process)."""
     kind = config.distributed
     world = launched_world_size()
+    env = {
+        k: os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED")
+    }
+    if world > 1 and env["DEEPSPEED"]:
+        raise InputError(
+            "accelerate is configured for DeepSpeed, which the protection loop does not use; launch with "
+            "`accelerate launch --multi_gpu` and --distributed ddp or fsdp."
+        )
     if kind == "auto":
-        kind = "ddp" if world > 1 else "no"
-    if kind == "no" or world == 1:
+        kind = ("fsdp" if env["FSDP"] else "ddp") if world > 1 else "no"
+    if kind == "ddp" and env["FSDP"] and world > 1:
+        raise InputError(
+            "accelerate is configured for FSDP but distributed='ddp'; pass --distributed fsdp (the engine "
+            "shards the UNets itself) or launch with `accelerate launch --multi_gpu`."
+        )
+    if world == 1:
         if kind in ("ddp", "fsdp"):
             log.warning("distributed=%r but only one process was launched; running single-process.", kind)
         return Parallel("no")
+    if kind == "no":
+        raise InputError(
+            f"{world} processes were launched but distributed='no': every process would redo the same run "
+            "and write the same output. Pass --distributed ddp (or fsdp), or run without accelerate launch."
+        )
     if config.batch_size % world:
         raise InputError(
             f"batch_size={config.batch_size} cannot be split over {world} processes: set --batch-size to a "

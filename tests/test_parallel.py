@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
 from apdm_core.models import load_model
+from apdm_core.parallel import setup_parallel
 from apdm_core.protect import protect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +55,24 @@ def test_two_processes_compute_what_one_computes(fast_config, tmp_path, tiny_mod
         assert float((update_two - update_one).norm() / update_one.norm()) < 1e-2, kind
 
 
-def test_batch_must_split_evenly(fast_config, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides,env,message",
+    [
+        ({"distributed": "ddp"}, {}, "batch_size=1 cannot be split over 2 processes"),
+        ({"distributed": "no", "batch_size": 2}, {}, "every process would redo the same run"),
+        ({"distributed": "ddp", "batch_size": 2}, {"ACCELERATE_USE_FSDP": "true"}, "--distributed fsdp"),
+        ({"batch_size": 2}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+    ],
+)
+def test_launch_mistakes_are_explained(monkeypatch, overrides, env, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(InputError, match="batch_size=1 cannot be split over 2 processes"):
-        protect(fast_config(distributed="ddp"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(InputError, match=message):
+        setup_parallel(ProtectConfig(**overrides), "cpu")
+
+
+def test_one_process_is_not_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parallel = setup_parallel(ProtectConfig(distributed="fsdp"), "cpu")
+    assert not parallel.active and parallel.shard(4) is None and parallel.mean({"a": 1.0}) == {"a": 1.0}
