@@ -45,10 +45,11 @@ SWEEP = [
     ("gradient_checkpointing", ["gradient_checkpointing=true"]),
     ("optimizer_in_backward", ["optimizer_in_backward=true"]),
     ("offload_outer", ["offload_outer=true"]),
-    ("compile_unet", ["compile_unet=true"]),
     ("preset fast", ["preset=fast"]),
     ("preset low-memory", ["preset=low-memory"]),
 ]
+# torch.compile is measured on its own (--set compile_unet=true): on a CPU its first step compiles
+# C++ kernels for minutes.
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,8 +138,8 @@ def measure(args, mode: str, sets: list[str]) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    timed = times[args.warmup :]
-    s_outer = sum(timed) / len(timed)
+    timed = sorted(times[args.warmup :])
+    s_outer = timed[len(timed) // 2]  # the median: robust to a busy moment of the machine
     inner = max(config.inner_steps, 1)
     mem, mem_kind = peak_memory(device)
     return {
@@ -149,6 +150,7 @@ def measure(args, mode: str, sets: list[str]) -> dict:
         "resolution": size,
         "device": str(device),
         "outer_timed": len(timed),
+        "warmup": args.warmup,
         "inner_steps": config.inner_steps,
         "s_per_outer": s_outer,
         "s_per_outer_all": times,
@@ -175,13 +177,31 @@ def child(args, mode: str, sets: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def combine(results: list[dict]) -> dict:
+    """One row from the repeats of a variant: the median of all timed outer steps (and the min)."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    steps = sorted(t for r in ok for t in r["s_per_outer_all"][r["warmup"] :])
+    row = dict(ok[0])
+    row["s_per_outer"] = steps[len(steps) // 2]
+    row["s_min"] = steps[0]
+    row["samples"] = len(steps)
+    row["peak_memory"] = max(r["peak_memory"] for r in ok)
+    inner = max(row["inner_steps"], 1)
+    row["inner_per_s"] = inner / row["s_per_outer"]
+    row["projected_paper_s"] = row["s_per_outer"] / inner * PAPER_INNER * PAPER_OUTER
+    return row
+
+
 def fmt_time(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
 
 
 def table(rows: list[dict], reference: dict | None) -> str:
     lines = [
-        "| variant | s / outer step | inner steps/s | speed-up vs reference | peak memory | projected 800 x 20 |",
+        "| variant | s / outer step (median, min) | inner steps/s | speed-up vs reference | peak memory "
+        "| projected 800 x 20 |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -193,7 +213,7 @@ def table(rows: list[dict], reference: dict | None) -> str:
             reference["s_per_outer"] / r["s_per_outer"] if reference and "error" not in reference else None
         )
         lines.append(
-            f"| {name} | {r['s_per_outer']:.3f} | {r['inner_per_s']:.2f} | "
+            f"| {name} | {r['s_per_outer']:.3f} ({r.get('s_min', r['s_per_outer']):.3f}) | {r['inner_per_s']:.2f} | "
             f"{f'{ratio:.2f}x' if ratio else '-'} | {r['peak_memory'] / 2**30:.2f} GiB | "
             f"{fmt_time(r['projected_paper_s'])} |"
         )
@@ -220,7 +240,7 @@ def header(args, rows: list[dict]) -> str:
         f"{time.strftime('%Y-%m-%d')}  {cpu}  {os.cpu_count()} CPUs ({args.threads or 'default'} threads)  torch {torch.__version__}  "
         f"device {dev}\nUNet {args.unet} ({ok.get('params', 0) / 1e6:.1f}M parameters, random weights), "
         f"{ok.get('resolution', args.resolution)} px, {args.inner} inner steps x {args.outer} timed outer steps "
-        f"(+{args.warmup} warm-up); tiny VAE and text encoder; projection = s/outer / inner x 20 x 800; "
+        f"(+{args.warmup} warm-up) x {args.repeat} repeats; tiny VAE and text encoder; projection = s/outer / inner x 20 x 800; "
         f"memory: {ok.get('memory_kind', '')}"
     )
 
@@ -284,6 +304,7 @@ def main(argv=None) -> int:
                    help="a ProtectConfig field for the fast path (repeatable), or preset=NAME")  # fmt: skip
     p.add_argument("--preset", help="shorthand for --set preset=NAME")
     p.add_argument("--sweep", action="store_true", help="the reference, then every lever of SWEEP")
+    p.add_argument("--repeat", type=int, default=1, help="run every variant this many times, interleaved")
     p.add_argument("--no-reference", action="store_true", help="skip the reference run")
     p.add_argument("--estimate", action="store_true", help="memory estimate and FLOP count only")
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
@@ -301,9 +322,14 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args, args.child, args.set)))
         return 0
-    reference = None if args.no_reference else child(args, "reference", [])
     variants = [sets + args.set for _, sets in SWEEP] if args.sweep else [args.set]
-    rows = ([reference] if reference else []) + [child(args, "fast", sets) for sets in variants]
+    jobs = ([] if args.no_reference else [("reference", [])]) + [("fast", sets) for sets in variants]
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
+    for _ in range(args.repeat):  # interleaved, so that a busy minute of the machine hits every variant
+        for i, (mode, sets) in enumerate(jobs):
+            runs[i].append(child(args, mode, sets))
+    rows = [combine(runs[i]) for i in range(len(jobs))]
+    reference = None if args.no_reference else rows[0]
     print(header(args, rows))
     print(table(rows, reference))
     if reference:
