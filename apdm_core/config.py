@@ -143,7 +143,7 @@ class ProtectConfig:
     )
     gradient_checkpointing: bool = _f(
         False,
-        "Recompute UNet activations in the backward: much less memory, ~30% more time.",
+        "Recompute UNet activations in the backward: much less memory, one more forward per backward.",
         group="performance",
     )
     channels_last: bool = _f(
@@ -176,7 +176,8 @@ class ProtectConfig:
     distributed: str = _f(
         "auto",
         "Under `accelerate launch` with several processes: 'ddp' splits the batch of pair/prior terms "
-        "over the processes (batch_size must divide evenly), 'fsdp' also shards the three UNets; "
+        "over the processes (batch_size must divide evenly), 'fsdp' also shards theta' and the reference "
+        "UNet (theta stays whole in CPU memory); "
         "auto = ddp when launched with >1 process.",
         DISTRIBUTED,
         group="performance",

@@ -131,13 +131,18 @@ def measure(args, mode: str, sets: list[str]) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    # On a GPU the wall clock; on a CPU the process's CPU time, which a busy machine (other jobs
+    # on the same cores) inflates far less than the wall clock. With --threads 1 it equals the wall
+    # time the step would take on an idle core.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times, walls = [], []
     for _ in range(config.outer_steps):
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         runner.outer_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
+        walls.append(time.perf_counter() - w0)
     timed = sorted(times[args.warmup :])
     s_outer = timed[len(timed) // 2]  # the median: robust to a busy moment of the machine
     inner = max(config.inner_steps, 1)
@@ -154,6 +159,8 @@ def measure(args, mode: str, sets: list[str]) -> dict:
         "inner_steps": config.inner_steps,
         "s_per_outer": s_outer,
         "s_per_outer_all": times,
+        "wall_per_outer_all": walls,
+        "clock": "wall" if device.type == "cuda" else "process CPU time",
         "inner_per_s": inner / s_outer,
         "projected_paper_s": s_outer / inner * PAPER_INNER * PAPER_OUTER,
         "peak_memory": mem,
@@ -240,7 +247,7 @@ def header(args, rows: list[dict]) -> str:
         f"{time.strftime('%Y-%m-%d')}  {cpu}  {os.cpu_count()} CPUs ({args.threads or 'default'} threads)  torch {torch.__version__}  "
         f"device {dev}\nUNet {args.unet} ({ok.get('params', 0) / 1e6:.1f}M parameters, random weights), "
         f"{ok.get('resolution', args.resolution)} px, {args.inner} inner steps x {args.outer} timed outer steps "
-        f"(+{args.warmup} warm-up) x {args.repeat} repeats; tiny VAE and text encoder; projection = s/outer / inner x 20 x 800; "
+        f"(+{args.warmup} warm-up) x {args.repeat} repeats; clock: {ok.get('clock', '')}; tiny VAE and text encoder; projection = s/outer / inner x 20 x 800; "
         f"memory: {ok.get('memory_kind', '')}"
     )
 
@@ -305,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", help="shorthand for --set preset=NAME")
     p.add_argument("--sweep", action="store_true", help="the reference, then every lever of SWEEP")
     p.add_argument("--repeat", type=int, default=1, help="run every variant this many times, interleaved")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="with --sweep: only these variants of SWEEP")
     p.add_argument("--no-reference", action="store_true", help="skip the reference run")
     p.add_argument("--estimate", action="store_true", help="memory estimate and FLOP count only")
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
@@ -322,7 +330,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         print(json.dumps(measure(args, args.child, args.set)))
         return 0
-    variants = [sets + args.set for _, sets in SWEEP] if args.sweep else [args.set]
+    sweep = [(name, sets) for name, sets in SWEEP if not args.only or name in args.only]
+    variants = [sets + args.set for _, sets in sweep] if args.sweep else [args.set]
     jobs = ([] if args.no_reference else [("reference", [])]) + [("fast", sets) for sets in variants]
     runs: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
     for _ in range(args.repeat):  # interleaved, so that a busy minute of the machine hits every variant
