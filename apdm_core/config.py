@@ -22,7 +22,11 @@ ACCUMULATIONS = ("protect", "protect+personalize")
 DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
 PRECISIONS = ("no", "bf16")
-OPTIMIZERS = ("adamw",)
+REF_PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+ATTENTIONS = ("sdpa", "xformers")
+DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
 MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")  # see apdm_core.checkpoint
 
 
@@ -44,6 +48,14 @@ class ConfigIO:
             if choices and value not in choices:
                 raise InputError(
                     f"{type(self).__name__}.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
+                )
+
+    def check_bools(self) -> None:
+        """Raise InputError for a bool field holding anything but True/False (e.g. "no" from a file)."""
+        for f in fields(self):
+            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
+                raise InputError(
+                    f"{type(self).__name__}.{f.name} must be true or false (got {getattr(self, f.name)!r})."
                 )
 
     def check_ranges(
@@ -205,7 +217,12 @@ class ProtectConfig(ConfigIO):
     num_class_images: int = _f(200, "Class images for prior preservation (DreamBooth uses 200).")
     resolution: int = _f(0, "Training resolution in pixels; 0 = the model's native size (512 for SD1.5).")
     batch_size: int = _f(1, "Images per step for each term.")
-    optimizer: str = _f("adamw", "Optimizer for both paths.", OPTIMIZERS)
+    optimizer: str = _f(
+        "adamw",
+        "Optimizer for both paths; 'adamw8bit' keeps the AdamW moments in 8 bits (bitsandbytes, CUDA only): "
+        "less memory, approximates AdamW. An outer optimizer moved to CPU by offload_outer stays 32-bit.",
+        OPTIMIZERS,
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
@@ -225,6 +242,62 @@ class ProtectConfig(ConfigIO):
     save_every: int = _f(
         50, "Write the resumable state every K outer steps (0 = only when stopped or finished)."
     )
+    # --- performance: how it is computed, not what (README "Performance") -----------------
+    ref_precision: str = _f(
+        "fp32",
+        "Precision of the frozen reference UNet (forward only); 'bf16' halves its memory and matches "
+        "mixed_precision='bf16' up to rounding.",
+        REF_PRECISIONS,
+        group="performance",
+    )
+    attention: str = _f(
+        "sdpa",
+        "Attention kernel: PyTorch SDPA (flash/memory-efficient on CUDA) or xformers (CUDA and xformers "
+        "installed; otherwise SDPA with a warning).",
+        ATTENTIONS,
+        group="performance",
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute UNet activations in the backward: much less memory, one more forward per backward.",
+        group="performance",
+    )
+    channels_last: bool = _f(
+        False, "Keep UNet weights and activations in channels_last memory format (faster convs on GPUs).",
+        group="performance",
+    )  # fmt: skip
+    adamw_impl: str = _f(
+        "auto",
+        "AdamW kernel: 'fused' (one kernel, CUDA/CPU), 'foreach' (multi-tensor), 'loop' (per tensor); "
+        "auto = fused on CUDA, foreach elsewhere.",
+        ADAMW_IMPLS,
+        group="performance",
+    )
+    optimizer_in_backward: bool = _f(
+        False,
+        "Apply the simulated attacker's AdamW step per parameter during the backward, so its gradients "
+        "never exist all at once (saves one UNet-sized buffer).",
+        group="performance",
+    )
+    offload_outer: bool = _f(
+        False,
+        "Keep theta and the outer AdamW states in CPU memory (used once per outer step): saves three "
+        "UNet-sized buffers on the GPU, costs a copy each way and a CPU AdamW step per outer step.",
+        group="performance",
+    )
+    compile_unet: bool = _f(
+        False, "torch.compile the UNet passes (pays off on long GPU runs; the first steps compile).",
+        group="performance",
+    )  # fmt: skip
+    distributed: str = _f(
+        "auto",
+        "Under `accelerate launch` with several processes: 'ddp' splits the batch of pair/prior terms "
+        "over the processes (batch_size must divide evenly), 'fsdp' also shards theta' and the reference "
+        "UNet (theta stays whole in CPU memory); "
+        "auto = ddp when launched with >1 process.",
+        DISTRIBUTED,
+        group="performance",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.images, (str, Path)):
@@ -236,6 +309,7 @@ class ProtectConfig(ConfigIO):
     def validate(self) -> ProtectConfig:
         """Raise InputError naming the field and the fix when a value is out of range."""
         self.check_choices()
+        self.check_bools()
         self.check_ranges(
             at_least_one=("outer_steps", "batch_size", "sample_steps", "sample_batch_size"),
             non_negative_int=("inner_steps", "num_class_images", "resolution", "save_every", "seed"),
@@ -262,6 +336,13 @@ class ProtectConfig(ConfigIO):
 
 # Fields that change what is computed; a resumed run must agree on all of them.
 RUN_IDENTITY_EXCLUDE = {"outer_steps", "save_every", "device", "output", "state_path", "cache_dir"}
+# Performance levers that change how, not what, is computed (only rounding): a run may be resumed
+# with other values (another GPU, more or fewer processes).
+PERFORMANCE_ONLY = {
+    "attention", "gradient_checkpointing", "channels_last", "adamw_impl", "optimizer_in_backward",
+    "offload_outer", "compile_unet", "distributed",
+}  # fmt: skip
+RUN_IDENTITY_EXCLUDE |= PERFORMANCE_ONLY
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings (the defaults).
@@ -272,4 +353,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Short runs for a first look in a UI; protection is weaker than the paper's.
     "quick": {"outer_steps": 100, "inner_steps": 10, "num_class_images": 50},
     "thorough": {"outer_steps": 1200, "inner_steps": 20},
+    # The paper's settings computed faster on a GPU (README "Performance"): bf16 autocast with fp32
+    # master weights, a bf16 reference UNet, channels_last.
+    "fast": {"mixed_precision": "bf16", "ref_precision": "bf16", "channels_last": True},
+    # fast + everything that saves memory without changing the optimizer (estimate for SD1.5 at
+    # 512 px in the README: about 16 GB).
+    "low-memory": {
+        "mixed_precision": "bf16",
+        "ref_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer_in_backward": True,
+        "offload_outer": True,
+    },  # fmt: skip
+    # low-memory + 8-bit AdamW moments for the simulated attacker (bitsandbytes, CUDA): fits 12 GB
+    # for SD1.5 at 512 px by the estimate in the README.
+    "low-memory-8bit": {
+        "mixed_precision": "bf16",
+        "ref_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer_in_backward": True,
+        "offload_outer": True,
+        "optimizer": "adamw8bit",
+    },  # fmt: skip
 }

@@ -41,6 +41,7 @@ from .fileio import atomic_path
 from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss
 from .models import SDModel, load_model, resolve_device
 from .pairs import default_cache_dir, ensure_class_images, generate_pairs
+from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
 from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward
 
@@ -77,34 +78,121 @@ class ProtectResult:
     state_path: Path | None = None
     output: Path | None = None
     seconds: float = 0.0
+    processes: int = 1  # > 1 under accelerate launch / torchrun
+    distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
 
 
 # ------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------
 class L2PTrainer:
-    """Holds theta (trained), theta' (simulated attacker) and the frozen reference UNet."""
+    """Holds theta (trained), theta' (simulated attacker) and the frozen reference UNet.
+
+    The performance levers of ``ProtectConfig`` (README "Performance") change where tensors
+    live and which kernels run, never the losses or the order of random draws:
+
+    - theta' is a persistent copy, refilled from theta at every outer step (no deepcopy);
+    - the protection gradient is accumulated by letting the backward add straight into the
+      accumulator (theta'.grad aliases it), with no separate gradient buffer;
+    - ``optimizer_in_backward``: the attacker's AdamW steps each parameter as soon as its
+      gradient is ready, then frees it (per-parameter AdamW is the same update);
+    - ``offload_outer``: theta and the outer AdamW live in CPU memory;
+    - ``ref_precision``, ``mixed_precision``, ``channels_last``, ``attention``,
+      ``gradient_checkpointing``, ``compile_unet`` and ``adamw_impl`` pick kernels/precision;
+    - ``parallel`` splits the batch over processes (DDP) or also shards the UNets (FSDP).
+    """
 
     def __init__(
-        self, config: ProtectConfig, model: SDModel, data: ProtectionData, device: torch.device
+        self,
+        config: ProtectConfig,
+        model: SDModel,
+        data: ProtectionData,
+        device: torch.device,
+        parallel: Parallel | None = None,
     ) -> None:
         self.cfg, self.model, self.data, self.device = config, model, data, device
-        self.ref_unet = model.unet  # the original weights, never modified
-        self.ref_unet.requires_grad_(False).eval()
-        self.unet = copy.deepcopy(model.unet).requires_grad_(True).train()  # theta
-        self.unet_p = copy.deepcopy(model.unet).requires_grad_(True).train()  # theta'
+        self.parallel = parallel or Parallel()
+        distributed = self.parallel.active
+        fsdp = distributed and self.parallel.kind == "fsdp"
+        self.channels_last = config.channels_last and not fsdp
+        if config.channels_last and fsdp:
+            log.warning("channels_last is ignored with distributed='fsdp' (shards are row-major).")
+        self.in_backward = config.optimizer_in_backward and not distributed
+        if config.optimizer_in_backward and distributed:
+            log.warning(
+                "optimizer_in_backward is ignored with several processes (the library syncs gradients)."
+            )
+        # the backward adds the protection gradient straight into the accumulator, except where a
+        # distributed wrapper owns .grad (DDP/FSDP write their averaged gradient there)
+        self.alias_grads = not distributed
+        if config.optimizer == "adamw8bit":
+            require_bitsandbytes(device)
+        self.outer_device = torch.device("cpu") if (config.offload_outer or fsdp) else device
+        base = model.unet
+        base.requires_grad_(False).eval()
+        # theta: the protected weights, updated once per outer step (in CPU memory with offload_outer)
+        self.unet = copy.deepcopy(base).to(self.outer_device).requires_grad_(True).train()
+        if self.channels_last:  # same layout as theta' so the accumulated gradient applies as is
+            self.unet.to(memory_format=torch.channels_last)
+        if self.outer_device.type == "cpu" and device.type == "cuda":
+            pin_parameters(self.unet)  # faster copies theta -> theta' every outer step
+        # theta': the simulated attacker, a persistent buffer on the compute device
+        self.unet_p = self._prepare(copy.deepcopy(base).to(device), trained=True)
+        # the frozen reference: the original weights (a copy when a lever would change the module)
+        ref_dtype = DTYPES[config.ref_precision]
+        self._base_device = None
+        if ref_dtype == torch.float32 and not (self.channels_last or fsdp or config.compile_unet
+                                               or config.attention != "sdpa"):  # fmt: skip
+            self.ref_unet = base
+        else:
+            self.ref_unet = self._prepare(copy.deepcopy(base).to(device, ref_dtype), trained=False)
+            if device.type == "cuda":  # the fp32 original is not needed on the GPU meanwhile
+                self._base_device = device
+                base.to("cpu")
+                torch.cuda.empty_cache()
+        self.run_p = self.parallel.wrap_trained(self.unet_p)  # DDP wrapper / sharded in place
+        self.ref_unet = self.parallel.wrap_frozen(self.ref_unet)
+        self.run_ref = self.ref_unet
+        if config.compile_unet:
+            self.run_p, self.run_ref = torch.compile(self.run_p), torch.compile(self.ref_unet)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.params_p = [p for p in self.unet_p.parameters() if p.requires_grad]
-        self.accum = [torch.zeros_like(p) for p in self.params]
+        self.accum = [torch.zeros_like(p) for p in self.params_p]
         self.optimizer = self._adamw(self.params, config.lr_protect)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.forward = make_forward(device, config.mixed_precision)
+        self.forward_ref = make_forward(device, config.ref_precision if ref_dtype != torch.float32 else
+                                        config.mixed_precision)  # fmt: skip
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step_start = self.generator.get_state()
+        self._grad_buffers: list[torch.Tensor] | None = None
+        self._inner: dict | None = None  # per-parameter inner optimizers (optimizer_in_backward)
+        self._stepping = False
+        self._add_to_accum = False
+        if self.in_backward:
+            self._accum_of = {p: a for p, a in zip(self.params_p, self.accum)}
+            for p in self.params_p:
+                p.register_post_accumulate_grad_hook(self._step_in_backward)
 
     # --- helpers -----------------------------------------------------------------------------
+    def _prepare(self, unet, trained: bool):
+        """Apply the kernel levers to a working copy (never to the input model)."""
+        cfg = self.cfg
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if cfg.attention == "xformers":
+            use_xformers(unet, self.device)
+        if trained:
+            unet.requires_grad_(True).train()
+            if cfg.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+        else:
+            unet.requires_grad_(False).eval()
+        return unet
+
     def _adamw(self, params, lr):
+        """The optimizer of ``config.optimizer`` for ``params``, with the kernel of ``adamw_impl``."""
         c = self.cfg
         kw = {
             "lr": lr,
@@ -112,13 +200,41 @@ class L2PTrainer:
             "weight_decay": c.adam_weight_decay,
             "eps": c.adam_epsilon,
         }
-        if self.device.type == "cuda":
-            kw["foreach"] = True
+        device = params[0].device if params else self.device
+        if c.optimizer == "adamw8bit" and device.type == "cuda":  # an offloaded outer optimizer stays 32-bit
+            return require_bitsandbytes(device).optim.AdamW8bit(params, **kw)
+        impl = c.adamw_impl
+        if impl == "auto":
+            impl = "fused" if device.type == "cuda" else "foreach"
+        if impl == "fused":
+            kw["fused"] = True
+        else:
+            kw["foreach"] = impl == "foreach"
         return torch.optim.AdamW(params, **kw)
 
-    @staticmethod
-    def _check(value: torch.Tensor, what: str, where: str) -> float:
-        v = float(value.detach())
+    def _new_inner_optimizer(self):
+        """A fresh attacker optimizer for theta' (one per parameter with optimizer_in_backward)."""
+        if self.in_backward:
+            self._inner = {p: self._adamw([p], self.cfg.lr_personalize) for p in self.params_p}
+            return None
+        return self._adamw(self.params_p, self.cfg.lr_personalize)
+
+    def _step_in_backward(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of theta' (optimizer_in_backward): step this parameter, free its grad."""
+        if not self._stepping:
+            return
+        with torch.no_grad():
+            if self._add_to_accum:
+                self._accum_of[p].add_(p.grad)
+            self._inner[p].step()
+        p.grad = None
+
+    def _clear_grads(self) -> None:
+        for p in self.params_p:
+            p.grad = None
+
+    def _check(self, value: torch.Tensor | float, what: str, where: str) -> float:
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
             raise TrainingDiverged(
                 f"The {what} loss became {v} at {where}. Lower the learning rates (e.g. halve lr_protect and "
@@ -131,82 +247,135 @@ class L2PTrainer:
         """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
         d = self.data
         return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, d.instance_embeds, self.generator,
-                               self.cfg.batch_size, d.prior, d.class_embeds, self.cfg.prior_weight)  # fmt: skip
+                               self.cfg.batch_size, d.prior, d.class_embeds, self.cfg.prior_weight,
+                               shard=self.parallel.shard(self.cfg.batch_size))  # fmt: skip
 
     def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO (or naive) loss plus lambda * prior preservation, at the current weights of ``unet``."""
+        """DPO (or naive) loss plus lambda * prior preservation, at the current weights of ``unet``.
+
+        The whole batch is drawn (same random stream on every process); with several processes
+        each keeps its slice of the samples.
+        """
         d, g, b, cfg = self.data, self.generator, self.cfg.batch_size, self.cfg
+        s = self.parallel.shard(b)
         use_prior = d.prior is not None and cfg.prior_weight > 0
-        prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g) if use_prior else None
+        prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g).select(s) if use_prior else None
         if cfg.loss == "dpo":
             k = torch.randint(0, len(d.subject), (b,), generator=g)
             z_pos, z_neg = d.positive.sample(k, g), d.subject.sample(k, g)
             noise, t = d.diffusion.noise_and_timesteps(z_pos, g)  # the pair shares t and the noise
-            pair = NoisyBatch.cat(
-                d.diffusion.noisy(z_pos, d.instance_embeds, g, noise, t),
-                d.diffusion.noisy(z_neg, d.instance_embeds, g, noise, t),
-            )
+            pos = d.diffusion.noisy(z_pos, d.instance_embeds, g, noise, t).select(s)
+            neg = d.diffusion.noisy(z_neg, d.instance_embeds, g, noise, t).select(s)
+            n = pos.latents.shape[0]  # samples on this process
+            pair = NoisyBatch.cat(pos, neg)
             pred = self.forward(unet, NoisyBatch.cat(pair, prior) if use_prior else pair)
             with torch.no_grad():
-                ref = self.forward(self.ref_unet, pair)
-            err = (pred[: 2 * b].float() - pair.target.float()).pow(2)
+                ref = self.forward_ref(self.run_ref, pair)
+            err = (pred[: 2 * n].float() - pair.target.float()).pow(2)
             ref_err = (ref.float() - pair.target.float()).pow(2)
-            loss, s = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, cfg.dpo_reduction)
-            stats = {"dpo": float(loss.detach()), **{k2: float(v) for k2, v in s.items()}}
+            loss, st = dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.dpo_reduction)
+            stats = {"dpo": float(loss.detach()), **{k2: float(v) for k2, v in st.items()}}
             if use_prior:
-                prior_loss = noise_prediction_loss(pred[2 * b :], prior.target)
+                prior_loss = noise_prediction_loss(pred[2 * n :], prior.target)
                 stats["prior"] = float(prior_loss.detach())
                 loss = loss + cfg.prior_weight * prior_loss
             return loss, stats
         # naive: -L_per + lambda * L_ppl
-        inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g)
+        inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g).select(s)
+        n = inst.latents.shape[0]
         pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
-        per = noise_prediction_loss(pred[:b], inst.target)
+        per = noise_prediction_loss(pred[:n], inst.target)
         prior_loss = (
-            noise_prediction_loss(pred[b:], prior.target) if use_prior else torch.zeros((), device=per.device)
+            noise_prediction_loss(pred[n:], prior.target) if use_prior else torch.zeros((), device=per.device)
         )
         loss = naive_adversarial_loss(per, prior_loss, cfg.naive_lambda)
         return loss, {"neg_per": float(-per.detach()), "prior": float(prior_loss.detach())}
 
     # --- one outer step ----------------------------------------------------------------------
+    def load_theta_into_prime(self) -> None:
+        """theta' <- theta, in place (theta may live in CPU memory, theta' may be sharded)."""
+        with torch.no_grad():
+            for p_prime, p in zip(self.params_p, self.params):
+                copy_into(p_prime, p)
+            for a in self.accum:
+                a.zero_()
+
+    def apply_outer_update(self) -> None:
+        """theta.grad <- the accumulated protection gradient; one outer optimizer step."""
+        if self._grad_buffers is None:  # theta's gradient: the accumulator itself when it lives with theta
+            fsdp = self.parallel.active and self.parallel.kind == "fsdp"
+            if not fsdp and all(a.device == p.device for a, p in zip(self.accum, self.params)):
+                self._grad_buffers = self.accum
+            else:
+                pin = self.outer_device.type == "cpu" and self.device.type == "cuda"
+                self._grad_buffers = [
+                    torch.empty_like(p).pin_memory() if pin else torch.empty_like(p) for p in self.params
+                ]
+        with torch.no_grad():
+            for buf, a, p in zip(self._grad_buffers, self.accum, self.params):
+                if buf is not a:
+                    buf.copy_(full_tensor(a))
+                p.grad = buf
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def outer_step(self, tracker: Tracker | None = None) -> dict:
         cfg = self.cfg
         self._rng_at_step_start = self.generator.get_state()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for p_prime, p in zip(self.params_p, self.params):
-                p_prime.copy_(p)
-            for a in self.accum:
-                a.zero_()
-        inner_opt = self._adamw(self.params_p, cfg.lr_personalize)
+        self.load_theta_into_prime()
+        inner_opt = self._new_inner_optimizer()
         where = f"outer step {self.step + 1}"
         per_losses, prot_losses, agg = [], [], {}
 
         def protect_grad(where_j: str) -> None:
-            loss, stats = self.protection_loss(self.unet_p)
-            prot_losses.append(self._check(loss, "protection", where_j))
-            loss.backward()
-            with torch.no_grad():
-                for a, p in zip(self.accum, self.params_p):
-                    if p.grad is not None:
-                        a.add_(p.grad)
-            for k2, v in stats.items():
+            loss, stats = self.protection_loss(self.run_p)
+            logged = self.parallel.mean({"protect": float(loss.detach()), **stats})
+            prot_losses.append(self._check(logged.pop("protect"), "protection", where_j))
+            if self.alias_grads:  # the backward adds into the accumulator itself
+                for p, a in zip(self.params_p, self.accum):
+                    p.grad = a
+                loss.backward()
+                self._clear_grads()
+            else:
+                loss.backward()
+                with torch.no_grad():
+                    for a, p in zip(self.accum, self.params_p):
+                        if p.grad is not None:
+                            a.add_(p.grad)
+            for k2, v in logged.items():
                 agg.setdefault(k2, []).append(v)
 
+        add_per = cfg.accumulation == "protect+personalize"
         if cfg.inner_steps == 0:
-            inner_opt.zero_grad(set_to_none=True)
+            self._clear_grads()
             protect_grad(where)
             if tracker is not None:
                 tracker.update(losses={"protect": prot_losses[-1]}, outer=self.step + 1, inner=0)
         for j in range(cfg.inner_steps):
             where_j = f"{where}, inner step {j + 1}"
-            inner_opt.zero_grad(set_to_none=True)
-            loss_per = self.personalization_loss(self.unet_p)
-            per_losses.append(self._check(loss_per, "personalization", where_j))
-            loss_per.backward()
-            inner_opt.step()
-            if cfg.accumulation == "protect":
-                inner_opt.zero_grad(set_to_none=True)
+            self._clear_grads()
+            loss_per = self.personalization_loss(self.run_p)
+            per_losses.append(
+                self._check(
+                    self.parallel.mean({"per": float(loss_per.detach())})["per"], "personalization", where_j
+                )
+            )
+            if self.in_backward:  # each parameter steps (and adds to the accumulator) as its grad is ready
+                self._stepping, self._add_to_accum = True, add_per
+                try:
+                    loss_per.backward()
+                finally:
+                    self._stepping = False
+            else:
+                loss_per.backward()
+                inner_opt.step()
+                if add_per:  # the released code keeps grad L_per(theta'_{j-1}) in the gradient
+                    with torch.no_grad():
+                        for a, p in zip(self.accum, self.params_p):
+                            if p.grad is not None:
+                                a.add_(p.grad)
+            self._clear_grads()
             protect_grad(where_j)
             if tracker is not None:
                 tracker.update(
@@ -214,12 +383,9 @@ class L2PTrainer:
                     outer=self.step + 1,
                     inner=j + 1,
                 )
-        # apply the accumulated protection gradient to theta
-        for p, a in zip(self.params, self.accum):
-            p.grad = a
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_outer_update()
         del inner_opt
+        self._inner = None
         self.step += 1
         entry = {
             "step": self.step,
@@ -230,6 +396,13 @@ class L2PTrainer:
         }
         self.history.append(entry)
         return entry
+
+    def finish(self):
+        """The protected UNet as a plain module on the compute device; the base model back where it was."""
+        unet = self.unet.to(self.device, memory_format=torch.contiguous_format)
+        if self._base_device is not None:
+            self.model.unet.to(self._base_device)
+        return unet
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self, at_step_start: bool = False) -> dict:
@@ -249,6 +422,45 @@ class L2PTrainer:
         self._rng_at_step_start = self.generator.get_state()
         self.step = int(state["step"])
         self.history = list(state["history"])
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pin_parameters(module) -> None:
+    """Page-lock a CPU module's parameters (fast, asynchronous host<->GPU copies)."""
+    for p in module.parameters():
+        p.data = p.data.pin_memory()
+
+
+def use_xformers(unet, device: torch.device) -> bool:
+    """xformers attention when it is importable and we run on CUDA; otherwise keep SDPA (say so)."""
+    if device.type != "cuda":
+        log.warning("attention='xformers' needs CUDA; using PyTorch SDPA attention on %s.", device)
+        return False
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        log.warning("attention='xformers' but xformers is not installed; using PyTorch SDPA attention.")
+        return False
+    unet.enable_xformers_memory_efficient_attention()
+    return True
+
+
+def require_bitsandbytes(device: torch.device):
+    """The bitsandbytes module for 8-bit AdamW, or an InputError saying what to do."""
+    if device.type != "cuda":
+        raise InputError(
+            f"optimizer='adamw8bit' runs on CUDA only (bitsandbytes); use optimizer='adamw' on {device}."
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise InputError(
+            "optimizer='adamw8bit' needs bitsandbytes: `pip install -c constraints.txt bitsandbytes`, "
+            "or use optimizer='adamw' (or --preset low-memory)."
+        ) from exc
+    return bnb
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,6 +493,8 @@ def default_state_path(config: ProtectConfig, identity: str) -> Path:
 def save_state(
     path: Path, trainer: L2PTrainer, config: ProtectConfig, identity: str, at_step_start: bool = False
 ) -> Path:
+    if not trainer.parallel.is_main:  # the processes hold the same theta: one writes
+        return path
     state = trainer.state_dict(at_step_start)
     state["identity"] = identity
     state["config"] = config.to_dict()
@@ -314,6 +528,19 @@ def prepare_data(
     should_stop: StopCheck | None,
 ) -> ProtectionData:
     """Generate/load positives and class images, then encode every fixed image and prompt once."""
+    positives, class_images = fixed_images(config, model, subjects, size, progress, should_stop)
+    return encode_data(config, model, subjects, positives, class_images, progress, should_stop)
+
+
+def fixed_images(
+    config: ProtectConfig,
+    model: SDModel,
+    subjects,
+    size: int,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> tuple[list, list]:
+    """The positives x+ (``positives[i]`` pairs with ``subjects[i]``) and the prior class images."""
     gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
            "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
            "progress": progress, "should_stop": should_stop}  # fmt: skip
@@ -329,6 +556,19 @@ def prepare_data(
         class_images = ensure_class_images(
             model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
         )
+    return positives, class_images
+
+
+def encode_data(
+    config: ProtectConfig,
+    model: SDModel,
+    subjects,
+    positives: list,
+    class_images: list,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> ProtectionData:
+    """VAE latent distributions of the fixed images and the two prompt embeddings, computed once."""
     tracker = Tracker("encode", 3, progress, should_stop)
     subject = LatentBank(*model.encode_images([s.image for s in subjects]))
     positive = LatentBank(*model.encode_images(positives))
@@ -366,6 +606,10 @@ def protect(
     config.validate()
     t_start = time.perf_counter()
     device = resolve_device(config.device)
+    parallel = setup_parallel(config, device.type)  # accelerate, when launched with several processes
+    if parallel.active:
+        device = parallel.device if parallel.device.type != "cpu" else torch.device("cpu")
+        progress = progress if parallel.is_main else None
     if model is None:
         model = load_model(config.model, device=device)
     else:
@@ -379,22 +623,26 @@ def protect(
     )
     with torch.inference_mode(False), torch.enable_grad():
         try:
-            data = prepare_data(config, model, subjects, size, progress, should_stop)
+            with parallel.main_first():  # the main process fills the pair cache, the others read it
+                data = prepare_data(config, model, subjects, size, progress, should_stop)
         except Cancelled:
             return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         if device.type == "cuda":  # the frozen encoders are done: free their memory
             model.vae.to("cpu")
             model.text_encoder.to("cpu")
             torch.cuda.empty_cache()
-        trainer = L2PTrainer(config, model, data, device)
+        trainer = L2PTrainer(config, model, data, device, parallel)
         identity = run_identity(config, model, subjects)
         state_path = default_state_path(config, identity)
         if resume and state_path.exists():
             trainer.load_state_dict(load_state(state_path, identity))
             log.info("Resumed from %s at outer step %d", state_path, trainer.step)
         per_outer = max(config.inner_steps, 1)
+        stop = should_stop
+        if parallel.active:  # every process stops at the same step when any was asked to
+            stop = lambda: parallel.any_stop(bool(should_stop is not None and should_stop()))  # noqa: E731
         tracker = Tracker(
-            "protect", config.outer_steps * per_outer, progress, should_stop, start=trainer.step * per_outer
+            "protect", config.outer_steps * per_outer, progress, stop, start=trainer.step * per_outer
         )
         cancelled = False
         try:
@@ -417,17 +665,19 @@ def protect(
             if not isinstance(exc, Cancelled):
                 raise
             cancelled = True
-        protected = result_model(model, trainer.unet)
+        protected = result_model(model, trainer.finish())
     result = ProtectResult(
         protected, config, trainer.step, cancelled, trainer.history, state_path if cancelled else None
     )
-    if not cancelled:
+    if not cancelled and parallel.is_main:  # one process writes
         if config.output:
             result.output = write_output(protected, config, config.output, overwrite=overwrite)
         if keep_state:
             result.state_path = save_state(state_path, trainer, config, identity)
         elif state_path.exists():
             state_path.unlink()
+    parallel.wait()
+    result.processes, result.distributed = parallel.world_size, parallel.kind
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -50,6 +50,12 @@ class NoisyBatch:
         names = ("latents", "timesteps", "target", "embeds")
         return NoisyBatch(*(torch.cat([getattr(b, n) for b in batches]) for n in names))
 
+    def select(self, rows: slice | None) -> NoisyBatch:
+        """The samples ``rows`` of the batch (None: all), e.g. one process's share under DDP."""
+        if rows is None:
+            return self
+        return NoisyBatch(self.latents[rows], self.timesteps[rows], self.target[rows], self.embeds[rows])
+
 
 class Diffusion:
     """Forward diffusion q(x_t | x_0) with a DDPM training scheduler."""
@@ -74,9 +80,15 @@ class Diffusion:
 
 
 def autocast_for(device: torch.device, mixed_precision: str = "no"):
-    """The autocast context for a precision setting ('no' -> fp32)."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """The autocast context for a precision setting ('no'/'fp32' -> none; 'bf16', 'fp16').
+
+    The cast cache is off: a UNet uses each weight once per forward, so caching saves no cast
+    and would keep a half-precision copy of every weight alive for the whole forward (with
+    gradient checkpointing, that copy would be the largest activation).
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -103,16 +115,18 @@ def dreambooth_loss(
     prior: LatentBank | None = None,
     class_embeds: torch.Tensor | None = None,
     prior_weight: float = 1.0,
+    shard: slice | None = None,
 ) -> torch.Tensor:
     """DreamBooth loss (paper Eq. 5): L_simple on subject images + lambda * L_ppl on class images.
 
     Instance and class batches go through the UNet in one forward pass, then split, as in
-    diffusers' train_dreambooth.py.
+    diffusers' train_dreambooth.py. ``shard``: the whole batch is drawn (the same random stream
+    as without it), then only these samples are used (one process's share under DDP).
     """
-    inst = diffusion.noisy(instance.draw(batch_size, generator), instance_embeds, generator)
+    inst = diffusion.noisy(instance.draw(batch_size, generator), instance_embeds, generator).select(shard)
     if prior is None or prior_weight == 0:
         return noise_prediction_loss(forward(unet, inst), inst.target)
-    cls = diffusion.noisy(prior.draw(batch_size, generator), class_embeds, generator)
+    cls = diffusion.noisy(prior.draw(batch_size, generator), class_embeds, generator).select(shard)
     pred_inst, pred_cls = forward(unet, NoisyBatch.cat(inst, cls)).chunk(2)
     return noise_prediction_loss(pred_inst, inst.target) + prior_weight * noise_prediction_loss(
         pred_cls, cls.target
