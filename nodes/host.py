@@ -146,11 +146,14 @@ HOST_OWNED = {"model": "connect a Load Model node", "images": "connect a Load Su
 
 
 def parse_settings(text: str) -> dict:
-    """The optional YAML box of a node: a mapping of ProtectConfig fields."""
+    """The optional settings box of a node: ProtectConfig fields as YAML, 'a: 1, b: x' on one line too."""
     import yaml
 
-    if not text or not text.strip():
+    text = (text or "").strip()
+    if not text:
         return {}
+    if "\n" not in text and not text.startswith(("{", "[")):
+        text = "{" + text + "}"  # one line of 'field: value' pairs is a YAML flow mapping
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -158,7 +161,9 @@ def parse_settings(text: str) -> dict:
             f"The advanced settings are not valid YAML ({exc}); write one 'field: value' per line."
         ) from exc
     if not isinstance(data, dict):
-        raise InputError("The advanced settings must be 'field: value' lines, e.g. 'mixed_precision: bf16'.")
+        raise InputError(
+            "The advanced settings must be 'field: value' pairs, e.g. 'mixed_precision: bf16, prior_weight: 0.5'."
+        )
     for key, fix in HOST_OWNED.items():
         if key in data:
             raise InputError(f"'{key}' cannot be set in the advanced settings: {fix}.")

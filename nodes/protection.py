@@ -27,7 +27,9 @@ class APDMGeneratePairs:
                 "subject": ("APDM_SUBJECT",),
                 "class_prompt": ("STRING", {"default": "a photo of person", "tooltip": "The subject's class, e.g. 'a photo of dog'."}),
                 "seed": _int(0, 0, 2**31 - 1, "Seeds the generated images and the protection run.",
-                             control_after_generate=True),
+                             # no randomize-after-queue widget (the frontend adds one to any "seed"):
+                             # a new seed would regenerate the pairs and restart protection from scratch
+                             control_after_generate=False),
                 "resolution": _int(0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8),
                 "num_class_images": _int(200, 0, 10000, "Class images for prior preservation (0 = none; DreamBooth uses 200)."),
                 "sample_steps": _int(50, 1, 1000, "Denoising steps per generated image."),
@@ -81,9 +83,9 @@ class APDMProtectModel:
                 "accumulation": (list(ACCUMULATIONS), {"tooltip": "'protect' = the paper; 'protect+personalize' = the released code."}),
             },
             "optional": {
-                "advanced": ("STRING", {"default": "", "multiline": True,
-                                        "tooltip": "More settings as YAML, any field of apdm_core.ProtectConfig, e.g. "
-                                                   "'mixed_precision: bf16' or 'prior_weight: 0.5'."}),
+                "advanced": ("STRING", {"default": "",
+                                        "tooltip": "More settings, any field of apdm_core.ProtectConfig as YAML, e.g. "
+                                                   "'mixed_precision: bf16, prior_weight: 0.5'."}),
             },
             "hidden": HIDDEN,
         }  # fmt: skip

@@ -1,4 +1,4 @@
-"""Load the package the way ComfyUI does, against the fakes in tests/fakes, and run nodes like its executor.
+"""Load the package the way ComfyUI does, against the fakes in tests/fakes/comfyui, and run nodes like its executor.
 
 ``ComfyHost`` validates inputs as ComfyUI's ``validate_inputs`` does (required inputs present,
 combo values in their list, numbers within min/max), calls ``IS_CHANGED``, and executes the
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKES = Path(__file__).resolve().parent / "fakes"
+FAKES = Path(__file__).resolve().parent / "fakes" / "comfyui"
 FAKE_MODULES = ("comfy", "folder_paths", "server")
 
 

@@ -1,4 +1,4 @@
-"""ComfyUI nodes against a fake ComfyUI (tests/fakes): schemas, the whole graph on the tiny model,
+"""ComfyUI nodes against a fake ComfyUI (tests/fakes/comfyui): schemas, the whole graph on the tiny model,
 interrupt + resume, file names, the MODEL patches."""
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def test_interrupt_stops_within_one_step_and_requeue_resumes(host, graph):
 
 def test_advanced_settings(host, graph):
     protect_config = host.package.nodes.host.protect_config
-    config = protect_config(graph["pairs"], graph["model"], {"beta": 3.0}, "prior_weight: 0.5\nsave_every: 1")
+    config = protect_config(graph["pairs"], graph["model"], {"beta": 3.0}, "prior_weight: 0.5, save_every: 1")
+    assert protect_config(graph["pairs"], graph["model"], {}, "prior_weight: 0.25\nbeta: 2").beta == 2
     assert (config.prior_weight, config.save_every, config.beta, config.class_prompt) == (
         0.5,
         1,
@@ -158,7 +159,7 @@ def test_advanced_settings(host, graph):
     )
     run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
     for text, match in [("output: x.safetensors", "Save Protected Checkpoint"), ("[1, 2]", "field: value"),
-                        ("beta: [", "not valid YAML"), ("betta: 2", "Unknown config key")]:  # fmt: skip
+                        ("beta: [", "not valid YAML"), ("just words", "Unknown config key"), ("betta: 2", "Unknown config key")]:  # fmt: skip
         with pytest.raises(InputError, match=match):
             host.run("APDMProtectModel", advanced=text, **run)
 

@@ -1,1 +1,0 @@
-"""Fake of ComfyUI's ``comfy`` package for the node tests (see tests/fakes/README.md)."""
