@@ -6,12 +6,14 @@ Node ids (the keys below) and input names are a contract with saved workflows: n
 from .loaders import APDMLoadModel, APDMLoadSubjectImages
 from .outputs import APDMSampleImages, APDMToComfyModel
 from .protection import APDMGeneratePairs, APDMProtectModel
+from .testing import APDMTestPersonalization
 
 NODE_CLASS_MAPPINGS = {
     "APDMLoadSubjectImages": APDMLoadSubjectImages,
     "APDMLoadModel": APDMLoadModel,
     "APDMGeneratePairs": APDMGeneratePairs,
     "APDMProtectModel": APDMProtectModel,
+    "APDMTestPersonalization": APDMTestPersonalization,
     "APDMToComfyModel": APDMToComfyModel,
     "APDMSampleImages": APDMSampleImages,
 }
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "APDMLoadModel": "Load Model for Protection (APDM)",
     "APDMGeneratePairs": "Generate Pairs (APDM)",
     "APDMProtectModel": "Protect Model (DPO/L2P)",
+    "APDMTestPersonalization": "Test Personalization (APDM)",
     "APDMToComfyModel": "Protected Model to MODEL/CLIP/VAE (APDM)",
     "APDMSampleImages": "Sample Images (APDM)",
 }

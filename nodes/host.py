@@ -184,6 +184,55 @@ def protect_config(pairs, model, widgets: dict, advanced: str = ""):
     return ProtectConfig.from_dict(values)
 
 
+def test_configs(widgets: dict, advanced: str = ""):
+    """(AttackConfig, EvalConfig) of Test Personalization: the widgets, then the settings box.
+
+    The attacker's identifier defaults to the word of the instance prompt that the class
+    prompt lacks ('sks' for 'a photo of sks dog' / 'a photo of dog').
+    """
+    from dataclasses import fields
+
+    from apdm_core.attack import AttackConfig
+    from apdm_core.evaluate import EvalConfig
+
+    extra = parse_settings(advanced)
+    attack_keys = {f.name for f in fields(AttackConfig)}
+    eval_keys = {f.name for f in fields(EvalConfig)}
+    unknown = sorted(set(extra) - attack_keys - eval_keys)
+    if unknown:
+        raise InputError(
+            f"Unknown setting(s) {', '.join(unknown)}: use fields of AttackConfig or EvalConfig "
+            "(`apdm compare --help` lists them)."
+        )
+    values = {**widgets, "device": device(), **extra}
+    new_words = [w for w in values["instance_prompt"].split() if w not in values["class_prompt"].split()]
+    if "identifier" not in extra and len(new_words) == 1:
+        values["identifier"] = new_words[0]
+    attack = AttackConfig.from_dict({k: v for k, v in values.items() if k in attack_keys})
+    return attack, EvalConfig.from_dict({k: v for k, v in values.items() if k in eval_keys})
+
+
+def report_folder(base, protected, subject, attack, evaluation) -> Path:
+    """output/apdm_reports/<attack>-<id>: one folder per distinct test (same inputs, same folder)."""
+    import folder_paths
+
+    from apdm_core.evaluate.core import load_references
+    from apdm_core.evaluate.report import compare_identity
+    from apdm_core.fileio import child_path
+
+    refs = load_references(subject, base.native_resolution)
+    identity = compare_identity(base, protected, refs, attack, evaluation)
+    return child_path(folder_paths.get_output_directory(), f"apdm_reports/{attack.kind}-{identity[:12]}")
+
+
+def report_outputs(folder: Path) -> tuple[torch.Tensor, str]:
+    """(grid.png as IMAGE, summary.md) of a report folder written by apdm_core.evaluate.compare."""
+    with Image.open(folder / "grid.png") as grid:
+        image = to_image_batch([grid.convert("RGB")])
+    summary = (folder / "summary.md").read_text(encoding="utf-8")
+    return image, f"{summary.rstrip()}\n\nReport: {folder}"
+
+
 # --- device and memory ------------------------------------------------------------------------
 def device() -> str:
     """ComfyUI's torch device as an apdm_core device string."""

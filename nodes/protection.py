@@ -117,5 +117,5 @@ class APDMProtectModel:
         finally:
             host.offload(model)
         host.offload(result.model)
-        result.model.info["protect_config"] = result.config
+        result.model.info.update(protect_config=result.config, protect_history=result.history)
         return (result.model, host.to_image_batch([loss_curve(result.history)]))

@@ -30,6 +30,8 @@ NOTE = """APDM: protect a model against DreamBooth personalization of one subjec
 4. Protect Model (DPO/L2P): live loss curve and ETA on the node; Cancel keeps the progress,
    queue again to continue. Paper settings: 800 steps x 20 inner steps, lr 5e-6.
 5. Sample Images: the protected model still generates the class normally.
+6. Test Personalization: the same DreamBooth attack on the base and the protected model;
+   grid + metrics here, the full report in ComfyUI/output/apdm_reports/.
 
 For a real SD1.5 checkpoint use the paper settings and class/instance prompts such as
 'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI."""
@@ -55,11 +57,19 @@ GRAPH = [
     (9, "PreviewImage", "Loss curve", (770, 540), (360, 280), {}, {"images": (4, 1)}),
     (10, "PreviewImage", "Protected model samples", (1540, 60), (300, 290), {}, {"images": (5, 0)}),
     (11, "PreviewImage", "Base model samples", (1540, 410), (300, 290), {}, {"images": (6, 0)}),
+    (12, "APDMTestPersonalization", "Test Personalization", (1170, 760), (330, 400),
+     {"attack": "dreambooth", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "steps": 50,
+      "learning_rate": 1e-4, "num_samples": 4, "seed": 0,
+      "advanced": "num_class_images: 8, sample_steps: 10, guidance_scale: 3.0, eval_steps: 10"},
+     {"base_model": (1, 0), "protected_model": (4, 0), "subject": (2, 0)}),
+    (13, "PreviewImage", "Attack on base vs protected", (1540, 760), (420, 330), {}, {"images": (12, 0)}),
+    (14, "PreviewAny", "Metrics", (1540, 1130), (420, 300), {}, {"source": (12, 1)}),
 ]  # fmt: skip
-NOTE_NODE = (12, "Note", "About this workflow", (30, 690), (700, 250))
+NOTE_NODE = (15, "Note", "About this workflow", (30, 690), (700, 250))
 
 CORE_NODES = {  # the ComfyUI nodes the graph uses: INPUT_TYPES and RETURN_TYPES as ComfyUI defines them
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
+    "PreviewAny": ({"required": {"source": ("*", {})}}, ()),
 }
 
 

@@ -237,3 +237,41 @@ def test_model_conversion_needs_the_matching_model(host, graph, tiny_vpred_dir):
         host.run(
             "APDMToComfyModel", protected_model=graph["model"], strength=1.0, model=comfy_model_of(other)
         )
+
+
+# --- Test Personalization -------------------------------------------------------------------------
+FAST_TEST = {"attack": "dreambooth", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+             "steps": 2, "learning_rate": 1e-4, "num_samples": 2, "seed": 0,
+             "advanced": "num_class_images: 2, sample_steps: 2, guidance_scale: 2.0, metrics: [denoise], "
+                         "eval_steps: 2, eval_batch_size: 2, denoise_repeats: 1, denoise_timesteps: [500]"}  # fmt: skip
+
+
+def test_test_personalization_writes_a_report_and_reuses_it(host, graph):
+    run = {"base_model": graph["model"], "protected_model": graph["protected"], "subject": graph["subject"]}
+    grid, metrics = host.run("APDMTestPersonalization", unique_id="9", **run, **FAST_TEST)
+    reports = list(Path(host.folder_paths.get_output_directory(), "apdm_reports").iterdir())
+    assert [p.name.split("-")[0] for p in reports] == ["dreambooth"]
+    assert {"report.json", "grid.png", "losses.png", "summary.md"} <= {p.name for p in reports[0].iterdir()}
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and "denoise" in metrics and str(reports[0]) in metrics
+    assert any(m["stage"] == "attack" for m in host.messages("apdm.progress"))
+    stamp = (reports[0] / "report.json").stat().st_mtime_ns
+    again = host.run("APDMTestPersonalization", **run, **FAST_TEST)  # same test: the report is shown again
+    assert again[1] == metrics and (reports[0] / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_test_settings(host):
+    test_configs = host.package.nodes.host.test_configs
+    widgets = {"kind": "lora", "instance_prompt": "a photo of zwx cat", "class_prompt": "a photo of cat",
+               "steps": None, "lr": None, "seed": 3, "num_samples": 5, "eval_seed": 3}  # fmt: skip
+    attack, evaluation = test_configs(widgets, "lora_rank: 8, eval_steps: 7")
+    assert (attack.identifier, attack.kind, attack.lora_rank, attack.resolved().steps) == (
+        "zwx",
+        "lora",
+        8,
+        800,
+    )
+    assert (evaluation.num_samples, evaluation.eval_steps, evaluation.eval_seed) == (5, 7, 3)
+    with pytest.raises(InputError, match="Unknown setting"):
+        test_configs(widgets, "rank: 8")
+    with pytest.raises(InputError, match="Load Subject Images"):
+        test_configs(widgets, "images: x/")
