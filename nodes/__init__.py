@@ -4,7 +4,7 @@ Node ids (the keys below) and input names are a contract with saved workflows: n
 """
 
 from .loaders import APDMLoadModel, APDMLoadSubjectImages
-from .outputs import APDMSampleImages, APDMToComfyModel
+from .outputs import APDMSampleImages, APDMSaveProtectedCheckpoint, APDMToComfyModel
 from .protection import APDMGeneratePairs, APDMProtectModel
 from .testing import APDMTestPersonalization
 
@@ -14,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "APDMGeneratePairs": APDMGeneratePairs,
     "APDMProtectModel": APDMProtectModel,
     "APDMTestPersonalization": APDMTestPersonalization,
+    "APDMSaveProtectedCheckpoint": APDMSaveProtectedCheckpoint,
     "APDMToComfyModel": APDMToComfyModel,
     "APDMSampleImages": APDMSampleImages,
 }
@@ -24,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "APDMGeneratePairs": "Generate Pairs (APDM)",
     "APDMProtectModel": "Protect Model (DPO/L2P)",
     "APDMTestPersonalization": "Test Personalization (APDM)",
+    "APDMSaveProtectedCheckpoint": "Save Protected Checkpoint (APDM)",
     "APDMToComfyModel": "Protected Model to MODEL/CLIP/VAE (APDM)",
     "APDMSampleImages": "Sample Images (APDM)",
 }

@@ -69,7 +69,7 @@ def model_path(name: str) -> Path:
     return Path(path)
 
 
-def load_model(name: str):
+def load_model(name: str, model_type: str = "auto"):
     """Load an entry of ``model_choices()`` as an apdm_core SDModel (full precision, CPU).
 
     Loaded outside inference mode: ComfyUI runs nodes under ``torch.inference_mode()``, and
@@ -80,7 +80,7 @@ def load_model(name: str):
     with torch.inference_mode(False):
         if name == DEMO_MODEL:
             return demo_model()
-        return load(model_path(name))
+        return load(model_path(name), model_type=None if model_type == "auto" else model_type)
 
 
 def demo_model():
@@ -134,10 +134,18 @@ def folder_signature(folder: Path) -> str:
     return h.hexdigest()
 
 
-def checkpoints_folder() -> Path:
+def save_path(model, filename: str) -> Path:
+    """Where Save Protected Checkpoint writes: models/checkpoints/<name>.safetensors for a model loaded
+    from a single file (export keeps its layout), else a diffusers folder models/diffusers/<name>."""
     import folder_paths
 
-    return Path(folder_paths.get_folder_paths("checkpoints")[0])
+    from apdm_core.fileio import child_path
+
+    if model.source and Path(model.source).is_file():
+        return child_path(folder_paths.get_folder_paths("checkpoints")[0], filename, ".safetensors")
+    name = filename.strip()
+    name = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    return child_path(folder_paths.get_folder_paths("diffusers")[0], name)
 
 
 # --- settings ---------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class APDMLoadModel:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from apdm_core.checkpoint import MODEL_TYPES
+
         return {
             "required": {
                 "ckpt_name": (
@@ -64,7 +66,12 @@ class APDMLoadModel:
                     {"tooltip": "A checkpoint from models/checkpoints, a diffusers folder from models/diffusers, "
                                 "or the built-in demo model."},
                 ),
-            }
+            },
+            "optional": {
+                "model_type": (["auto", *MODEL_TYPES], {"default": "auto",
+                               "tooltip": "Single files: auto = detected from the tensors; sd2-v = SD2.x 768 "
+                                          "v-prediction (set it if detection guesses wrong)."}),
+            },
         }  # fmt: skip
 
     RETURN_TYPES = ("APDM_MODEL",)
@@ -74,5 +81,5 @@ class APDMLoadModel:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a Stable Diffusion 1.x/2.x model for Generate Pairs and Protect Model."
 
-    def load(self, ckpt_name):
-        return (host.load_model(ckpt_name),)
+    def load(self, ckpt_name, model_type="auto"):
+        return (host.load_model(ckpt_name, model_type),)

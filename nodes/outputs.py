@@ -1,4 +1,4 @@
-"""Use the protected model in the graph: Protected Model to MODEL/CLIP/VAE, Sample Images."""
+"""Use the protected model: Save Protected Checkpoint, Protected Model to MODEL/CLIP/VAE, Sample Images."""
 
 from __future__ import annotations
 
@@ -42,6 +42,42 @@ class APDMToComfyModel:
                 "protected; the protection is applied to it as weight patches."
             )
         return (patched_model(model, protected_model.unet, strength), clip, vae)
+
+
+class APDMSaveProtectedCheckpoint:
+    """Write the protected model where ComfyUI's loaders find it; never over an existing file unless asked."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "protected_model": ("APDM_MODEL",),
+                "filename": ("STRING", {"default": "apdm/protected",
+                                        "tooltip": "Name inside models/checkpoints ('.safetensors' is added), sub-folders "
+                                                   "with '/'; a model loaded from a diffusers folder is written as a "
+                                                   "folder in models/diffusers."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+            }
+        }  # fmt: skip
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("The file (or folder) written.",)
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Single-file checkpoints are written in the source file's own layout (only the UNet replaced, "
+        "APDM metadata added), so they load in Load Checkpoint and in A1111 as is."
+    )
+
+    def save(self, protected_model, filename, overwrite):
+        from apdm_core.export import write_model
+
+        info = protected_model.info
+        path = write_model(protected_model, host.save_path(protected_model, filename), overwrite=overwrite,
+                           config=info.get("protect_config"), subjects=info.get("protect_subject"))  # fmt: skip
+        return {"ui": {"text": [str(path)]}, "result": (str(path),)}
 
 
 class APDMSampleImages:

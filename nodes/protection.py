@@ -117,5 +117,7 @@ class APDMProtectModel:
         finally:
             host.offload(model)
         host.offload(result.model)
-        result.model.info.update(protect_config=result.config, protect_history=result.history)
+        result.model.info.update(
+            protect_config=result.config, protect_history=result.history, protect_subject=subject
+        )
         return (result.model, host.to_image_batch([loss_curve(result.history)]))

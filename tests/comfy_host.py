@@ -45,6 +45,7 @@ class ComfyHost:
         sys.modules[self.name] = self.package
         spec.loader.exec_module(self.package)
         self.nodes = self.package.NODE_CLASS_MAPPINGS
+        self.ui = {}  # node id -> the "ui" part of an output node's last result
 
     def _hook(self, value, total, preview, prompt_id=None, node_id=None):
         if self.on_progress is not None:
@@ -79,6 +80,9 @@ class ComfyHost:
             inputs["unique_id"] = unique_id
         with torch.inference_mode():
             out = getattr(cls(), cls.FUNCTION)(**inputs)
+        if isinstance(out, dict):  # {"ui": ..., "result": (...)}, as output nodes may return
+            self.ui[node_id] = out.get("ui")
+            out = out["result"]
         assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), (node_id, out)
         return out
 

@@ -32,6 +32,9 @@ NOTE = """APDM: protect a model against DreamBooth personalization of one subjec
 5. Sample Images: the protected model still generates the class normally.
 6. Test Personalization: the same DreamBooth attack on the base and the protected model;
    grid + metrics here, the full report in ComfyUI/output/apdm_reports/.
+7. Save Protected Checkpoint: a checkpoint loaded from models/checkpoints is saved there as
+   .safetensors (Load Checkpoint finds it); the demo model is saved as a diffusers folder in
+   models/diffusers. An existing file is never replaced unless overwrite is on.
 
 For a real SD1.5 checkpoint use the paper settings and class/instance prompts such as
 'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI."""
@@ -64,8 +67,10 @@ GRAPH = [
      {"base_model": (1, 0), "protected_model": (4, 0), "subject": (2, 0)}),
     (13, "PreviewImage", "Attack on base vs protected", (1540, 760), (420, 330), {}, {"images": (12, 0)}),
     (14, "PreviewAny", "Metrics", (1540, 1130), (420, 300), {}, {"source": (12, 1)}),
+    (15, "APDMSaveProtectedCheckpoint", "Save Protected Checkpoint", (770, 860), (360, 110),
+     {"filename": "apdm/protected_demo", "overwrite": False}, {"protected_model": (4, 0)}),
 ]  # fmt: skip
-NOTE_NODE = (15, "Note", "About this workflow", (30, 690), (700, 250))
+NOTE_NODE = (16, "Note", "About this workflow", (30, 690), (700, 250))
 
 CORE_NODES = {  # the ComfyUI nodes the graph uses: INPUT_TYPES and RETURN_TYPES as ComfyUI defines them
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),

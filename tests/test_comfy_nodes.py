@@ -275,3 +275,67 @@ def test_test_settings(host):
         test_configs(widgets, "rank: 8")
     with pytest.raises(InputError, match="Load Subject Images"):
         test_configs(widgets, "images: x/")
+
+
+# --- Save Protected Checkpoint ------------------------------------------------------------------
+def test_save_single_file_into_checkpoints(host, tmp_path, subject_dir):
+    import dataclasses
+    import json
+
+    from ldm_layout import make_checkpoint, write_config_folder
+    from safetensors import safe_open
+
+    from apdm_core.config import ProtectConfig
+    from apdm_core.models import load_model
+
+    ckpt_dir = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
+    source = make_checkpoint(ckpt_dir / "tiny-sd1.safetensors", "sd1")
+    assert "tiny-sd1.safetensors" in host.nodes["APDMLoadModel"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    cfg = write_config_folder(
+        tmp_path / "sd1-cfg", "sd1"
+    )  # the tiny file's configs (real files use shipped ones)
+    base = load_model(source, model_type=str(cfg))
+    unet = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    info = {
+        "protect_config": ProtectConfig(instance_prompt="a photo of sks dog"),
+        "protect_subject": [str(subject_dir)],
+    }
+    protected = dataclasses.replace(base, unet=unet, info={**base.info, **info}, _fingerprint=None)
+    for bad in ("../escape", "/abs/path", "a/../../b"):
+        with pytest.raises(InputError, match="not a valid file name"):
+            host.run("APDMSaveProtectedCheckpoint", protected_model=protected, filename=bad, overwrite=False)
+    (path,) = host.run(
+        "APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=False
+    )
+    assert host.ui["APDMSaveProtectedCheckpoint"] == {"text": [path]}
+    assert Path(path) == ckpt_dir / "apdm" / "prot.safetensors"
+    assert "apdm/prot.safetensors" in host.folder_paths.get_filename_list(
+        "checkpoints"
+    )  # Load Checkpoint sees it
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["apdm.protected"] == "true" and json.loads(meta["apdm.subjects"])["count"] == 4
+    again = load_model(path, model_type=str(cfg)).unet.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in unet.state_dict().items())
+    stamp = Path(path).stat().st_mtime_ns
+    with pytest.raises(InputError, match="already exists"):
+        host.run(
+            "APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=False
+        )
+    assert Path(path).stat().st_mtime_ns == stamp
+    host.run("APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=True)
+    with pytest.raises(InputError, match="input file"):  # never over the source checkpoint
+        host.run(
+            "APDMSaveProtectedCheckpoint", protected_model=protected, filename="tiny-sd1", overwrite=True
+        )
+
+
+def test_save_a_diffusers_model_as_a_folder(host, graph):
+    (path,) = host.run("APDMSaveProtectedCheckpoint", protected_model=graph["protected"], filename="prot_tiny.safetensors",
+                       overwrite=False)  # fmt: skip
+    assert Path(path) == Path(host.folder_paths.get_folder_paths("diffusers")[0]) / "prot_tiny"
+    assert (Path(path) / "model_index.json").exists() and (Path(path) / "apdm_config.json").exists()
+    assert "[diffusers] prot_tiny" in host.package.nodes.host.model_choices()
