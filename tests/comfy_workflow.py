@@ -41,7 +41,7 @@ For a real SD1.5 checkpoint use the paper settings and class/instance prompts su
 
 # id, type, title, pos, size, widget values by name, links {input: (source id, output slot)}
 GRAPH = [
-    (1, "APDMLoadModel", "Load Model for Protection", (30, 60), (330, 60), {"ckpt_name": DEMO_MODEL}, {}),
+    (1, "APDMLoadModel", "Load Model for Protection", (30, 60), (330, 80), {"ckpt_name": DEMO_MODEL, "model_type": "auto"}, {}),
     (2, "APDMLoadSubjectImages", "Load Subject Images", (30, 190), (330, 80), {"folder": DEMO_SUBJECT}, {}),
     (3, "APDMGeneratePairs", "Generate Pairs", (400, 60), (330, 250),
      {"class_prompt": "a photo of dog", "seed": 0, "resolution": 0, "num_class_images": 8, "sample_steps": 10,
