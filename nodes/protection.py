@@ -55,6 +55,7 @@ class APDMGeneratePairs:
 
         config = ProtectConfig(class_prompt=class_prompt, seed=seed, resolution=resolution, num_class_images=num_class_images,
                                sample_steps=sample_steps, guidance_scale=guidance_scale, device=host.device())  # fmt: skip
+        host.free_comfy_memory()
         try:
             pairs = prepare_pairs(config, model, subject, host.NodeProgress(unique_id))
         finally:
