@@ -7,7 +7,6 @@ never at import time, so the package imports (and the tests run) without ComfyUI
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from pathlib import Path
@@ -19,8 +18,6 @@ from PIL import Image
 from apdm_core.data import IMAGE_EXTENSIONS
 from apdm_core.errors import InputError
 from apdm_core.progress import ProgressEvent
-
-log = logging.getLogger("apdm.comfyui")
 
 DEMO_MODEL = "[demo] APDM demo model (built in)"
 DEMO_SUBJECT = "[demo] APDM demo subject (built in)"
@@ -40,10 +37,11 @@ def diffusers_folders() -> dict[str, Path]:
     for root in folder_paths.get_folder_paths("diffusers"):
         if not os.path.isdir(root):
             continue
-        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+        for dirpath, dirs, files in os.walk(root, followlinks=True):
             if "model_index.json" in files:
                 name = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 found.setdefault(DIFFUSERS_PREFIX + name, Path(dirpath))
+                dirs[:] = []  # a model's unet/, vae/ ... hold no further models
     return found
 
 
