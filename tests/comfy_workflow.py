@@ -60,7 +60,7 @@ GRAPH = [
     (9, "PreviewImage", "Loss curve", (770, 540), (360, 280), {}, {"images": (4, 1)}),
     (10, "PreviewImage", "Protected model samples", (1540, 60), (300, 290), {}, {"images": (5, 0)}),
     (11, "PreviewImage", "Base model samples", (1540, 410), (300, 290), {}, {"images": (6, 0)}),
-    (12, "APDMTestPersonalization", "Test Personalization", (1170, 760), (330, 400),
+    (12, "APDMTestPersonalization", "Test Personalization", (1170, 760), (330, 320),
      {"attack": "dreambooth", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "steps": 50,
       "learning_rate": 1e-4, "num_samples": 4, "seed": 0,
       "advanced": "num_class_images: 8, sample_steps: 10, guidance_scale: 3.0, eval_steps: 10"},

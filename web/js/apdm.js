@@ -4,7 +4,7 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
-const NODES_WITH_STATUS = new Set(["APDMProtectModel", "APDMGeneratePairs", "APDMSampleImages"]);
+const NODES_WITH_STATUS = new Set(["APDMProtectModel", "APDMGeneratePairs", "APDMSampleImages", "APDMTestPersonalization"]);
 const PLOT_NODE = "APDMProtectModel";
 const PLOT_HEIGHT = 130;
 const STATUS_HEIGHT = 18; // room for one status line under the widgets of the other nodes
