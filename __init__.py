@@ -17,4 +17,6 @@ if __package__:  # loaded by ComfyUI as custom_nodes.<folder>
 else:  # imported as a plain module (pytest collecting the repository root): nothing to register
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"  # web/js/*.js: the live loss curve on the Protect node
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -88,3 +88,34 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def child_path(folder: str | Path, name: str, suffix: str = "") -> Path:
+    """``folder/name`` for a user-typed file name, refusing anything that would leave ``folder``.
+
+    For hosts where the user types a name (ComfyUI, the Gradio tab). Sub-folders are allowed
+    (``protected/alice``); absolute paths, ``..``, drive letters, control characters and
+    hidden names are refused with an InputError. ``suffix`` (e.g. ``.safetensors``) is appended
+    when the name does not already end with it.
+    """
+    raw = str(name).strip().replace("\\", "/")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    bad = (
+        not parts
+        or raw.startswith("/")
+        or any(p == ".." or p.startswith(".") for p in parts)
+        or ":" in raw
+        or any(ord(c) < 32 or c in '<>"|?*' for c in raw)
+    )
+    if bad:
+        raise InputError(
+            f"{name!r} is not a valid file name: use letters, digits, '-', '_' and '/' for sub-folders, "
+            "without '..', a leading '/' or '.', or a drive letter (e.g. 'protected/my_model')."
+        )
+    if suffix and not parts[-1].lower().endswith(suffix.lower()):
+        parts[-1] += suffix
+    root = Path(folder).resolve()
+    path = root.joinpath(*parts)
+    if root != path.resolve() and root not in path.resolve().parents:  # a symlink pointing outside
+        raise InputError(f"{name!r} resolves outside {root}; choose a name inside that folder.")
+    return path

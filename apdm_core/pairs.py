@@ -12,14 +12,16 @@ import io
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from .data import SubjectImage, center_square, find_images, open_image
+from .config import ProtectConfig
+from .data import SubjectImage, center_square, find_images, load_subject_images, open_image
 from .fileio import atomic_write_bytes
-from .models import SDModel
+from .models import SDModel, resolve_device
 from .progress import ProgressCallback, StopCheck, Tracker
 
 
@@ -58,9 +60,15 @@ def sample_images(
     guidance: float,
     batch_size: int = 4,
     negative_prompt: str | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
 ) -> list[Image.Image]:
-    """Generate one image per seed with the model's own scheduler (one seeded generator per image)."""
+    """Generate one image per seed with the model's own scheduler (one seeded generator per image).
+
+    ``progress``/``should_stop`` (optional) are called once per batch (stage "sample").
+    """
     pipe = model.pipeline()
+    tracker = Tracker("sample", len(seeds), progress, should_stop) if progress or should_stop else None
     out: list[Image.Image] = []
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i : i + batch_size]
@@ -76,6 +84,8 @@ def sample_images(
             output_type="pil",
         )
         out.extend(result.images)
+        if tracker is not None:
+            tracker.update(len(chunk))
     return out
 
 
@@ -177,3 +187,52 @@ def ensure_class_images(
         model, class_prompt, jobs, "class_images", size, steps, guidance, batch_size, progress, should_stop
     )
     return images + [_load_png(p) for p in paths]
+
+
+@dataclass
+class PairSet:
+    """The generated images of a run, made before protection (hosts preview them, protect reuses them).
+
+    ``config`` holds the settings they were generated with (class prompt, seed, resolution,
+    sampler, number of class images, cache folder); a ``protect`` run with the same settings
+    and the same base model finds every image in the cache instead of generating it again.
+    """
+
+    config: ProtectConfig
+    subjects: list[SubjectImage]
+    positives: list[Image.Image]  # positives[i] pairs with subjects[i]
+    class_images: list[Image.Image]
+    model_fingerprint: str
+    size: int
+
+
+def prepare_pairs(
+    config: ProtectConfig,
+    model: SDModel,
+    images=None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> PairSet:
+    """Generate (or load from the cache) the positives and class images ``protect(config)`` will use.
+
+    ``images`` is what ``protect`` accepts (a folder, files or PIL images; default
+    ``config.images``); the subjects are loaded at the training resolution exactly as
+    ``protect`` loads them, so the cache keys agree.
+    """
+    config.validate()
+    model.to(resolve_device(config.device))
+    size = config.resolution or model.native_resolution
+    source = images if images is not None else config.images
+    subjects = load_subject_images(
+        source, size, order=config.pair_order, min_side=None if size >= 256 else size
+    )
+    gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
+           "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
+           "progress": progress, "should_stop": should_stop}  # fmt: skip
+    positives = generate_pairs(model, subjects, config.class_prompt, **gen)
+    class_images = []
+    if config.prior_weight > 0:
+        class_images = ensure_class_images(
+            model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
+        )
+    return PairSet(config, subjects, positives, class_images, model.fingerprint(), size)

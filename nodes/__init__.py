@@ -1,8 +1,31 @@
-"""ComfyUI nodes: thin adapters that collect inputs, call one apdm_core function, wrap the result.
+"""ComfyUI nodes (V1 API): thin adapters that collect inputs, call one apdm_core function, wrap the result.
 
-The node classes arrive with the ComfyUI-nodes issue; the mappings exist now so the package
-loads in ComfyUI and in the tests.
+Node ids (the keys below) and input names are a contract with saved workflows: never rename them.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .loaders import APDMLoadModel, APDMLoadSubjectImages
+from .outputs import APDMSampleImages, APDMSaveProtectedCheckpoint, APDMToComfyModel
+from .protection import APDMGeneratePairs, APDMProtectModel
+from .testing import APDMTestPersonalization
+
+NODE_CLASS_MAPPINGS = {
+    "APDMLoadSubjectImages": APDMLoadSubjectImages,
+    "APDMLoadModel": APDMLoadModel,
+    "APDMGeneratePairs": APDMGeneratePairs,
+    "APDMProtectModel": APDMProtectModel,
+    "APDMTestPersonalization": APDMTestPersonalization,
+    "APDMSaveProtectedCheckpoint": APDMSaveProtectedCheckpoint,
+    "APDMToComfyModel": APDMToComfyModel,
+    "APDMSampleImages": APDMSampleImages,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "APDMLoadSubjectImages": "Load Subject Images (APDM)",
+    "APDMLoadModel": "Load Model for Protection (APDM)",
+    "APDMGeneratePairs": "Generate Pairs (APDM)",
+    "APDMProtectModel": "Protect Model (DPO/L2P)",
+    "APDMTestPersonalization": "Test Personalization (APDM)",
+    "APDMSaveProtectedCheckpoint": "Save Protected Checkpoint (APDM)",
+    "APDMToComfyModel": "Protected Model to MODEL/CLIP/VAE (APDM)",
+    "APDMSampleImages": "Sample Images (APDM)",
+}

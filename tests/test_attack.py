@@ -185,3 +185,11 @@ def test_gradient_checkpointing_computes_the_same_step(model, subject_dir, attac
     )
     assert checkpointed.model.unet.is_gradient_checkpointing and not model.unet.is_gradient_checkpointing
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "lora", "textual_inversion"])
+def test_attacks_run_when_called_in_inference_mode(model, subject_dir, attack_config, kind):
+    """ComfyUI runs node code under torch.inference_mode(): the trainable copies must be normal tensors."""
+    with torch.inference_mode():
+        result = run_attack(model, subject_dir, attack_config(kind=kind, steps=1))
+    assert result.steps_done == 1 and not result.cancelled

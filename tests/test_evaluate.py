@@ -85,6 +85,18 @@ def test_missing_weights_give_a_skipped_metric_with_a_message(tmp_path, monkeypa
         loader.cache_clear()
 
 
+def test_brisque_is_skipped_when_neither_brisque_nor_opencv_is_installed(monkeypatch):
+    """A host python without the [eval] extra (e.g. ComfyUI's) has no cv2 either: skip, never crash."""
+    for name in ("brisque", "cv2"):
+        monkeypatch.setitem(sys.modules, name, None)
+    M.load_brisque.cache_clear()
+    try:
+        result = M.compute_metrics(context([draw_photo(0)], [draw_photo(1)]), ["brisque"])["brisque"]
+    finally:
+        M.load_brisque.cache_clear()
+    assert result.value is None and "pip install" in result.skipped
+
+
 def test_brisque_scores_noise_worse_than_a_photo_like_image():
     pytest.importorskip("brisque")
     pytest.importorskip("cv2")

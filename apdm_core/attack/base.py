@@ -375,8 +375,9 @@ def run_attack(
     model.to(device)
     size = cfg.resolution or model.native_resolution
     subjects = load_subject_images(images, size, min_side=None if size >= 256 else size, crop=False)
-    attack = get_attack(cfg.kind)(model, cfg, device)
+    # hosts (ComfyUI) run code in inference mode: the attack's trainable copies must be made outside it
     with torch.inference_mode(False), torch.enable_grad():
+        attack = get_attack(cfg.kind)(model, cfg, device)
         try:
             data = prepare_attack_data(model, subjects, size, cfg, progress, should_stop)
         except Cancelled:

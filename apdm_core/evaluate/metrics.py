@@ -274,10 +274,10 @@ def brisque_image_score(image: Image.Image) -> float:
     feature into a plain float first; the numbers are those of the paper's brisque==0.0.17, whose
     model files are identical.
     """
+    scorer = load_brisque()  # first: skips the metric (with its message) when brisque/opencv are missing
     import cv2
     import skimage.color
 
-    scorer = load_brisque()
     gray = skimage.color.rgb2gray(np.asarray(image.convert("RGB")))
     half = cv2.resize(gray, None, fx=1 / 2, fy=1 / 2, interpolation=cv2.INTER_CUBIC)
     features = [*scorer.calculate_brisque_features(gray, kernel_size=7, sigma=7 / 6),

@@ -1,0 +1,85 @@
+"""Load Subject Images, Load Model for Protection."""
+
+from __future__ import annotations
+
+from . import host
+
+CATEGORY = "APDM"
+
+
+class APDMLoadSubjectImages:
+    """Photos of the subject to protect: a folder under ComfyUI's input folder, or an IMAGE batch."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": (
+                    [host.DEMO_SUBJECT, *host.subject_folders()],
+                    {"tooltip": "A folder of 4-6 photos of the subject under ComfyUI's input folder "
+                                "(png/jpg/webp), or the built-in demo subject."},
+                ),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Use these images instead of the folder (e.g. from Load Image)."}),
+            },
+        }  # fmt: skip
+
+    RETURN_TYPES = ("APDM_SUBJECT", "IMAGE")
+    RETURN_NAMES = ("subject", "preview")
+    OUTPUT_TOOLTIPS = (
+        "The subject photos, for Generate Pairs, Protect and Test.",
+        "The photos, square-cropped.",
+    )
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The subject whose personalization the protection blocks (a person, a pet, an object)."
+
+    @classmethod
+    def IS_CHANGED(cls, folder, images=None):
+        return "demo" if folder == host.DEMO_SUBJECT else host.folder_signature(host.subject_folder(folder))
+
+    def load(self, folder, images=None):
+        from apdm_core.data import load_subject_images
+
+        if images is not None:
+            source = host.from_image_batch(images)
+        elif folder == host.DEMO_SUBJECT:
+            source = host.demo_subject()
+        else:
+            source = [str(host.subject_folder(folder))]
+        preview = load_subject_images(source, host.PREVIEW_SIZE, min_side=1)  # checks every file now
+        return (source, host.to_image_batch([s.image for s in preview]))
+
+
+class APDMLoadModel:
+    """The Stable Diffusion model to protect, as the engine's own model object."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from apdm_core.checkpoint import MODEL_TYPES
+
+        return {
+            "required": {
+                "ckpt_name": (
+                    host.model_choices(),
+                    {"tooltip": "A checkpoint from models/checkpoints, a diffusers folder from models/diffusers, "
+                                "or the built-in demo model."},
+                ),
+            },
+            "optional": {
+                "model_type": (["auto", *MODEL_TYPES], {"default": "auto",
+                               "tooltip": "Single files: auto = detected from the tensors; sd2-v = SD2.x 768 "
+                                          "v-prediction (set it if detection guesses wrong)."}),
+            },
+        }  # fmt: skip
+
+    RETURN_TYPES = ("APDM_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The base model (full precision, on the CPU until a node needs it).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a Stable Diffusion 1.x/2.x model for Generate Pairs and Protect Model."
+
+    def load(self, ckpt_name, model_type="auto"):
+        return (host.load_model(ckpt_name, model_type),)

@@ -1,0 +1,46 @@
+"""Fake comfy.model_management: device, unloading, and the interrupt flag exactly as ComfyUI has it."""
+
+import threading
+
+import torch
+
+calls = []  # names of the memory functions called, for the tests
+
+
+def get_torch_device():
+    return torch.device("cpu")
+
+
+def unload_all_models():
+    calls.append("unload_all_models")
+
+
+def soft_empty_cache(force=False):
+    calls.append("soft_empty_cache")
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+interrupt_processing_mutex = threading.RLock()
+interrupt_processing = False
+
+
+def interrupt_current_processing(value=True):
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        interrupt_processing = value
+
+
+def processing_interrupted():
+    with interrupt_processing_mutex:
+        return interrupt_processing
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        if interrupt_processing:
+            interrupt_processing = False
+            raise InterruptProcessingException()

@@ -1,0 +1,341 @@
+"""ComfyUI nodes against a fake ComfyUI (tests/fakes/comfyui): schemas, the whole graph on the tiny model,
+interrupt + resume, file names, the MODEL patches."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_host import ROOT, ComfyHost, call_signature_matches
+from helpers import draw_photo
+
+from apdm_core.errors import InputError
+
+FAST_PAIRS = {"class_prompt": "a photo of dog", "seed": 0, "resolution": 0, "num_class_images": 2,
+              "sample_steps": 2, "guidance_scale": 2.0}  # fmt: skip
+FAST_PROTECT = {"instance_prompt": "a photo of sks dog", "steps": 3, "inner_steps": 2, "beta": 1.0,
+                "learning_rate": 1e-4, "accumulation": "protect"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """One fake ComfyUI for the module (its runs are the slow part): base folder + APDM cache in tmp."""
+    tmp = tmp_path_factory.mktemp("comfyui")
+    old = os.environ.get("APDM_CACHE_DIR")
+    os.environ["APDM_CACHE_DIR"] = str(tmp / "apdm_cache")
+    h = ComfyHost(tmp / "base")
+    yield h
+    h.close()
+    if old is None:
+        os.environ.pop("APDM_CACHE_DIR")
+    else:
+        os.environ["APDM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def graph(host, tiny_model_dir):
+    """The example graph on the tiny model: photos in input/alice, the model in models/diffusers/tiny."""
+    shutil.copytree(tiny_model_dir, host.folder_paths.get_folder_paths("diffusers")[0] + "/tiny")
+    photos = host.folder_paths.get_input_directory() + "/alice"
+    os.makedirs(photos)
+    for i in range(4):
+        draw_photo(i).save(f"{photos}/img_{i}.png")
+    subject, preview = host.run("APDMLoadSubjectImages", folder="alice")
+    (model,) = host.run("APDMLoadModel", ckpt_name="[diffusers] tiny")
+    pairs, positives = host.run("APDMGeneratePairs", model=model, subject=subject, **FAST_PAIRS)
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    host.server.messages.clear()
+    protected, curve = host.run("APDMProtectModel", unique_id="7", model=model, subject=subject, pairs=pairs,
+                                **FAST_PROTECT)  # fmt: skip
+    return {"subject": subject, "preview": preview, "model": model, "pairs": pairs, "positives": positives,
+            "base": base, "protected": protected, "curve": curve, "messages": list(host.server.messages)}  # fmt: skip
+
+
+# --- schemas ----------------------------------------------------------------------------------
+def test_every_node_schema_is_valid(host):
+    assert host.nodes and set(host.nodes) == set(host.package.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in host.nodes.items():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and spec["required"], node_id
+        assert cls.CATEGORY == "APDM" and callable(getattr(cls, cls.FUNCTION)), node_id
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES), node_id
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES), node_id
+        assert not call_signature_matches(cls), (node_id, call_signature_matches(cls))
+        for section in ("required", "optional"):
+            for name, (kind, *rest) in spec.get(section, {}).items():
+                opts = rest[0] if rest else {}
+                if isinstance(kind, list):
+                    assert kind and all(isinstance(c, str) for c in kind), (node_id, name)
+                    assert opts.get("default", kind[0]) in kind, (node_id, name)
+                else:
+                    assert isinstance(kind, str) and kind.isupper(), (node_id, name)
+                if kind in ("INT", "FLOAT"):
+                    assert opts["min"] <= opts["default"] <= opts["max"], (node_id, name)
+
+
+def test_package_loads_like_comfyui_with_its_web_extension(host):
+    web = ROOT / host.package.WEB_DIRECTORY
+    assert sorted(p.name for p in (web / "js").glob("*.js")) == ["apdm.js"]
+    assert "apdm.progress" in (web / "js" / "apdm.js").read_text(encoding="utf-8")
+    assert set(host.nodes) >= {"APDMLoadSubjectImages", "APDMLoadModel", "APDMGeneratePairs", "APDMProtectModel",
+                               "APDMToComfyModel", "APDMSampleImages"}  # fmt: skip
+
+
+# --- the graph on the tiny model ---------------------------------------------------------------
+def test_whole_graph_runs_and_reports_progress(host, graph):
+    assert graph["subject"] == [host.folder_paths.get_input_directory() + "/alice"]
+    assert graph["preview"].shape == (4, 256, 256, 3) and graph["positives"].shape == (4, 64, 64, 3)
+    assert len(graph["pairs"].class_images) == 2
+    protected, curve, base = graph["protected"], graph["curve"], graph["base"]
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= float(curve.min()) <= float(curve.max()) <= 1
+    after = graph["model"].unet.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base), "the base model object was modified"
+    assert any(not torch.equal(base[k], v) for k, v in protected.unet.state_dict().items())
+    assert protected.info["protect_config"].outer_steps == 3
+    assert "unload_all_models" in host.mm.calls
+    # live events for web/js: every inner step's loss arrives, tagged with the node id
+    events = [d for ev, d, _ in graph["messages"] if ev == "apdm.progress" and d["stage"] == "protect"]
+    assert {m["node"] for m in events} == {"7"} and events[-1]["step"] == events[-1]["total"] == 6
+    assert [p[0] for m in events for p in m["points"]] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(p[1], float) and isinstance(p[2], float) for m in events for p in m["points"])
+    assert "ETA" in events[-2]["text"] or len(events) == 1
+    assert {d["node"] for ev, d, _ in graph["messages"] if ev == "progress"} == {"7"}  # ComfyUI's own bar
+    (images,) = host.run("APDMSampleImages", model=graph["protected"], prompt="a photo of dog", negative_prompt="",
+                         seed=3, count=2, steps=2, guidance_scale=2.0, resolution=0)  # fmt: skip
+    assert images.shape == (2, 64, 64, 3)
+
+
+def test_generate_pairs_reuses_the_cache_and_protect_refuses_pairs_of_another_model(host, graph):
+    from apdm_core.tiny import build_tiny_model
+
+    again, _ = host.run("APDMGeneratePairs", model=graph["model"], subject=graph["subject"], **FAST_PAIRS)
+    assert [p.tobytes() for p in again.positives] == [p.tobytes() for p in graph["pairs"].positives]
+    other = build_tiny_model(seed=1)
+    with pytest.raises(InputError, match="another model"):
+        host.run(
+            "APDMProtectModel", model=other, subject=graph["subject"], pairs=graph["pairs"], **FAST_PROTECT
+        )
+
+
+def test_interrupt_stops_within_one_step_and_requeue_resumes(host, graph):
+    run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"],
+           **FAST_PROTECT, "steps": 2, "beta": 2.0}  # fmt: skip
+    seen = []
+
+    def cancel_at_step_3(value, total, node_id):  # the user presses Cancel during inner step 3 of 4
+        seen.append(value)
+        if total == 4 and value == 3:
+            host.mm.interrupt_current_processing(True)
+
+    host.on_progress = cancel_at_step_3
+    try:
+        with pytest.raises(host.mm.InterruptProcessingException):
+            host.run("APDMProtectModel", **run)
+        assert seen[-1] == 3  # no step after the interrupt
+        states = list((Path(os.environ["APDM_CACHE_DIR"]) / "state").glob("*.pt"))
+        assert len(states) == 1, "the interrupted run left no resumable state"
+        host.on_progress, seen[:] = (lambda value, total, node_id: seen.append((value, total))), []
+        host.run("APDMProtectModel", **run)
+        protect_steps = [v for v, t in seen if t == 4]
+        assert protect_steps == [3, 4]  # resumed at outer step 2: its inner steps 1 and 2
+        assert not states[0].exists(), "the state file is removed after the run finished"
+    finally:
+        host.on_progress = None
+
+
+def test_advanced_settings(host, graph):
+    protect_config = host.package.nodes.host.protect_config
+    config = protect_config(graph["pairs"], graph["model"], {"beta": 3.0}, "prior_weight: 0.5, save_every: 1")
+    assert protect_config(graph["pairs"], graph["model"], {}, "prior_weight: 0.25\nbeta: 2").beta == 2
+    assert (config.prior_weight, config.save_every, config.beta, config.class_prompt) == (
+        0.5,
+        1,
+        3.0,
+        "a photo of dog",
+    )
+    run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
+    for text, match in [("output: x.safetensors", "Save Protected Checkpoint"), ("[1, 2]", "field: value"),
+                        ("beta: [", "not valid YAML"), ("just words", "Unknown config key"), ("betta: 2", "Unknown config key")]:  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            host.run("APDMProtectModel", advanced=text, **run)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def test_subject_from_an_image_batch_and_is_changed(host):
+    folder = host.folder_paths.get_input_directory() + "/bob"
+    os.makedirs(folder)
+    draw_photo(0).save(folder + "/a.png")
+    cls = host.nodes["APDMLoadSubjectImages"]
+    before = cls.IS_CHANGED(folder="bob")
+    assert cls.IS_CHANGED(folder="bob") == before
+    draw_photo(1).save(folder + "/b.png")
+    assert cls.IS_CHANGED(folder="bob") != before
+    batch = torch.rand(3, 80, 96, 3)
+    subject, preview = host.run("APDMLoadSubjectImages", folder="bob", images=batch)
+    assert len(subject) == 3 and subject[0].size == (96, 80) and preview.shape == (3, 256, 256, 3)
+    subject, _ = host.run("APDMLoadSubjectImages", folder=host.package.nodes.host.DEMO_SUBJECT)
+    assert len(subject) == 4
+
+
+@pytest.mark.parametrize("name", ["../secret", "a/../../b", "/etc", "C:/x", ".hidden", "a\\..\\..\\b", ""])
+def test_subject_folder_cannot_leave_the_input_folder(host, name):
+    with pytest.raises(InputError, match="not a valid file name"):
+        host.package.nodes.host.subject_folder(name)
+
+
+def test_missing_model_names_the_folders(host):
+    with pytest.raises(InputError, match="models/checkpoints"):
+        host.package.nodes.host.model_path("nope.safetensors")
+
+
+def test_demo_model_entry(host):
+    (model,) = host.run("APDMLoadModel", ckpt_name=host.package.nodes.host.DEMO_MODEL)
+    assert model.kind == "tiny" and not any(p.is_inference() for p in model.unet.parameters())
+
+
+# --- MODEL patches ------------------------------------------------------------------------------
+def comfy_model_of(unet):
+    from comfy.model_patcher import FakeBaseModel, ModelPatcher
+
+    return ModelPatcher(FakeBaseModel(copy.deepcopy(unet)))
+
+
+def test_protection_becomes_weight_patches_on_a_clone(host, graph):
+    protected = graph["protected"]
+    comfy_model = comfy_model_of(graph["model"].unet)
+    original = {k: v.clone() for k, v in comfy_model.model.state_dict().items()}
+    want = {"diffusion_model." + k: v for k, v in protected.unet.state_dict().items()}
+    clip, vae = object(), object()
+    full, clip_out, vae_out = host.run("APDMToComfyModel", protected_model=protected, strength=1.0, model=comfy_model,
+                                       clip=clip, vae=vae)  # fmt: skip
+    assert clip_out is clip and vae_out is vae and full is not comfy_model
+    got = full.patched_state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    half = host.run("APDMToComfyModel", protected_model=protected, strength=0.5, model=comfy_model)[0]
+    mid = half.patched_state_dict()
+    assert all(torch.allclose(mid[k], (want[k] + original[k]) / 2, atol=1e-6) for k in want)
+    none = host.run("APDMToComfyModel", protected_model=protected, strength=0.0, model=comfy_model)[0]
+    assert none.patches == {} and not comfy_model.patches
+    assert all(torch.equal(original[k], v) for k, v in comfy_model.model.state_dict().items()), (
+        "MODEL modified"
+    )
+
+
+def test_model_conversion_needs_the_matching_model(host, graph, tiny_vpred_dir):
+    with pytest.raises(InputError, match="Connect the MODEL"):
+        host.run("APDMToComfyModel", protected_model=graph["model"], strength=1.0)
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                 norm_num_groups=8, sample_size=8, layers_per_block=1)  # fmt: skip
+    with pytest.raises(InputError, match="not the same kind"):
+        host.run(
+            "APDMToComfyModel", protected_model=graph["model"], strength=1.0, model=comfy_model_of(other)
+        )
+
+
+# --- Test Personalization -------------------------------------------------------------------------
+FAST_TEST = {"attack": "dreambooth", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+             "steps": 2, "learning_rate": 1e-4, "num_samples": 2, "seed": 0,
+             "advanced": "num_class_images: 2, sample_steps: 2, guidance_scale: 2.0, metrics: [denoise], "
+                         "eval_steps: 2, eval_batch_size: 2, denoise_repeats: 1, denoise_timesteps: [500]"}  # fmt: skip
+
+
+def test_test_personalization_writes_a_report_and_reuses_it(host, graph):
+    run = {"base_model": graph["model"], "protected_model": graph["protected"], "subject": graph["subject"]}
+    grid, metrics = host.run("APDMTestPersonalization", unique_id="9", **run, **FAST_TEST)
+    reports = list(Path(host.folder_paths.get_output_directory(), "apdm_reports").iterdir())
+    assert [p.name.split("-")[0] for p in reports] == ["dreambooth"]
+    assert {"report.json", "grid.png", "losses.png", "summary.md"} <= {p.name for p in reports[0].iterdir()}
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and "denoise" in metrics and str(reports[0]) in metrics
+    assert any(m["stage"] == "attack" for m in host.messages("apdm.progress"))
+    stamp = (reports[0] / "report.json").stat().st_mtime_ns
+    again = host.run("APDMTestPersonalization", **run, **FAST_TEST)  # same test: the report is shown again
+    assert again[1] == metrics and (reports[0] / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_test_settings(host):
+    test_configs = host.package.nodes.host.test_configs
+    widgets = {"kind": "lora", "instance_prompt": "a photo of zwx cat", "class_prompt": "a photo of cat",
+               "steps": None, "lr": None, "seed": 3, "num_samples": 5, "eval_seed": 3}  # fmt: skip
+    attack, evaluation = test_configs(widgets, "lora_rank: 8, eval_steps: 7")
+    assert (attack.identifier, attack.kind, attack.lora_rank, attack.resolved().steps) == (
+        "zwx",
+        "lora",
+        8,
+        800,
+    )
+    assert (evaluation.num_samples, evaluation.eval_steps, evaluation.eval_seed) == (5, 7, 3)
+    with pytest.raises(InputError, match="Unknown setting"):
+        test_configs(widgets, "rank: 8")
+    with pytest.raises(InputError, match="Load Subject Images"):
+        test_configs(widgets, "images: x/")
+
+
+# --- Save Protected Checkpoint ------------------------------------------------------------------
+def test_save_single_file_into_checkpoints(host, tmp_path, subject_dir):
+    import dataclasses
+    import json
+
+    from ldm_layout import make_checkpoint, write_config_folder
+    from safetensors import safe_open
+
+    from apdm_core.config import ProtectConfig
+    from apdm_core.models import load_model
+
+    ckpt_dir = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
+    source = make_checkpoint(ckpt_dir / "tiny-sd1.safetensors", "sd1")
+    assert "tiny-sd1.safetensors" in host.nodes["APDMLoadModel"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    cfg = write_config_folder(
+        tmp_path / "sd1-cfg", "sd1"
+    )  # the tiny file's configs (real files use shipped ones)
+    base = load_model(source, model_type=str(cfg))
+    unet = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    info = {
+        "protect_config": ProtectConfig(instance_prompt="a photo of sks dog"),
+        "protect_subject": [str(subject_dir)],
+    }
+    protected = dataclasses.replace(base, unet=unet, info={**base.info, **info}, _fingerprint=None)
+    for bad in ("../escape", "/abs/path", "a/../../b"):
+        with pytest.raises(InputError, match="not a valid file name"):
+            host.run("APDMSaveProtectedCheckpoint", protected_model=protected, filename=bad, overwrite=False)
+    (path,) = host.run(
+        "APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=False
+    )
+    assert host.ui["APDMSaveProtectedCheckpoint"] == {"text": [path]}
+    assert Path(path) == ckpt_dir / "apdm" / "prot.safetensors"
+    assert "apdm/prot.safetensors" in host.folder_paths.get_filename_list(
+        "checkpoints"
+    )  # Load Checkpoint sees it
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["apdm.protected"] == "true" and json.loads(meta["apdm.subjects"])["count"] == 4
+    again = load_model(path, model_type=str(cfg)).unet.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in unet.state_dict().items())
+    stamp = Path(path).stat().st_mtime_ns
+    with pytest.raises(InputError, match="already exists"):
+        host.run(
+            "APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=False
+        )
+    assert Path(path).stat().st_mtime_ns == stamp
+    host.run("APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/prot", overwrite=True)
+    with pytest.raises(InputError, match="input file"):  # never over the source checkpoint
+        host.run(
+            "APDMSaveProtectedCheckpoint", protected_model=protected, filename="tiny-sd1", overwrite=True
+        )
+
+
+def test_save_a_diffusers_model_as_a_folder(host, graph):
+    (path,) = host.run("APDMSaveProtectedCheckpoint", protected_model=graph["protected"], filename="prot_tiny.safetensors",
+                       overwrite=False)  # fmt: skip
+    assert Path(path) == Path(host.folder_paths.get_folder_paths("diffusers")[0]) / "prot_tiny"
+    assert (Path(path) / "model_index.json").exists() and (Path(path) / "apdm_config.json").exists()
+    assert "[diffusers] prot_tiny" in host.package.nodes.host.model_choices()
