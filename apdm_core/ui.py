@@ -1,0 +1,666 @@
+"""The APDM Gradio UI: one Blocks for the AUTOMATIC1111/Forge "Anti-Personalize" tab and `apdm ui`.
+
+- ``Host``: what differs between the two homes (model list, output folder, GPU lock, progress
+  and interrupt). The standalone app uses ``Host`` itself; ``scripts/apdm_tab.py`` subclasses it
+  for A1111/Forge (``modules.shared.state``, ``sd_models``).
+- ``Job``: a long task (protection, a personalization test) on a worker thread with progress
+  and a stop flag, so neither the UI thread nor the browser ever waits on it.
+- ``ProtectApp``: the event functions, plain Python without Gradio (tested headless). Streams
+  of ``View`` objects describe what the page shows while a job runs.
+- ``build_blocks``: the layout and the wiring, written against the subset of the Gradio API
+  that works in 3.41 (A1111 1.10), 4.x (Forge) and the current release: no ``.style()``, no
+  ``_js``/``js``, no arguments removed or added since 3.41 (except behind ``_event_options``).
+
+This is the only module that knows Gradio, and it imports it only inside ``build_blocks`` /
+``launch``, so importing it (the CLI does, to register ``apdm ui``) stays cheap and host-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import threading
+import time
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .config import ProtectConfig
+from .errors import APDMError, InputError
+from .progress import ProgressEvent, format_seconds
+
+log = logging.getLogger(__name__)
+
+TITLE = "Anti-Personalize"
+# Fields shown in the main panel; every other ProtectConfig field is in the Advanced accordion.
+MAIN_FIELDS = ("model", "images", "instance_prompt", "class_prompt", "output")
+ADVANCED_FIELDS = tuple(f.name for f in fields(ProtectConfig) if f.name not in MAIN_FIELDS)
+GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files"}
+BASIC_PRESETS = ("quick", "paper", "thorough")
+POLL_S = 0.5  # how often a running job's view is refreshed
+CURVE_EVERY_S = 2.0  # how often the loss curve image is redrawn
+
+
+def _default(name: str) -> Any:
+    f = next(f for f in fields(ProtectConfig) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def _path_of(item: Any) -> str:
+    """A file path from whatever an upload component hands over (str, Path, tempfile, dict)."""
+    if isinstance(item, dict):
+        item = item.get("path") or item.get("name") or ""
+    return str(getattr(item, "name", item) or "")
+
+
+# ------------------------------------------------------------------------------------------
+# hosts
+# ------------------------------------------------------------------------------------------
+class Host:
+    """The standalone app's behaviour; A1111/Forge override the hooks (scripts/apdm_tab.py)."""
+
+    name = "standalone"
+    presets: tuple[str, ...] = BASIC_PRESETS
+
+    def __init__(
+        self,
+        model: str = "",
+        images: str = "",
+        output_dir: str | Path = "apdm_out/models",
+        preset: str = "quick",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.images, self.preset = model, images, preset
+        self.output_dir = Path(output_dir)
+        self.config = dict(config or {})  # field values applied on top of every preset
+
+    # --- models and files --------------------------------------------------------------------
+    def model_choices(self) -> list[str] | None:
+        """Choices for a model dropdown, or None for a free path box."""
+        return None
+
+    def refresh_models(self) -> list[str] | None:
+        return self.model_choices()
+
+    def resolve_model(self, value: str) -> str:
+        """The file or folder behind what the user picked."""
+        return str(value or "").strip()
+
+    def output_path(self, filename: str) -> Path:
+        name = str(filename or "").strip()
+        if not name:
+            raise InputError("Give the protected model a file name (e.g. protected.safetensors) to save it.")
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.output_dir / path
+
+    def saved(self, path: Path) -> None:
+        """Called after a model was written (A1111 refreshes its checkpoint list here)."""
+
+    # --- running ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self, kind: str) -> Iterator[None]:
+        """Around every job, on its worker thread (A1111: GPU lock, free VRAM, shared.state)."""
+        yield
+
+    def progress(self, event: ProgressEvent) -> None:
+        """Every progress event of a job (A1111 mirrors it into shared.state)."""
+
+    def should_stop(self) -> bool:
+        """A host-side interrupt (A1111: shared.state.interrupted)."""
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# jobs
+# ------------------------------------------------------------------------------------------
+Work = Callable[[Callable[[ProgressEvent], None], Callable[[], bool]], Any]
+
+
+class Job:
+    """Runs ``work(progress, should_stop)`` on a daemon thread inside ``host.session``."""
+
+    def __init__(self, kind: str, work: Work, host: Host) -> None:
+        self.kind, self.host, self._work = kind, host, work
+        self.stop_requested = threading.Event()
+        self.event: ProgressEvent | None = None
+        self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # stage -> (step, losses)
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = time.time()
+        self.finished: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"apdm-{kind}", daemon=True)
+
+    def start(self) -> Job:
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self.running
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    def _progress(self, event: ProgressEvent) -> None:
+        self.event = event
+        if event.losses:
+            self.curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+        self.host.progress(event)
+
+    def _should_stop(self) -> bool:
+        return self.stop_requested.is_set() or bool(self.host.should_stop())
+
+    def _run(self) -> None:
+        try:
+            with self.host.session(self.kind):
+                self.result = self._work(self._progress, self._should_stop)
+        except BaseException as exc:  # shown in the UI; a worker thread has nobody else to tell
+            self.error = exc
+            if not isinstance(exc, APDMError):
+                log.exception("APDM %s failed", self.kind)
+        finally:
+            self.finished = time.time()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the page: the engine's own message, or the exception with a hint."""
+    if isinstance(exc, APDMError):
+        return str(exc)
+    if "out of memory" in str(exc).lower():
+        return (
+            f"Out of memory ({type(exc).__name__}). Reduce memory: mixed_precision=bf16, a smaller "
+            "resolution, batch_size 1, or close other programs using the GPU."
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------------------
+# what the page shows
+# ------------------------------------------------------------------------------------------
+@dataclass
+class View:
+    """The state of the page's run area; ``build_blocks`` turns it into component updates."""
+
+    status: str  # HTML
+    running: bool = False
+    curve: Any = None  # PIL image of the loss curves, or None to leave the shown one
+    filename: str | None = None  # a suggested Save name once a protection finished
+    done: bool = False  # the job this view follows has ended
+
+
+def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "info") -> str:
+    colour = {"info": "inherit", "error": "#c0392b", "ok": "#1e8449"}[kind]
+    parts = [f'<div class="apdm-status" style="color:{colour}">{html.escape(message)}</div>']
+    if event is not None:
+        parts.insert(
+            0,
+            f'<progress value="{event.step}" max="{max(event.total, 1)}" style="width:100%"></progress>'
+            f'<div class="apdm-progress">{html.escape(event.describe())} · elapsed '
+            f"{format_seconds(event.elapsed_s)}</div>",
+        )
+    return "".join(parts)
+
+
+def curve_image(curves: dict[str, list[tuple[int, dict[str, float]]]], width: int = 640, height: int = 300):
+    """The loss curves of a job as a PIL image (matplotlib's Agg canvas, no pyplot: thread safe)."""
+    series = [(f"{stage}: {k}", pts) for stage, pts in curves.items() for k in (pts[-1][1] if pts else {})]
+    if not series:
+        return None
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, pts in series:
+        key = label.split(": ", 1)[1]
+        xs = [s for s, losses in pts if key in losses]
+        ys = [losses[key] for _, losses in pts if key in losses]
+        ax.plot(xs, ys, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------
+# the event functions
+# ------------------------------------------------------------------------------------------
+class ProtectApp:
+    """Everything the page does, as plain Python. One job at a time per app (one GPU)."""
+
+    def __init__(self, host: Host | None = None) -> None:
+        self.host = host or Host()
+        self.job: Job | None = None
+        self.protected = None  # the last finished ProtectResult (not cancelled)
+        self._lock = threading.Lock()
+
+    # --- subject images ----------------------------------------------------------------------------
+    @staticmethod
+    def image_sources(files: Any, folder: str) -> list[str]:
+        """Uploaded files plus the folder box, as ProtectConfig.images."""
+        sources = [_path_of(f) for f in (files or [])]
+        if str(folder or "").strip():
+            sources.append(str(folder).strip())
+        return [s for s in sources if s]
+
+    def inspect_images(self, files: Any, folder: str) -> tuple[list, str]:
+        """Gallery items (image, caption) and a Markdown list of problems, one per bad image."""
+        from .data import MIN_SIDE, find_images, open_image
+
+        sources = self.image_sources(files, folder)
+        if not sources:
+            return [], "Upload 4-6 photos of the subject, or give a folder of them."
+        items, notes = [], []
+        try:
+            paths = find_images(sources)
+        except InputError as exc:
+            return [], f"⚠ {exc}"
+        for path in paths:
+            try:
+                image = open_image(path).convert("RGB")
+            except InputError as exc:
+                notes.append(f"⚠ {exc}")
+                continue
+            w, h = image.size
+            caption = f"{path.name} ({w}x{h})"
+            if min(w, h) < MIN_SIDE:
+                caption += " small"
+                notes.append(
+                    f"⚠ {path.name} is {w}x{h} px: too small for Stable Diffusion (short side >= {MIN_SIDE} px); "
+                    "fine for the tiny demo model."
+                )
+            items.append((image, caption))
+        if 0 < len(items) < 3:
+            notes.append(f"⚠ Only {len(items)} usable image(s): protection generalises better with 4-6.")
+        summary = f"{len(items)} image(s) ready." if items else "No usable image."
+        return items, "\n\n".join([summary, *notes])
+
+    # --- settings ------------------------------------------------------------------------------------
+    def preset_values(self, preset: str) -> list[Any]:
+        """The Advanced fields' values for a preset (host settings on top), in ADVANCED_FIELDS order."""
+        values = {**ProtectConfig.from_preset(preset or "paper").to_dict(), **self.host.config}
+        return [values[name] for name in ADVANCED_FIELDS]
+
+    def make_config(
+        self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict
+    ) -> ProtectConfig:
+        """A validated ProtectConfig from the page's inputs (Advanced values by field name)."""
+        hints = typing.get_type_hints(ProtectConfig)
+        values: dict[str, Any] = {}
+        for name in ADVANCED_FIELDS:
+            raw = advanced.get(name, _default(name))
+            if raw is None or (isinstance(raw, str) and not raw.strip() and hints[name] is not str):
+                raise InputError(
+                    f"Advanced setting {name} is empty; enter a value (default {_default(name)!r})."
+                )
+            try:
+                values[name] = int(round(float(raw))) if hints[name] is int else hints[name](raw)
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"Advanced setting {name}={raw!r} is not a valid {hints[name].__name__}."
+                ) from exc
+        model_path = self.host.resolve_model(model)
+        if not model_path:
+            raise InputError("Choose the model to protect (a checkpoint file or a diffusers folder).")
+        images = self.image_sources(files, folder)
+        if not images:
+            raise InputError("Add the subject's photos: upload 4-6 images or give a folder of them.")
+        from .data import find_images
+
+        find_images(images)  # a missing folder or a non-image file fails here, before any loading
+        return ProtectConfig(
+            model=model_path,
+            images=images,
+            instance_prompt=str(instance_prompt or ""),
+            class_prompt=str(class_prompt or ""),
+            **values,
+        )
+
+    # --- jobs ----------------------------------------------------------------------------------------
+    def busy_message(self) -> str | None:
+        job = self.job
+        if job is None or not job.running:
+            return None
+        where = f" ({job.event.stage} {job.event.step}/{job.event.total})" if job.event else ""
+        return (
+            f"A {job.kind} run is already in progress{where}. Wait for it to finish or press Cancel; "
+            "its progress is shown here."
+        )
+
+    def _start(self, kind: str, work: Work) -> str | None:
+        """Start a job unless one is running; returns the refusal message when refused."""
+        with self._lock:
+            busy = self.busy_message()
+            if busy:
+                return busy
+            self.job = Job(kind, work, self.host).start()
+            return None
+
+    def start_protect(
+        self, model, files, folder, instance_prompt, class_prompt, advanced: dict
+    ) -> str | None:
+        """Start protecting; returns a refusal message when a job is already running."""
+        config = self.make_config(model, files, folder, instance_prompt, class_prompt, advanced)
+
+        def work(progress, should_stop):
+            from .protect import protect
+
+            result = protect(config, progress=progress, should_stop=should_stop, resume=True)
+            if not result.cancelled:
+                self.protected = result
+            return result
+
+        return self._start("protection", work)
+
+    def cancel(self) -> str:
+        job = self.job
+        if job is None or not job.running:
+            return "Nothing is running."
+        job.stop()
+        return f"Stopping the {job.kind} run after the current step…"
+
+    # --- views ---------------------------------------------------------------------------------------
+    def view(self) -> View:
+        """The run area for the current (or last) job."""
+        job = self.job
+        if job is None:
+            return View(_status_html("Ready. Choose a model and the subject's photos, then press Protect."))
+        if job.running:
+            note = (
+                "Stopping after the current step…" if job.stop_requested.is_set() else f"{job.kind} running"
+            )
+            return View(_status_html(note, job.event), running=True)
+        return self._finished_view(job)
+
+    def _finished_view(self, job: Job) -> View:
+        curve = curve_image(job.curves)
+        if job.error is not None:
+            return View(_status_html(describe_error(job.error), job.event, "error"), curve=curve, done=True)
+        result = job.result
+        if job.kind == "protection":
+            if result.cancelled:
+                msg = (
+                    f"Stopped after {result.steps_done}/{result.config.outer_steps} outer steps; the state is "
+                    "saved: press Protect with the same settings to continue."
+                )
+                return View(_status_html(msg, job.event), curve=curve, done=True)
+            msg = (
+                f"Protected in {format_seconds(result.seconds)} ({result.steps_done} outer steps). "
+                "Test it below, or save it."
+            )
+            return View(
+                _status_html(msg, job.event, "ok"), curve=curve, filename=self.suggest_filename(), done=True
+            )
+        return View(_status_html(f"{job.kind} finished.", job.event, "ok"), curve=curve, done=True)
+
+    def follow(self, first: str | None = None) -> Iterator[View]:
+        """Views of the current job until it ends: one every POLL_S, the loss curve every CURVE_EVERY_S."""
+        job = self.job
+        if job is None:
+            yield self.view()
+            return
+        last_curve = 0.0
+        while job.running:
+            view = self.view()
+            if first:
+                view.status = _status_html(first) + view.status
+            now = time.monotonic()
+            if now - last_curve >= CURVE_EVERY_S:
+                view.curve, last_curve = curve_image(job.curves), now
+            yield view
+            job.wait(POLL_S)
+        yield self._finished_view(job)
+
+    def protect_events(
+        self, model, files, folder, instance_prompt, class_prompt, *advanced
+    ) -> Iterator[View]:
+        """Protect button: start (or politely refuse and show the running job), then stream views."""
+        try:
+            refused = self.start_protect(
+                model, files, folder, instance_prompt, class_prompt, dict(zip(ADVANCED_FIELDS, advanced))
+            )
+        except APDMError as exc:
+            yield View(_status_html(str(exc), kind="error"), done=True)
+            return
+        yield from self.follow(refused)
+
+    # --- save ----------------------------------------------------------------------------------------
+    def suggest_filename(self) -> str:
+        if self.protected is None:
+            return ""
+        source = Path(self.protected.config.model)
+        if source.suffix.lower() in (".safetensors", ".ckpt"):
+            return f"{source.stem}-apdm.safetensors"
+        return f"{source.name}-apdm"
+
+    def save(self, filename: str) -> str:
+        """Write the last protected model (a .safetensors name -> single file, else a diffusers folder)."""
+        from .protect import write_output
+
+        if self.job is not None and self.job.running:
+            return "Wait for the running job to finish before saving."
+        if self.protected is None:
+            return "Nothing to save yet: protect a model first."
+        try:
+            path = self.host.output_path(filename or self.suggest_filename())
+            out = write_output(self.protected.model, self.protected.config, path)
+        except APDMError as exc:
+            return f"⚠ {exc}"
+        self.host.saved(out)
+        return f"Saved to {out}"
+
+
+# ------------------------------------------------------------------------------------------
+# the Gradio layer
+# ------------------------------------------------------------------------------------------
+INTRO = (
+    "### APDM: protect a model against personalization\n"
+    "Pick a model and 4-6 photos of the subject, press **Protect**; then test that DreamBooth on the "
+    "protected model fails, and save it. ([paper](https://arxiv.org/abs/2511.01307))"
+)
+
+
+def _gradio_major(gr) -> int:
+    return int(str(gr.__version__).split(".", 1)[0])
+
+
+def _event_options(gr) -> dict:
+    """Event arguments for long streams: Gradio >= 4 lets them run beside each other so that a second
+    click reaches the app (which refuses it politely) instead of waiting in the queue."""
+    return {"concurrency_limit": None} if _gradio_major(gr) >= 4 else {}
+
+
+def _field_component(gr, name: str, value: Any):
+    f = next(f for f in fields(ProtectConfig) if f.name == name)
+    typ = typing.get_type_hints(ProtectConfig)[name]
+    meta = f.metadata
+    kw = {"label": name, "info": meta["help"], "value": value, "elem_id": f"apdm_{name}"}
+    if meta.get("choices"):
+        return gr.Dropdown(choices=list(meta["choices"]), **kw)
+    if typ is int:
+        return gr.Number(precision=0, **kw)
+    if typ is float:
+        return gr.Number(**kw)
+    return gr.Textbox(**kw)
+
+
+def build_blocks(app: ProtectApp | None = None):
+    """The whole page as a gr.Blocks (A1111 renders it in a tab; ``launch`` serves it alone)."""
+    import gradio as gr
+
+    app = app or ProtectApp()
+    host = app.host
+    start = dict(zip(ADVANCED_FIELDS, app.preset_values(host.preset)))
+    meta = {f.name: f.metadata for f in fields(ProtectConfig)}
+
+    def updates(view: View) -> tuple:
+        return (
+            gr.update(value=view.status),
+            gr.update(value=view.curve) if view.curve is not None else gr.update(),
+            gr.update(interactive=not view.running),
+            gr.update(interactive=view.running),
+            gr.update(value=view.filename) if view.filename else gr.update(),
+        )
+
+    with gr.Blocks(analytics_enabled=False, title=f"APDM {TITLE}") as blocks:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column():
+                choices = host.model_choices()
+                refresh = None
+                if choices is None:
+                    model = gr.Textbox(
+                        label="Model", value=host.model, info=meta["model"]["help"], elem_id="apdm_model"
+                    )
+                else:
+                    with gr.Row():
+                        model = gr.Dropdown(
+                            choices=choices,
+                            value=host.model if host.model in choices else (choices[0] if choices else None),
+                            label="Checkpoint",
+                            elem_id="apdm_model",
+                        )
+                        refresh = gr.Button("Refresh list", elem_id="apdm_refresh_models")
+                files = gr.File(
+                    label="Subject images (4-6 photos)", file_count="multiple", file_types=["image"]
+                )
+                folder = gr.Textbox(
+                    label="…or a folder of subject images", value=host.images, elem_id="apdm_folder"
+                )
+                gallery = gr.Gallery(
+                    label="Subject images as they will be used", columns=6, elem_id="apdm_gallery"
+                )
+                image_notes = gr.Markdown(elem_id="apdm_image_notes")
+                instance = gr.Textbox(label="Instance prompt", value=host.config.get("instance_prompt", _default("instance_prompt")),
+                                      info=meta["instance_prompt"]["help"], elem_id="apdm_instance_prompt")  # fmt: skip
+                klass = gr.Textbox(label="Class prompt", value=host.config.get("class_prompt", _default("class_prompt")),
+                                   info=meta["class_prompt"]["help"], elem_id="apdm_class_prompt")  # fmt: skip
+                preset = gr.Radio(
+                    choices=list(host.presets),
+                    value=host.preset,
+                    label="Preset",
+                    info="quick: a first look (100 x 10 steps); paper: the paper's settings (800 x 20); "
+                    "thorough: 1200 x 20. Fills the Advanced settings.",
+                    elem_id="apdm_preset",
+                )
+                with gr.Accordion("Advanced", open=False):
+                    advanced = {}
+                    for group, title in GROUP_TITLES.items():
+                        gr.Markdown(f"**{title}**")
+                        for name in ADVANCED_FIELDS:
+                            if meta[name]["group"] == group:
+                                advanced[name] = _field_component(gr, name, start[name])
+                    advanced = [advanced[name] for name in ADVANCED_FIELDS]
+            with gr.Column():
+                with gr.Row():
+                    protect_btn = gr.Button("Protect", variant="primary", elem_id="apdm_protect")
+                    cancel_btn = gr.Button("Cancel", interactive=False, elem_id="apdm_cancel")
+                status = gr.HTML(app.view().status, elem_id="apdm_status")
+                curve = gr.Image(label="Losses", type="pil", interactive=False, elem_id="apdm_curve")
+                gr.Markdown(f"**Save** (into `{host.output_dir}`; a `.safetensors` name writes one file)")
+                with gr.Row():
+                    filename = gr.Textbox(label="File name", elem_id="apdm_filename")
+                    save_btn = gr.Button("Save", elem_id="apdm_save")
+                saved = gr.Markdown(elem_id="apdm_saved")
+
+        run_outputs = [status, curve, protect_btn, cancel_btn, filename]
+
+        def on_protect(*values):
+            for view in app.protect_events(*values):
+                yield updates(view)
+
+        def on_load():
+            return updates(app.view())
+
+        def on_inspect(files_value, folder_value):
+            items, notes = app.inspect_images(files_value, folder_value)
+            return gr.update(value=items), gr.update(value=notes)
+
+        def on_save(name):
+            message = app.save(name)
+            refreshed = host.model_choices() if refresh is not None else None
+            return gr.update(value=message), (
+                gr.update(choices=refreshed) if refreshed is not None else gr.update()
+            )
+
+        protect_btn.click(
+            on_protect,
+            inputs=[model, files, folder, instance, klass, *advanced],
+            outputs=run_outputs,
+            show_progress="hidden",
+            **_event_options(gr),
+        )
+        cancel_btn.click(app.cancel, inputs=None, outputs=None, queue=False)
+        preset.change(
+            lambda p: [gr.update(value=v) for v in app.preset_values(p)], inputs=preset, outputs=advanced
+        )
+        files.change(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+        folder.submit(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+        folder.blur(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+        save_btn.click(on_save, inputs=filename, outputs=[saved, model])
+        if refresh is not None:
+            refresh.click(lambda: gr.update(choices=host.refresh_models()), inputs=None, outputs=model)
+        blocks.load(on_load, inputs=None, outputs=run_outputs)
+        blocks.load(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+    blocks.apdm_app = app  # for tests and hosts that want the event functions
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------
+# the standalone app: `apdm ui`
+# ------------------------------------------------------------------------------------------
+def launch(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    model: str = "",
+    images: str = "",
+    output_dir: str | Path = "apdm_out/models",
+    block: bool = True,
+):
+    """Serve the app on ``host:port`` (127.0.0.1 by default: this machine only)."""
+    blocks = build_blocks(ProtectApp(Host(model=model, images=images, output_dir=output_dir)))
+    blocks.queue()
+    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block)
+    return blocks
+
+
+def cmd_ui(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as exc:
+        raise APDMError("The app needs gradio: pip install -c constraints.txt gradio") from exc
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"apdm ui: listening on {args.host}: anyone who can reach this machine can use the app.")
+    launch(args.host, args.port, args.model or "", args.images or "", args.out_dir)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ui", help="Open the APDM app in the browser (Gradio; 127.0.0.1 only by default)."
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every interface).",
+    )
+    p.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
+    p.add_argument("--model", default="", help="Model to open on: a diffusers folder or a .safetensors file.")
+    p.add_argument("--images", default="", help="Folder of subject images to open on.")
+    p.add_argument(
+        "--out-dir", default="apdm_out/models", help="Where Save writes (default apdm_out/models)."
+    )
+    p.set_defaults(func=cmd_ui)
