@@ -75,7 +75,9 @@ class Host:
     ) -> None:
         self.model, self.images, self.preset = model, images, preset
         self.output_dir = Path(output_dir)
-        self.config = dict(config or {})  # field values applied on top of every preset
+        self.config = dict(
+            config or {}
+        )  # the page's first values (a config file); a preset click replaces them
 
     # --- models and files --------------------------------------------------------------------
     def model_choices(self) -> list[str] | None:
@@ -211,6 +213,8 @@ def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "
 def curve_image(curves: dict[str, list[tuple[int, dict[str, float]]]], width: int = 640, height: int = 300):
     """The loss curves of a job as a PIL image (matplotlib's Agg canvas, no pyplot: thread safe)."""
     series = [(f"{stage}: {k}", pts) for stage, pts in curves.items() for k in (pts[-1][1] if pts else {})]
+    if len(curves) == 1:  # one stage: the loss names alone say it
+        series = [(label.split(": ", 1)[1], pts) for label, pts in series]
     if not series:
         return None
     import numpy as np
@@ -222,10 +226,14 @@ def curve_image(curves: dict[str, list[tuple[int, dict[str, float]]]], width: in
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for label, pts in series:
-        key = label.split(": ", 1)[1]
+        key = label.rsplit(": ", 1)[-1]
         xs = [s for s, losses in pts if key in losses]
         ys = [losses[key] for _, losses in pts if key in losses]
         ax.plot(xs, ys, label=label, linewidth=1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("losses per step", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -250,10 +258,9 @@ class ProtectApp:
     # --- subject images ----------------------------------------------------------------------------
     @staticmethod
     def image_sources(files: Any, folder: str) -> list[str]:
-        """Uploaded files plus the folder box, as ProtectConfig.images."""
+        """Uploaded files plus the folder box (one path, or several separated by ';'), as ProtectConfig.images."""
         sources = [_path_of(f) for f in (files or [])]
-        if str(folder or "").strip():
-            sources.append(str(folder).strip())
+        sources += [part.strip() for part in str(folder or "").split(";")]
         return [s for s in sources if s]
 
     def inspect_images(self, files: Any, folder: str) -> tuple[list, str]:
@@ -263,7 +270,7 @@ class ProtectApp:
         sources = self.image_sources(files, folder)
         if not sources:
             return [], "Upload 4-6 photos of the subject, or give a folder of them."
-        items, notes = [], []
+        items, notes, small = [], [], []
         try:
             paths = find_images(sources)
         except InputError as exc:
@@ -275,14 +282,14 @@ class ProtectApp:
                 notes.append(f"⚠ {exc}")
                 continue
             w, h = image.size
-            caption = f"{path.name} ({w}x{h})"
+            items.append((image, f"{path.name} ({w}x{h})"))
             if min(w, h) < MIN_SIDE:
-                caption += " small"
-                notes.append(
-                    f"⚠ {path.name} is {w}x{h} px: too small for Stable Diffusion (short side >= {MIN_SIDE} px); "
-                    "fine for the tiny demo model."
-                )
-            items.append((image, caption))
+                small.append(f"{path.name} ({w}x{h})")
+        if small:
+            notes.append(
+                f"⚠ Smaller than {MIN_SIDE} px, too small for Stable Diffusion (fine for the tiny demo model): "
+                + ", ".join(small)
+            )
         if 0 < len(items) < 3:
             notes.append(f"⚠ Only {len(items)} usable image(s): protection generalises better with 4-6.")
         summary = f"{len(items)} image(s) ready." if items else "No usable image."
@@ -290,9 +297,13 @@ class ProtectApp:
 
     # --- settings ------------------------------------------------------------------------------------
     def preset_values(self, preset: str) -> list[Any]:
-        """The Advanced fields' values for a preset (host settings on top), in ADVANCED_FIELDS order."""
-        values = {**ProtectConfig.from_preset(preset or "paper").to_dict(), **self.host.config}
+        """The Advanced fields' values for a preset, in ADVANCED_FIELDS order."""
+        values = ProtectConfig.from_preset(preset or "paper").to_dict()
         return [values[name] for name in ADVANCED_FIELDS]
+
+    def initial_values(self) -> dict[str, Any]:
+        """Every field's first value on the page: the host's preset, then the host's settings."""
+        return {**ProtectConfig.from_preset(self.host.preset or "paper").to_dict(), **self.host.config}
 
     def make_config(
         self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict
@@ -503,7 +514,7 @@ def build_blocks(app: ProtectApp | None = None):
 
     app = app or ProtectApp()
     host = app.host
-    start = dict(zip(ADVANCED_FIELDS, app.preset_values(host.preset)))
+    start = app.initial_values()
     meta = {f.name: f.metadata for f in fields(ProtectConfig)}
 
     def updates(view: View) -> tuple:
@@ -538,15 +549,17 @@ def build_blocks(app: ProtectApp | None = None):
                     label="Subject images (4-6 photos)", file_count="multiple", file_types=["image"]
                 )
                 folder = gr.Textbox(
-                    label="…or a folder of subject images", value=host.images, elem_id="apdm_folder"
+                    label="…or a folder of subject images (several paths: separate them with ;)",
+                    value=host.images,
+                    elem_id="apdm_folder",
                 )
                 gallery = gr.Gallery(
-                    label="Subject images as they will be used", columns=6, elem_id="apdm_gallery"
+                    label="Subject images as they will be used", columns=6, height=240, elem_id="apdm_gallery"
                 )
                 image_notes = gr.Markdown(elem_id="apdm_image_notes")
-                instance = gr.Textbox(label="Instance prompt", value=host.config.get("instance_prompt", _default("instance_prompt")),
+                instance = gr.Textbox(label="Instance prompt", value=start["instance_prompt"],
                                       info=meta["instance_prompt"]["help"], elem_id="apdm_instance_prompt")  # fmt: skip
-                klass = gr.Textbox(label="Class prompt", value=host.config.get("class_prompt", _default("class_prompt")),
+                klass = gr.Textbox(label="Class prompt", value=start["class_prompt"],
                                    info=meta["class_prompt"]["help"], elem_id="apdm_class_prompt")  # fmt: skip
                 preset = gr.Radio(
                     choices=list(host.presets),
@@ -582,8 +595,13 @@ def build_blocks(app: ProtectApp | None = None):
             for view in app.protect_events(*values):
                 yield updates(view)
 
-        def on_load():
-            return updates(app.view())
+        def on_follow():  # a (re)loaded page or a Cancel click: show the job live until it ends
+            for view in app.follow():
+                yield updates(view)
+
+        def on_cancel():
+            app.cancel()
+            return updates(app.view())[0]
 
         def on_inspect(files_value, folder_value):
             items, notes = app.inspect_images(files_value, folder_value)
@@ -603,7 +621,8 @@ def build_blocks(app: ProtectApp | None = None):
             show_progress="hidden",
             **_event_options(gr),
         )
-        cancel_btn.click(app.cancel, inputs=None, outputs=None, queue=False)
+        cancel = cancel_btn.click(on_cancel, inputs=None, outputs=status, queue=False)
+        cancel.then(on_follow, inputs=None, outputs=run_outputs, show_progress="hidden", **_event_options(gr))
         preset.change(
             lambda p: [gr.update(value=v) for v in app.preset_values(p)], inputs=preset, outputs=advanced
         )
@@ -613,7 +632,7 @@ def build_blocks(app: ProtectApp | None = None):
         save_btn.click(on_save, inputs=filename, outputs=[saved, model])
         if refresh is not None:
             refresh.click(lambda: gr.update(choices=host.refresh_models()), inputs=None, outputs=model)
-        blocks.load(on_load, inputs=None, outputs=run_outputs)
+        blocks.load(on_follow, inputs=None, outputs=run_outputs, show_progress="hidden", **_event_options(gr))
         blocks.load(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
     blocks.apdm_app = app  # for tests and hosts that want the event functions
     return blocks
@@ -628,10 +647,15 @@ def launch(
     model: str = "",
     images: str = "",
     output_dir: str | Path = "apdm_out/models",
+    config: ProtectConfig | None = None,
     block: bool = True,
 ):
     """Serve the app on ``host:port`` (127.0.0.1 by default: this machine only)."""
-    blocks = build_blocks(ProtectApp(Host(model=model, images=images, output_dir=output_dir)))
+    values = config.to_dict() if config is not None else {}
+    config_model, config_images = values.pop("model", ""), values.pop("images", [])
+    model, images = model or config_model, images or "; ".join(config_images)
+    page = Host(model=model, images=images, output_dir=output_dir, config=values)
+    blocks = build_blocks(ProtectApp(page))
     blocks.queue()
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block)
     return blocks
@@ -644,7 +668,8 @@ def cmd_ui(args) -> int:
         raise APDMError("The app needs gradio: pip install -c constraints.txt gradio") from exc
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"apdm ui: listening on {args.host}: anyone who can reach this machine can use the app.")
-    launch(args.host, args.port, args.model or "", args.images or "", args.out_dir)
+    config = ProtectConfig.load(args.config) if args.config else None
+    launch(args.host, args.port, args.model or "", args.images or "", args.out_dir, config)
     return 0
 
 
@@ -660,6 +685,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
     p.add_argument("--model", default="", help="Model to open on: a diffusers folder or a .safetensors file.")
     p.add_argument("--images", default="", help="Folder of subject images to open on.")
+    p.add_argument(
+        "--config", help="Open on the settings of a JSON/YAML file (`apdm config`, --save-config)."
+    )
     p.add_argument(
         "--out-dir", default="apdm_out/models", help="Where Save writes (default apdm_out/models)."
     )

@@ -154,9 +154,10 @@ def test_inspect_images_flags_unreadable_and_small_ones(tmp_path):
     assert [caption for _, caption in items] == [
         "big.png (300x300)",
         "big.png (300x300)",
-        "small.png (64x64) small",
+        "small.png (64x64)",
     ]
-    assert "broken.jpg cannot be read" in notes and "small.png is 64x64 px" in notes
+    assert "broken.jpg cannot be read" in notes
+    assert "too small for Stable Diffusion (fine for the tiny demo model): small.png (64x64)" in notes
 
 
 def test_second_click_is_refused_and_cancel_stops_and_resumes(tiny_model_dir, subject_dir, tmp_path):
@@ -188,10 +189,11 @@ def test_second_click_is_refused_and_cancel_stops_and_resumes(tiny_model_dir, su
 
 
 def test_preset_values_fill_the_advanced_fields():
-    app = ui.ProtectApp(ui.Host(config={"device": "cpu"}))
-    quick = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("quick")))
-    assert quick["outer_steps"] == 100 and quick["inner_steps"] == 10 and quick["device"] == "cpu"
-    assert dict(zip(ui.ADVANCED_FIELDS, app.preset_values("thorough")))["outer_steps"] == 1200
+    app = ui.ProtectApp(ui.Host(preset="quick", config={"device": "cpu", "outer_steps": 7}))
+    first = app.initial_values()  # the preset, then the host's settings (e.g. `apdm ui --config`)
+    assert first["outer_steps"] == 7 and first["inner_steps"] == 10 and first["device"] == "cpu"
+    thorough = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("thorough")))  # a preset click
+    assert thorough["outer_steps"] == 1200 and thorough["device"] == "auto"
 
 
 def test_cli_registers_ui_and_binds_localhost_by_default(monkeypatch):
