@@ -121,10 +121,10 @@ def pin_host_packages(folder, packages, extra=()):
 
 def main(reqs=None, version_of=installed_version, run_pip=None, packages=None):
     missing, old = plan(list(reqs if reqs is not None else requirements()), version_of)
-    if old:
-        print("APDM: keeping the host's " + "; ".join(old) + ". If APDM fails, update them.")
     if not missing:
         return []
+    if old:
+        print("APDM: keeping the host's " + "; ".join(old) + "; installing versions that work with them.")
     with tempfile.TemporaryDirectory() as tmp:
         constraints = pin_host_packages(
             tmp, installed_packages() if packages is None else packages, caps(version_of)
