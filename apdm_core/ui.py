@@ -3,8 +3,8 @@
 - ``Host``: what differs between the two homes (model list, output folder, GPU lock, progress
   and interrupt). The standalone app uses ``Host`` itself; ``scripts/apdm_tab.py`` subclasses it
   for A1111/Forge (``modules.shared.state``, ``sd_models``).
-- ``Job``: a long task (protection, a personalization test) on a worker thread with progress
-  and a stop flag, so neither the UI thread nor the browser ever waits on it.
+- ``Job``: a long task (protection, a personalization test: ``evaluate.compare``) on a worker
+  thread with progress and a stop flag, so neither the UI thread nor the browser ever waits on it.
 - ``ProtectApp``: the event functions, plain Python without Gradio (tested headless). Streams
   of ``View`` objects describe what the page shows while a job runs.
 - ``build_blocks``: the layout and the wiring, written against the subset of the Gradio API
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import shutil
 import threading
 import time
 import typing
@@ -38,15 +39,96 @@ TITLE = "Anti-Personalize"
 # Fields shown in the main panel; every other ProtectConfig field is in the Advanced accordion.
 MAIN_FIELDS = ("model", "images", "instance_prompt", "class_prompt", "output")
 ADVANCED_FIELDS = tuple(f.name for f in fields(ProtectConfig) if f.name not in MAIN_FIELDS)
-GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files"}
+# AttackConfig fields the page does not show: the models and images are the protection's, the
+# report folder is the app's, the kind has its own dropdown.
+ATTACK_HIDDEN = ("model", "images", "output", "state_path", "kind")
+GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
+                "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
 BASIC_PRESETS = ("quick", "paper", "thorough")
 POLL_S = 0.5  # how often a running job's view is refreshed
 CURVE_EVERY_S = 2.0  # how often the loss curve image is redrawn
 
 
-def _default(name: str) -> Any:
-    f = next(f for f in fields(ProtectConfig) if f.name == name)
+def _field(cls, name: str):
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _default(name: str, cls=ProtectConfig) -> Any:
+    f = _field(cls, name)
     return f.default if f.default is not MISSING else f.default_factory()
+
+
+def _base_type(cls, name: str) -> tuple[Any, bool]:
+    """(the field's type without None, whether None is allowed)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def form_value(cls, name: str, value: Any) -> Any:
+    """A field's value as its page component shows it (lists as 'a, b', None as '')."""
+    typ, _ = _base_type(cls, name)
+    if typing.get_origin(typ) is list:
+        return ", ".join(str(v) for v in value or [])
+    return "" if value is None else value
+
+
+def parse_field(cls, name: str, raw: Any) -> Any:
+    """A component's value back as the field's type; InputError naming the setting when it is not one."""
+    typ, optional = _base_type(cls, name)
+    if typ is bool:
+        return bool(raw)
+    if typing.get_origin(typ) is list:
+        item = typing.get_args(typ)[0]
+        parts = raw if isinstance(raw, (list, tuple)) else str(raw or "").split(",")
+        try:
+            return [item(str(p).strip()) for p in parts if str(p).strip()]
+        except ValueError as exc:
+            raise InputError(
+                f"Setting {name}={raw!r}: give {item.__name__} values separated by commas."
+            ) from exc
+    if raw is None or (isinstance(raw, str) and not raw.strip() and typ is not str):
+        if optional:
+            return None
+        raise InputError(f"Setting {name} is empty; enter a value (default {_default(name, cls)!r}).")
+    try:
+        if typ is int:
+            number = float(raw)
+            if number != int(number):
+                raise ValueError(raw)
+            return int(number)
+        return typ(raw) if typ in (float, str) else raw
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"Setting {name}={raw!r} is not a valid {typ.__name__}.") from exc
+
+
+def parse_fields(cls, names, raw_values) -> dict[str, Any]:
+    return {name: parse_field(cls, name, raw) for name, raw in zip(names, raw_values)}
+
+
+def attack_fields() -> tuple[str, ...]:
+    from .attack import AttackConfig
+
+    return tuple(f.name for f in fields(AttackConfig) if f.name not in ATTACK_HIDDEN)
+
+
+def eval_fields() -> tuple[str, ...]:
+    from .evaluate.config import EvalConfig
+
+    return tuple(f.name for f in fields(EvalConfig))
+
+
+def attack_prompts(instance_prompt: str, class_prompt: str) -> dict[str, str]:
+    """The attacker's prompts following the protection's: the identifier is the instance prompt's
+    first word that the class prompt lacks ('sks' in 'a photo of sks person' / 'a photo of person')."""
+    class_words = set(str(class_prompt).split())
+    extra = [w for w in str(instance_prompt).split() if w not in class_words]
+    values = {"instance_prompt": str(instance_prompt), "class_prompt": str(class_prompt)}
+    if extra:
+        values["identifier"] = extra[0]
+    return values
 
 
 def _path_of(item: Any) -> str:
@@ -72,12 +154,20 @@ class Host:
         output_dir: str | Path = "apdm_out/models",
         preset: str = "quick",
         config: dict[str, Any] | None = None,
+        attack: dict[str, Any] | None = None,
+        evaluation: dict[str, Any] | None = None,
+        report_dir: str | Path = "apdm_out/reports",
     ) -> None:
         self.model, self.images, self.preset = model, images, preset
-        self.output_dir = Path(output_dir)
-        self.config = dict(
-            config or {}
-        )  # the page's first values (a config file); a preset click replaces them
+        self.output_dir, self.report_dir = Path(output_dir), Path(report_dir)
+        # the page's first values (e.g. `apdm ui --config`); a preset click replaces the protection's
+        self.config, self.attack, self.evaluation = (
+            dict(config or {}),
+            dict(attack or {}),
+            dict(evaluation or {}),
+        )
+
+    keep_on_device = True  # False: models go back to the CPU after each job (A1111 shares its GPU)
 
     # --- models and files --------------------------------------------------------------------
     def model_choices(self) -> list[str] | None:
@@ -128,7 +218,8 @@ class Job:
         self.kind, self.host, self._work = kind, host, work
         self.stop_requested = threading.Event()
         self.event: ProgressEvent | None = None
-        self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # stage -> (step, losses)
+        self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # series -> (step, losses)
+        self._series: dict[str, str] = {}  # stage -> its current series ("attack", then "attack #2")
         self.result: Any = None
         self.error: BaseException | None = None
         self.started = time.time()
@@ -153,7 +244,12 @@ class Job:
     def _progress(self, event: ProgressEvent) -> None:
         self.event = event
         if event.losses:
-            self.curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+            series = self._series.get(event.stage)
+            if series is None or self.curves[series][-1][0] >= event.step:  # new, or its counter restarted
+                n = sum(1 for k in self.curves if k == event.stage or k.startswith(event.stage + " #"))
+                series = self._series[event.stage] = event.stage if n == 0 else f"{event.stage} #{n + 1}"
+                self.curves[series] = []
+            self.curves[series].append((event.step, dict(event.losses)))
         self.host.progress(event)
 
     def _should_stop(self) -> bool:
@@ -195,6 +291,7 @@ class View:
     curve: Any = None  # PIL image of the loss curves, or None to leave the shown one
     filename: str | None = None  # a suggested Save name once a protection finished
     done: bool = False  # the job this view follows has ended
+    report: dict | None = None  # a finished test: grid / losses (PIL images), summary (Markdown), folder
 
 
 def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "info") -> str:
@@ -241,6 +338,18 @@ def curve_image(curves: dict[str, list[tuple[int, dict[str, float]]]], width: in
     fig.tight_layout()
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def report_view(folder: Path) -> dict:
+    """What the page shows of a compare report folder: the grid, the loss plot, the Markdown table."""
+    from PIL import Image
+
+    def image(name):
+        with Image.open(folder / name) as im:
+            return im.convert("RGB")
+
+    summary = (folder / "summary.md").read_text(encoding="utf-8")
+    return {"grid": image("grid.png"), "losses": image("losses.png"), "summary": summary, "folder": folder}
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,24 +414,27 @@ class ProtectApp:
         """Every field's first value on the page: the host's preset, then the host's settings."""
         return {**ProtectConfig.from_preset(self.host.preset or "paper").to_dict(), **self.host.config}
 
+    def initial_attack(self) -> dict[str, Any]:
+        """The attack's first values: its defaults, the protection's prompts, then the host's settings."""
+        from .attack import AttackConfig
+
+        start = self.initial_values()
+        prompts = attack_prompts(start["instance_prompt"], start["class_prompt"])
+        return {**AttackConfig().to_dict(), **prompts, **self.host.attack}
+
+    def initial_evaluation(self) -> dict[str, Any]:
+        from .evaluate.config import EvalConfig
+
+        return {**EvalConfig().to_dict(), **self.host.evaluation}
+
     def make_config(
         self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict
     ) -> ProtectConfig:
         """A validated ProtectConfig from the page's inputs (Advanced values by field name)."""
-        hints = typing.get_type_hints(ProtectConfig)
-        values: dict[str, Any] = {}
-        for name in ADVANCED_FIELDS:
-            raw = advanced.get(name, _default(name))
-            if raw is None or (isinstance(raw, str) and not raw.strip() and hints[name] is not str):
-                raise InputError(
-                    f"Advanced setting {name} is empty; enter a value (default {_default(name)!r})."
-                )
-            try:
-                values[name] = int(round(float(raw))) if hints[name] is int else hints[name](raw)
-            except (TypeError, ValueError) as exc:
-                raise InputError(
-                    f"Advanced setting {name}={raw!r} is not a valid {hints[name].__name__}."
-                ) from exc
+        values = {
+            name: parse_field(ProtectConfig, name, advanced.get(name, _default(name)))
+            for name in ADVANCED_FIELDS
+        }
         model_path = self.host.resolve_model(model)
         if not model_path:
             raise InputError("Choose the model to protect (a checkpoint file or a diffusers folder).")
@@ -370,11 +482,49 @@ class ProtectApp:
             from .protect import protect
 
             result = protect(config, progress=progress, should_stop=should_stop, resume=True)
+            if not self.host.keep_on_device:
+                result.model.to("cpu")
             if not result.cancelled:
                 self.protected = result
             return result
 
         return self._start("protection", work)
+
+    def make_test_configs(self, kind: str, attack_values: dict, eval_values: dict):
+        """(AttackConfig, EvalConfig) from the page: the attack works on the protection's images."""
+        from .attack import AttackConfig
+        from .evaluate.config import EvalConfig
+
+        attack = {name: parse_field(AttackConfig, name, raw) for name, raw in attack_values.items()}
+        evaluation = {name: parse_field(EvalConfig, name, raw) for name, raw in eval_values.items()}
+        return AttackConfig(kind=str(kind or "dreambooth"), **attack), EvalConfig(**evaluation)
+
+    def start_test(self, kind: str, attack_values: dict, eval_values: dict) -> str | None:
+        """Attack the unprotected and the protected model alike (evaluate.compare) and write a report."""
+        if self.protected is None:
+            raise InputError("Protect a model first: the test attacks the protected model and its original.")
+        attack, evaluation = self.make_test_configs(kind, attack_values, eval_values)
+        protected = self.protected
+        stem = Path(protected.config.model).stem or "model"
+        out = self.host.report_dir / f"{stem}-{attack.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def work(progress, should_stop):
+            from .evaluate.report import compare
+            from .models import load_model, resolve_device
+
+            base = load_model(protected.config.model, device=resolve_device(attack.device))
+            try:
+                result = compare(base, protected.model, protected.config.images, attack, evaluation, out_dir=out,
+                                 protection_history=protected.history, progress=progress,
+                                 should_stop=should_stop)  # fmt: skip
+            finally:
+                if not self.host.keep_on_device:
+                    protected.model.to("cpu")
+            if result.cancelled and result.work_dir is not None:  # a new test starts over: keep nothing
+                shutil.rmtree(result.work_dir, ignore_errors=True)
+            return result
+
+        return self._start("test", work)
 
     def cancel(self) -> str:
         job = self.job
@@ -415,7 +565,11 @@ class ProtectApp:
             return View(
                 _status_html(msg, job.event, "ok"), curve=curve, filename=self.suggest_filename(), done=True
             )
-        return View(_status_html(f"{job.kind} finished.", job.event, "ok"), curve=curve, done=True)
+        if result.cancelled:
+            return View(_status_html("Test stopped; nothing was kept.", job.event), curve=curve, done=True)
+        report = report_view(result.out_dir)
+        msg = f"Report written to {result.out_dir}."
+        return View(_status_html(msg, job.event, "ok"), curve=curve, report=report, done=True)
 
     def follow(self, first: str | None = None) -> Iterator[View]:
         """Views of the current job until it ends: one every POLL_S, the loss curve every CURVE_EVERY_S."""
@@ -442,6 +596,18 @@ class ProtectApp:
         try:
             refused = self.start_protect(
                 model, files, folder, instance_prompt, class_prompt, dict(zip(ADVANCED_FIELDS, advanced))
+            )
+        except APDMError as exc:
+            yield View(_status_html(str(exc), kind="error"), done=True)
+            return
+        yield from self.follow(refused)
+
+    def test_events(self, kind, *values) -> Iterator[View]:
+        """Test button: attack both models (AttackConfig fields, then EvalConfig fields), stream views."""
+        names_a, names_e = attack_fields(), eval_fields()
+        try:
+            refused = self.start_test(
+                kind, dict(zip(names_a, values[: len(names_a)])), dict(zip(names_e, values[len(names_a) :]))
             )
         except APDMError as exc:
             yield View(_status_html(str(exc), kind="error"), done=True)
@@ -494,36 +660,59 @@ def _event_options(gr) -> dict:
     return {"concurrency_limit": None} if _gradio_major(gr) >= 4 else {}
 
 
-def _field_component(gr, name: str, value: Any):
-    f = next(f for f in fields(ProtectConfig) if f.name == name)
-    typ = typing.get_type_hints(ProtectConfig)[name]
-    meta = f.metadata
-    kw = {"label": name, "info": meta["help"], "value": value, "elem_id": f"apdm_{name}"}
-    if meta.get("choices"):
-        return gr.Dropdown(choices=list(meta["choices"]), **kw)
-    if typ is int:
-        return gr.Number(precision=0, **kw)
-    if typ is float:
-        return gr.Number(**kw)
-    return gr.Textbox(**kw)
+def _field_component(gr, cls, name: str, value: Any, prefix: str = "apdm_", choices=None):
+    """One component for one config field: its help as info, its choices as a dropdown."""
+    meta = _field(cls, name).metadata
+    typ, optional = _base_type(cls, name)
+    info = meta["help"] + (" Empty = the default." if optional else "")
+    kw = {"label": name, "info": info, "elem_id": f"{prefix}{name}"}
+    choices = choices or meta.get("choices")
+    if choices:
+        return gr.Dropdown(choices=list(choices), value=value, **kw)
+    if typ is bool:
+        return gr.Checkbox(value=bool(value), **kw)
+    if typ in (int, float) and not optional:
+        return gr.Number(value=value, precision=0 if typ is int else None, **kw)
+    return gr.Textbox(value=form_value(cls, name, value), **kw)
+
+
+def _field_group(gr, cls, names, values: dict, prefix: str) -> list:
+    """The fields ``names`` of ``cls`` under their group titles; the components in ``names`` order."""
+    made = {}
+    for group in dict.fromkeys(_field(cls, n).metadata["group"] for n in names):
+        gr.Markdown(f"**{GROUP_TITLES.get(group, group.capitalize())}**")
+        for name in names:
+            if _field(cls, name).metadata["group"] == group:
+                made[name] = _field_component(gr, cls, name, values[name], prefix)
+    return [made[name] for name in names]
 
 
 def build_blocks(app: ProtectApp | None = None):
     """The whole page as a gr.Blocks (A1111 renders it in a tab; ``launch`` serves it alone)."""
     import gradio as gr
 
+    from .attack import AttackConfig, registered_attacks
+    from .evaluate.config import EvalConfig
+
     app = app or ProtectApp()
     host = app.host
-    start = app.initial_values()
+    start, start_attack, start_eval = app.initial_values(), app.initial_attack(), app.initial_evaluation()
+    names_a, names_e = attack_fields(), eval_fields()
     meta = {f.name: f.metadata for f in fields(ProtectConfig)}
 
     def updates(view: View) -> tuple:
+        report = view.report or {}
+        keep = gr.update()
         return (
             gr.update(value=view.status),
-            gr.update(value=view.curve) if view.curve is not None else gr.update(),
+            gr.update(value=view.curve) if view.curve is not None else keep,
+            gr.update(interactive=not view.running),
             gr.update(interactive=not view.running),
             gr.update(interactive=view.running),
-            gr.update(value=view.filename) if view.filename else gr.update(),
+            gr.update(value=view.filename) if view.filename else keep,
+            gr.update(value=report["grid"]) if report else keep,
+            gr.update(value=report["losses"]) if report else keep,
+            gr.update(value=report["summary"]) if report else keep,
         )
 
     with gr.Blocks(analytics_enabled=False, title=f"APDM {TITLE}") as blocks:
@@ -540,9 +729,9 @@ def build_blocks(app: ProtectApp | None = None):
                     with gr.Row():
                         model = gr.Dropdown(
                             choices=choices,
-                            value=host.model if host.model in choices else (choices[0] if choices else None),
                             label="Checkpoint",
                             elem_id="apdm_model",
+                            value=host.model if host.model in choices else (choices[0] if choices else None),
                         )
                         refresh = gr.Button("Refresh list", elem_id="apdm_refresh_models")
                 files = gr.File(
@@ -557,47 +746,72 @@ def build_blocks(app: ProtectApp | None = None):
                     label="Subject images as they will be used", columns=6, height=240, elem_id="apdm_gallery"
                 )
                 image_notes = gr.Markdown(elem_id="apdm_image_notes")
-                instance = gr.Textbox(label="Instance prompt", value=start["instance_prompt"],
-                                      info=meta["instance_prompt"]["help"], elem_id="apdm_instance_prompt")  # fmt: skip
-                klass = gr.Textbox(label="Class prompt", value=start["class_prompt"],
-                                   info=meta["class_prompt"]["help"], elem_id="apdm_class_prompt")  # fmt: skip
+                instance = gr.Textbox(
+                    label="Instance prompt",
+                    value=start["instance_prompt"],
+                    info=meta["instance_prompt"]["help"],
+                    elem_id="apdm_instance_prompt",
+                )
+                klass = gr.Textbox(
+                    label="Class prompt",
+                    value=start["class_prompt"],
+                    info=meta["class_prompt"]["help"],
+                    elem_id="apdm_class_prompt",
+                )
                 preset = gr.Radio(
                     choices=list(host.presets),
                     value=host.preset,
                     label="Preset",
+                    elem_id="apdm_preset",
                     info="quick: a first look (100 x 10 steps); paper: the paper's settings (800 x 20); "
                     "thorough: 1200 x 20. Fills the Advanced settings.",
-                    elem_id="apdm_preset",
                 )
                 with gr.Accordion("Advanced", open=False):
-                    advanced = {}
-                    for group, title in GROUP_TITLES.items():
-                        gr.Markdown(f"**{title}**")
-                        for name in ADVANCED_FIELDS:
-                            if meta[name]["group"] == group:
-                                advanced[name] = _field_component(gr, name, start[name])
-                    advanced = [advanced[name] for name in ADVANCED_FIELDS]
+                    advanced = _field_group(gr, ProtectConfig, ADVANCED_FIELDS, start, "apdm_")
             with gr.Column():
                 with gr.Row():
                     protect_btn = gr.Button("Protect", variant="primary", elem_id="apdm_protect")
                     cancel_btn = gr.Button("Cancel", interactive=False, elem_id="apdm_cancel")
                 status = gr.HTML(app.view().status, elem_id="apdm_status")
                 curve = gr.Image(label="Losses", type="pil", interactive=False, elem_id="apdm_curve")
+                gr.Markdown(
+                    "**Test personalization**: attack the original and the protected model the same "
+                    "way and compare (report grid, loss curves, metrics)."
+                )
+                with gr.Row():
+                    kind = gr.Dropdown(
+                        choices=list(registered_attacks()),
+                        value=start_attack["kind"],
+                        label="Attack",
+                        info=_field(AttackConfig, "kind").metadata["help"],
+                        elem_id="apdm_attack_kind",
+                    )
+                    test_btn = gr.Button("Test personalization", elem_id="apdm_test")
+                with gr.Accordion("Attack and evaluation settings", open=False):
+                    attack_inputs = _field_group(gr, AttackConfig, names_a, start_attack, "apdm_attack_")
+                    eval_inputs = _field_group(gr, EvalConfig, names_e, start_eval, "apdm_eval_")
+                grid = gr.Image(
+                    label="Samples after the attack", type="pil", interactive=False, elem_id="apdm_grid"
+                )
+                losses = gr.Image(label="Loss curves", type="pil", interactive=False, elem_id="apdm_losses")
+                summary = gr.Markdown(elem_id="apdm_summary")
                 gr.Markdown(f"**Save** (into `{host.output_dir}`; a `.safetensors` name writes one file)")
                 with gr.Row():
                     filename = gr.Textbox(label="File name", elem_id="apdm_filename")
                     save_btn = gr.Button("Save", elem_id="apdm_save")
-                saved = gr.Markdown(elem_id="apdm_saved")
+                saved = gr.Markdown(elem_id="apdm_saved")  # fmt: skip
 
-        run_outputs = [status, curve, protect_btn, cancel_btn, filename]
+        run_outputs = [status, curve, protect_btn, test_btn, cancel_btn, filename, grid, losses, summary]
+        attack_prompt_inputs = [
+            attack_inputs[names_a.index(n)] for n in ("instance_prompt", "class_prompt", "identifier")
+        ]
 
-        def on_protect(*values):
-            for view in app.protect_events(*values):
-                yield updates(view)
+        def stream(events):
+            def run(*values):
+                for view in events(*values):
+                    yield updates(view)
 
-        def on_follow():  # a (re)loaded page or a Cancel click: show the job live until it ends
-            for view in app.follow():
-                yield updates(view)
+            return run
 
         def on_cancel():
             app.cancel()
@@ -607,6 +821,13 @@ def build_blocks(app: ProtectApp | None = None):
             items, notes = app.inspect_images(files_value, folder_value)
             return gr.update(value=items), gr.update(value=notes)
 
+        def on_prompts(instance_prompt, class_prompt):
+            values = attack_prompts(instance_prompt, class_prompt)
+            return [
+                gr.update(value=values[n]) if n in values else gr.update()
+                for n in ("instance_prompt", "class_prompt", "identifier")
+            ]
+
         def on_save(name):
             message = app.save(name)
             refreshed = host.model_choices() if refresh is not None else None
@@ -614,26 +835,25 @@ def build_blocks(app: ProtectApp | None = None):
                 gr.update(choices=refreshed) if refreshed is not None else gr.update()
             )
 
+        streaming = {"outputs": run_outputs, "show_progress": "hidden", **_event_options(gr)}
         protect_btn.click(
-            on_protect,
-            inputs=[model, files, folder, instance, klass, *advanced],
-            outputs=run_outputs,
-            show_progress="hidden",
-            **_event_options(gr),
+            stream(app.protect_events), inputs=[model, files, folder, instance, klass, *advanced], **streaming
         )
+        test_btn.click(stream(app.test_events), inputs=[kind, *attack_inputs, *eval_inputs], **streaming)
         cancel = cancel_btn.click(on_cancel, inputs=None, outputs=status, queue=False)
-        cancel.then(on_follow, inputs=None, outputs=run_outputs, show_progress="hidden", **_event_options(gr))
+        cancel.then(stream(app.follow), inputs=None, **streaming)  # a reloaded page sees the stop too
+        blocks.load(stream(app.follow), inputs=None, **streaming)  # a (re)loaded page follows a running job
         preset.change(
             lambda p: [gr.update(value=v) for v in app.preset_values(p)], inputs=preset, outputs=advanced
         )
-        files.change(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
-        folder.submit(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
-        folder.blur(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+        for box in (instance, klass):  # the attacker personalizes the same subject, with the same words
+            box.change(on_prompts, inputs=[instance, klass], outputs=attack_prompt_inputs)
+        for event in (files.change, folder.submit, folder.blur):
+            event(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+        blocks.load(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
         save_btn.click(on_save, inputs=filename, outputs=[saved, model])
         if refresh is not None:
-            refresh.click(lambda: gr.update(choices=host.refresh_models()), inputs=None, outputs=model)
-        blocks.load(on_follow, inputs=None, outputs=run_outputs, show_progress="hidden", **_event_options(gr))
-        blocks.load(on_inspect, inputs=[files, folder], outputs=[gallery, image_notes])
+            refresh.click(lambda: gr.update(choices=host.refresh_models()), inputs=None, outputs=model)  # fmt: skip
     blocks.apdm_app = app  # for tests and hosts that want the event functions
     return blocks
 

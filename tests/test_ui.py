@@ -15,6 +15,7 @@ from helpers import tree_hashes
 
 from apdm_core import ui
 from apdm_core.config import ProtectConfig
+from apdm_core.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -32,6 +33,23 @@ def advanced_values(app, cache_dir, **overrides):
     values = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("quick")))
     values.update(FAST, cache_dir=str(cache_dir), **overrides)
     return [values[name] for name in ui.ADVANCED_FIELDS]
+
+
+FAST_ATTACK = dict(steps=2, lr=1e-3, num_class_images=2, sample_steps=2, device="cpu", save_every=0)
+FAST_EVAL = dict(num_samples=2, eval_steps=2, metrics="denoise", denoise_timesteps="500", denoise_repeats=1)
+
+
+def page_test_inputs(app, cache_dir, **overrides):
+    """The Test inputs after the kind: AttackConfig fields, then EvalConfig fields, as the page holds them."""
+    from apdm_core.attack import AttackConfig
+    from apdm_core.evaluate.config import EvalConfig
+
+    attack = {**app.initial_attack(), **FAST_ATTACK, "cache_dir": str(cache_dir), **overrides}
+    evaluation = {**app.initial_evaluation(), **FAST_EVAL}
+    return [ui.form_value(AttackConfig, n, attack[n]) for n in ui.attack_fields()] + [
+        ui.form_value(EvalConfig, n, evaluation[n]) if n not in FAST_EVAL else FAST_EVAL[n]
+        for n in ui.eval_fields()
+    ]
 
 
 def run_protect(app, model, folder, cache_dir, **overrides):
@@ -63,6 +81,10 @@ def test_blocks_build_with_every_config_field(tmp_path):
     for name in ui.ADVANCED_FIELDS + ("model", "instance_prompt", "class_prompt"):
         assert f"apdm_{name}" in ids, name
     assert {"apdm_protect", "apdm_cancel", "apdm_status", "apdm_curve", "apdm_save"} <= ids
+    assert {"apdm_test", "apdm_attack_kind", "apdm_grid", "apdm_losses", "apdm_summary"} <= ids
+    assert {f"apdm_attack_{n}" for n in ui.attack_fields()} | {
+        f"apdm_eval_{n}" for n in ui.eval_fields()
+    } <= ids
     # every ProtectConfig field is in the page except the output, which Save names
     assert set(ui.ADVANCED_FIELDS) | set(ui.MAIN_FIELDS) == {f for f in ProtectConfig().to_dict()}
 
@@ -89,6 +111,7 @@ blocks = ui.build_blocks(ui.ProtectApp(ui.Host(output_dir=sys.argv[2])))
 config = blocks.get_config_file()
 ids = {c["props"].get("elem_id") for c in config["components"]}
 missing = [n for n in ui.ADVANCED_FIELDS if "apdm_" + n not in ids]
+missing += [n for n in ui.attack_fields() if "apdm_attack_" + n not in ids]
 assert not missing, missing
 print("built", len(config["components"]), "components with gradio", gr.__version__)
 """
@@ -110,9 +133,11 @@ def test_blocks_build_under_gradio_3_41(tmp_path):
 # ------------------------------------------------------------------------------------------
 # the event functions, headless
 # ------------------------------------------------------------------------------------------
-def test_headless_protect_then_save(tiny_model_dir, subject_dir, tmp_path):
+def test_headless_protect_test_and_save(tiny_model_dir, subject_dir, tmp_path):
     before = tree_hashes(tiny_model_dir, subject_dir)
-    app = ui.ProtectApp(ui.Host(output_dir=tmp_path / "models"))
+    app = ui.ProtectApp(ui.Host(output_dir=tmp_path / "models", report_dir=tmp_path / "reports"))
+    views = list(app.test_events("lora", *page_test_inputs(app, tmp_path / "cache")))
+    assert "Protect a model first" in views[-1].status
     gallery, notes = app.inspect_images(None, str(subject_dir))
     assert len(gallery) == 4 and notes.startswith("4 image(s) ready")
     views = run_protect(app, tiny_model_dir, subject_dir, tmp_path / "cache")
@@ -120,9 +145,19 @@ def test_headless_protect_then_save(tiny_model_dir, subject_dir, tmp_path):
     assert "Protected in" in views[-1].status, views[-1].status
     assert views[-1].curve is not None and views[-1].curve.size[0] > 100  # the loss curve image
     assert views[-1].filename == "tiny-apdm"
+    filename = views[-1].filename
     assert app.protected.steps_done == 3 and len(app.protected.history) == 3
 
-    message = app.save(views[-1].filename)
+    # Test personalization: the same LoRA attack on the original and the protected model -> a report
+    views = list(app.test_events("lora", *page_test_inputs(app, tmp_path / "cache")))
+    assert "Report written to" in views[-1].status, views[-1].status
+    report = views[-1].report
+    assert report["grid"].size[0] > 100 and report["losses"].size[0] > 100
+    assert "| denoise |" in report["summary"] and report["folder"].parent == tmp_path / "reports"
+    assert (report["folder"] / "report.json").exists()
+    assert set(app.job.curves) == {"attack", "attack #2"}  # one loss curve per attacked model
+
+    message = app.save(filename)
     out = tmp_path / "models" / "tiny-apdm"
     assert message == f"Saved to {out}" and (out / "unet").is_dir()
     config = ProtectConfig.load(out / "apdm_config.json")
@@ -194,6 +229,29 @@ def test_preset_values_fill_the_advanced_fields():
     assert first["outer_steps"] == 7 and first["inner_steps"] == 10 and first["device"] == "cpu"
     thorough = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("thorough")))  # a preset click
     assert thorough["outer_steps"] == 1200 and thorough["device"] == "auto"
+
+
+def test_fields_round_trip_through_the_page_components():
+    from apdm_core.attack import AttackConfig
+    from apdm_core.evaluate.config import EvalConfig
+
+    assert ui.parse_field(AttackConfig, "steps", "") is None  # Optional: empty = the attack's default
+    assert ui.parse_field(AttackConfig, "steps", 12.0) == 12
+    assert ui.parse_field(AttackConfig, "lora_targets", "to_k, to_q") == ["to_k", "to_q"]
+    assert ui.parse_field(EvalConfig, "denoise_timesteps", "100,500") == [100, 500]
+    assert ui.parse_field(AttackConfig, "random_flip", True) is True
+    for bad, message in ((("lr_protect", ""), "is empty"), (("outer_steps", "2.5"), "not a valid int")):
+        with pytest.raises(InputError, match=message):
+            ui.parse_field(ProtectConfig, *bad)
+    with pytest.raises(InputError, match="separated by commas"):
+        ui.parse_field(EvalConfig, "denoise_timesteps", "100, x")
+    values = AttackConfig().to_dict()
+    assert {
+        n: ui.parse_field(AttackConfig, n, ui.form_value(AttackConfig, n, values[n]))
+        for n in ui.attack_fields()
+    } == {n: values[n] for n in ui.attack_fields()}
+    assert ui.attack_prompts("a photo of zwx dog", "a photo of dog") == {
+        "instance_prompt": "a photo of zwx dog", "class_prompt": "a photo of dog", "identifier": "zwx"}  # fmt: skip
 
 
 def test_cli_registers_ui_and_binds_localhost_by_default(monkeypatch):
