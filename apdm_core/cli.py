@@ -80,8 +80,14 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if args.save_config:
         config.save(args.save_config)
         print(f"config written to {args.save_config}")
+    model = None
+    if config.model_type != "auto":  # protect() loads with detection; an explicit type needs a preload
+        from .models import load_model, resolve_device
+
+        model = load_model(config.model, device=resolve_device(config.device), model_type=config.model_type)
     result = protect(
         config,
+        model=model,
         progress=tqdm_callback(),
         resume=args.resume,
         keep_state=args.keep_state,
@@ -121,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
 # ``func`` on its parsers. Add a module here rather than growing this file.
-COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.ui"]
+COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.export", "apdm_core.ui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
 PRECISIONS = ("no", "bf16")
 OPTIMIZERS = ("adamw",)
+MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")  # see apdm_core.checkpoint
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:
@@ -139,6 +140,12 @@ class ProtectConfig(ConfigIO):
     model: str = _f(
         "", "Base model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
     )
+    model_type: str = _f(
+        "auto",
+        "Single-file checkpoints: auto (detect from the tensors), sd1, sd2 (512, epsilon), "
+        "sd2-v (768, v-prediction), or a diffusers config folder.",
+        group="io",
+    )
     images: list[str] = _f(
         [], "Subject images: a folder or a list of png/jpg/webp files (4-6 is typical).", group="io"
     )
@@ -236,6 +243,11 @@ class ProtectConfig(ConfigIO):
             non_negative=("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"),
             unit_interval=("adam_beta1", "adam_beta2"),
         )
+        if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
+            raise InputError(
+                f"ProtectConfig.model_type={self.model_type!r} is not valid; choose one of {', '.join(MODEL_TYPES)} "
+                "or pass a diffusers config folder."
+            )
         self.check_resolution_and_prompts()
         return self
 
