@@ -479,9 +479,13 @@ class ProtectApp:
         config = self.make_config(model, files, folder, instance_prompt, class_prompt, advanced)
 
         def work(progress, should_stop):
+            from .models import load_model, resolve_device
             from .protect import protect
 
-            result = protect(config, progress=progress, should_stop=should_stop, resume=True)
+            model = load_model(
+                config.model, device=resolve_device(config.device), model_type=config.model_type
+            )
+            result = protect(config, model=model, progress=progress, should_stop=should_stop, resume=True)
             if not self.host.keep_on_device:
                 result.model.to("cpu")
             if not result.cancelled:
@@ -512,7 +516,10 @@ class ProtectApp:
             from .evaluate.report import compare
             from .models import load_model, resolve_device
 
-            base = load_model(protected.config.model, device=resolve_device(attack.device))
+            source = protected.config
+            base = load_model(
+                source.model, device=resolve_device(attack.device), model_type=source.model_type
+            )
             try:
                 result = compare(base, protected.model, protected.config.images, attack, evaluation, out_dir=out,
                                  protection_history=protected.history, progress=progress,

@@ -27,11 +27,13 @@ TAB_ID = "apdm_anti_personalize"
 
 class A1111Host(Host):
     name = "a1111"
+    keep_on_device = False  # the webui gets its GPU back after each run
 
     def __init__(self):
-        from modules import sd_models
+        from modules import paths, sd_models
 
-        super().__init__(output_dir=sd_models.model_path)  # models/Stable-diffusion
+        reports = os.path.join(paths.data_path, "outputs", "apdm-reports")
+        super().__init__(output_dir=sd_models.model_path, report_dir=reports)  # models/Stable-diffusion
 
     def model_choices(self):
         from modules import sd_models

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from apdm_core.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 FAKES = Path(__file__).resolve().parent / "fakes"
 
-FAST = dict(outer_steps=3, inner_steps=2, num_class_images=2, sample_steps=2, guidance_scale=2.0,
+FAST = dict(outer_steps=2, inner_steps=2, num_class_images=2, sample_steps=2, guidance_scale=2.0,
             lr_protect=1e-4, lr_personalize=1e-4, device="cpu", save_every=0)  # fmt: skip
 
 
@@ -146,7 +145,7 @@ def test_headless_protect_test_and_save(tiny_model_dir, subject_dir, tmp_path):
     assert views[-1].curve is not None and views[-1].curve.size[0] > 100  # the loss curve image
     assert views[-1].filename == "tiny-apdm"
     filename = views[-1].filename
-    assert app.protected.steps_done == 3 and len(app.protected.history) == 3
+    assert app.protected.steps_done == 2 and len(app.protected.history) == 2
 
     # Test personalization: the same LoRA attack on the original and the protected model -> a report
     views = list(app.test_events("lora", *page_test_inputs(app, tmp_path / "cache")))
@@ -161,7 +160,7 @@ def test_headless_protect_test_and_save(tiny_model_dir, subject_dir, tmp_path):
     out = tmp_path / "models" / "tiny-apdm"
     assert message == f"Saved to {out}" and (out / "unet").is_dir()
     config = ProtectConfig.load(out / "apdm_config.json")
-    assert config.outer_steps == 3 and config.model == str(tiny_model_dir)
+    assert config.outer_steps == 2 and config.model == str(tiny_model_dir)
     assert "already exists" in app.save("tiny-apdm")  # never over an existing file
     assert tree_hashes(tiny_model_dir, subject_dir) == before  # inputs only read
 
@@ -267,20 +266,25 @@ def test_cli_registers_ui_and_binds_localhost_by_default(monkeypatch):
 # A1111 / Forge, against a fake `modules` package
 # ------------------------------------------------------------------------------------------
 @pytest.fixture()
-def a1111(monkeypatch, tmp_path, tiny_model_dir):
+def a1111(monkeypatch, tmp_path):
+    """scripts/apdm_tab.py loaded against tests/fakes/modules, with a tiny SD1 checkpoint in the webui's list."""
+    from ldm_layout import make_checkpoint, write_config_folder
+
     monkeypatch.syspath_prepend(str(FAKES))
     for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
         monkeypatch.delitem(sys.modules, name)
-    from modules import script_callbacks, sd_models
+    from modules import paths, script_callbacks, sd_models
 
+    monkeypatch.setattr(paths, "data_path", str(tmp_path))
     models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    shutil.copytree(tiny_model_dir, models / "tiny")  # the fake list shows folders too
+    make_checkpoint(models / "tiny.safetensors", "sd1")
     monkeypatch.setattr(sd_models, "model_path", str(models))
     sd_models.list_models()
     spec = importlib.util.spec_from_file_location("apdm_tab_under_test", ROOT / "scripts" / "apdm_tab.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # the tiny checkpoint's shapes are not SD1.5's: its config folder is the model type
+    module.model_type = str(write_config_folder(tmp_path / "tiny-cfg", "sd1"))
     yield module, script_callbacks
     for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
         sys.modules.pop(name)
@@ -305,11 +309,11 @@ def test_a1111_interrupt_stops_the_run_and_restores_the_model(a1111, subject_dir
     host = module.A1111Host()
     app = ui.ProtectApp(host)
     title = sd_models.checkpoint_tiles()[0]
-    assert host.resolve_model(title) == os.path.join(sd_models.model_path, "tiny")
+    assert host.resolve_model(title) == os.path.join(sd_models.model_path, "tiny.safetensors")
     seen = {}
     events = app.protect_events(
         title, None, str(subject_dir), "a photo of sks person", "a photo of person",
-        *advanced_values(app, tmp_path / "cache", outer_steps=2000),
+        *advanced_values(app, tmp_path / "cache", outer_steps=2000, model_type=module.model_type),
     )  # fmt: skip
     for view in events:
         if view.running and shared.state.job_no > 0 and not seen:
@@ -328,12 +332,18 @@ def test_a1111_save_goes_to_the_checkpoint_folder_and_refreshes_the_list(a1111, 
     module, _ = a1111
     from modules import sd_models
 
-    host = module.A1111Host()
-    app = ui.ProtectApp(host)
-    views = run_protect(app, sd_models.checkpoint_tiles()[0], subject_dir, tmp_path / "cache")
-    assert "Protected in" in views[-1].status
-    assert "without folders" in app.save("../elsewhere")
+    from apdm_core.export import inspect_checkpoint
+
+    app = ui.ProtectApp(module.A1111Host())
+    views = run_protect(app, sd_models.checkpoint_tiles()[0], subject_dir, tmp_path / "cache",
+                        model_type=module.model_type)  # fmt: skip
+    assert "Protected in" in views[-1].status, views[-1].status
+    assert views[-1].filename == "tiny-apdm.safetensors"  # a single file, like its source
+    assert "without folders" in app.save("../elsewhere.safetensors")
     calls = len(sd_models.list_calls)
-    assert app.save("tiny-apdm") == f"Saved to {Path(sd_models.model_path) / 'tiny-apdm'}"
+    out = Path(sd_models.model_path) / "tiny-apdm.safetensors"
+    assert app.save(views[-1].filename) == f"Saved to {out}"
     assert len(sd_models.list_calls) == calls + 1
-    assert any(t.startswith("tiny-apdm ") for t in sd_models.checkpoint_tiles())
+    assert any(t.startswith("tiny-apdm.safetensors ") for t in sd_models.checkpoint_tiles())
+    recipe = inspect_checkpoint(out, model_type=module.model_type)["apdm"]  # the recipe is in its metadata
+    assert recipe["protected"] == "true" and recipe["config"]["outer_steps"] == 2

@@ -35,8 +35,9 @@ def list_models():
     list_calls.append(model_path)
     checkpoints_list.clear()
     for name in sorted(os.listdir(model_path)):
-        info = CheckpointInfo(os.path.join(model_path, name))
-        checkpoints_list[info.title] = info
+        if name.endswith((".safetensors", ".ckpt")):
+            info = CheckpointInfo(os.path.join(model_path, name))
+            checkpoints_list[info.title] = info
 
 
 def checkpoint_tiles(use_short=False):
