@@ -214,8 +214,9 @@ Work = Callable[[Callable[[ProgressEvent], None], Callable[[], bool]], Any]
 class Job:
     """Runs ``work(progress, should_stop)`` on a daemon thread inside ``host.session``."""
 
-    def __init__(self, kind: str, work: Work, host: Host) -> None:
+    def __init__(self, kind: str, work: Work, host: Host, names: dict[str, str] | None = None) -> None:
         self.kind, self.host, self._work = kind, host, work
+        self.names = dict(names or {})  # display names of loss series
         self.stop_requested = threading.Event()
         self.event: ProgressEvent | None = None
         self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # series -> (step, losses)
@@ -307,9 +308,15 @@ def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "
     return "".join(parts)
 
 
-def curve_image(curves: dict[str, list[tuple[int, dict[str, float]]]], width: int = 640, height: int = 300):
-    """The loss curves of a job as a PIL image (matplotlib's Agg canvas, no pyplot: thread safe)."""
-    series = [(f"{stage}: {k}", pts) for stage, pts in curves.items() for k in (pts[-1][1] if pts else {})]
+def curve_image(
+    curves: dict[str, list[tuple[int, dict[str, float]]]], names: dict[str, str] | None = None,
+    width: int = 640, height: int = 300,
+):  # fmt: skip
+    """The loss curves of a job as a PIL image (matplotlib's Agg canvas, no pyplot: thread safe).
+    ``names``: display names of series ('attack #2' -> 'protected + attack')."""
+    names = names or {}
+    series = [(f"{names.get(stage, stage)}: {k}", pts) for stage, pts in curves.items()
+              for k in (pts[-1][1] if pts else {})]  # fmt: skip
     if len(curves) == 1:  # one stage: the loss names alone say it
         series = [(label.split(": ", 1)[1], pts) for label, pts in series]
     if not series:
@@ -463,13 +470,13 @@ class ProtectApp:
             "its progress is shown here."
         )
 
-    def _start(self, kind: str, work: Work) -> str | None:
+    def _start(self, kind: str, work: Work, names: dict[str, str] | None = None) -> str | None:
         """Start a job unless one is running; returns the refusal message when refused."""
         with self._lock:
             busy = self.busy_message()
             if busy:
                 return busy
-            self.job = Job(kind, work, self.host).start()
+            self.job = Job(kind, work, self.host, names).start()
             return None
 
     def start_protect(
@@ -531,7 +538,11 @@ class ProtectApp:
                 shutil.rmtree(result.work_dir, ignore_errors=True)
             return result
 
-        return self._start("test", work)
+        from .evaluate.report import ARM_LABELS, ARMS
+
+        # compare attacks the arms in turn; each restarts the attack's step counter (Job: a new series)
+        names = {"attack" if i == 0 else f"attack #{i + 1}": ARM_LABELS[arm] for i, arm in enumerate(ARMS)}
+        return self._start("test", work, names)
 
     def cancel(self) -> str:
         job = self.job
@@ -554,7 +565,7 @@ class ProtectApp:
         return self._finished_view(job)
 
     def _finished_view(self, job: Job) -> View:
-        curve = curve_image(job.curves)
+        curve = curve_image(job.curves, job.names)
         if job.error is not None:
             return View(_status_html(describe_error(job.error), job.event, "error"), curve=curve, done=True)
         result = job.result
@@ -591,7 +602,7 @@ class ProtectApp:
                 view.status = _status_html(first) + view.status
             now = time.monotonic()
             if now - last_curve >= CURVE_EVERY_S:
-                view.curve, last_curve = curve_image(job.curves), now
+                view.curve, last_curve = curve_image(job.curves, job.names), now
             yield view
             job.wait(POLL_S)
         yield self._finished_view(job)

@@ -155,6 +155,7 @@ def test_headless_protect_test_and_save(tiny_model_dir, subject_dir, tmp_path):
     assert "| denoise |" in report["summary"] and report["folder"].parent == tmp_path / "reports"
     assert (report["folder"] / "report.json").exists()
     assert set(app.job.curves) == {"attack", "attack #2"}  # one loss curve per attacked model
+    assert app.job.names == {"attack": "unprotected + attack", "attack #2": "protected + attack"}
 
     message = app.save(filename)
     out = tmp_path / "models" / "tiny-apdm"
