@@ -46,7 +46,7 @@ GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sam
                 "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
 BASIC_PRESETS = ("quick", "paper", "thorough")
 POLL_S = 0.5  # how often a running job's view is refreshed
-CURVE_EVERY_S = 2.0  # how often the loss curve image is redrawn
+CURVE_EVERY_S = 3.0  # how often a follower sends the loss curve image (redrawn only when it changed)
 
 
 def _field(cls, name: str):
@@ -217,6 +217,7 @@ class Job:
     def __init__(self, kind: str, work: Work, host: Host, names: dict[str, str] | None = None) -> None:
         self.kind, self.host, self._work = kind, host, work
         self.names = dict(names or {})  # display names of loss series
+        self._curve, self._curve_key = None, -1
         self.stop_requested = threading.Event()
         self.event: ProgressEvent | None = None
         self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # series -> (step, losses)
@@ -230,6 +231,14 @@ class Job:
     def start(self) -> Job:
         self._thread.start()
         return self
+
+    def curve(self):
+        """The loss curves as an image, redrawn only when new points arrived (followers share it)."""
+        curves = {k: list(v) for k, v in dict(self.curves).items()}  # a snapshot: the worker appends
+        key = sum(len(points) for points in curves.values())
+        if key != self._curve_key:
+            self._curve, self._curve_key = curve_image(curves, self.names), key
+        return self._curve
 
     @property
     def running(self) -> bool:
@@ -308,6 +317,22 @@ def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "
     return "".join(parts)
 
 
+CURVE_POINTS = 300  # a long run's curve is averaged into at most this many points per series
+
+
+def _binned(xs: list[float], ys: list[float], bins: int) -> tuple:
+    """Average consecutive points into ``bins`` buckets (a 16,000-step run plots like a 300-step one)."""
+    import numpy as np
+
+    if len(xs) <= bins:
+        return xs, ys
+    edges = np.linspace(0, len(xs), bins + 1).astype(int)
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    return [x[a:b].mean() for a, b in zip(edges, edges[1:])], [
+        y[a:b].mean() for a, b in zip(edges, edges[1:])
+    ]
+
+
 def curve_image(
     curves: dict[str, list[tuple[int, dict[str, float]]]], names: dict[str, str] | None = None,
     width: int = 640, height: int = 300,
@@ -324,25 +349,26 @@ def curve_image(
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     from PIL import Image
 
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    fig.subplots_adjust(
+        left=0.1, right=0.98, top=0.9, bottom=0.16
+    )  # fixed: tight_layout costs more than the plot
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for label, pts in series:
         key = label.rsplit(": ", 1)[-1]
-        xs = [s for s, losses in pts if key in losses]
-        ys = [losses[key] for _, losses in pts if key in losses]
+        xs, ys = _binned([s for s, v in pts if key in v], [v[key] for _, v in pts if key in v], CURVE_POINTS)
         ax.plot(xs, ys, label=label, linewidth=1)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("losses per step", fontsize=9)
+    ax.set_title("losses per step" + (f" (averaged into {CURVE_POINTS} points)" if max(len(p) for _, p in series)
+                                      > CURVE_POINTS else ""), fontsize=9)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
@@ -565,7 +591,7 @@ class ProtectApp:
         return self._finished_view(job)
 
     def _finished_view(self, job: Job) -> View:
-        curve = curve_image(job.curves, job.names)
+        curve = job.curve()
         if job.error is not None:
             return View(_status_html(describe_error(job.error), job.event, "error"), curve=curve, done=True)
         result = job.result
@@ -602,7 +628,7 @@ class ProtectApp:
                 view.status = _status_html(first) + view.status
             now = time.monotonic()
             if now - last_curve >= CURVE_EVERY_S:
-                view.curve, last_curve = curve_image(job.curves, job.names), now
+                view.curve, last_curve = job.curve(), now
             yield view
             job.wait(POLL_S)
         yield self._finished_view(job)
