@@ -161,11 +161,9 @@ class Host:
         self.model, self.images, self.preset = model, images, preset
         self.output_dir, self.report_dir = Path(output_dir), Path(report_dir)
         # the page's first values (e.g. `apdm ui --config`); a preset click replaces the protection's
-        self.config, self.attack, self.evaluation = (
-            dict(config or {}),
-            dict(attack or {}),
-            dict(evaluation or {}),
-        )
+        self.config = dict(config or {})
+        self.attack = dict(attack or {})
+        self.evaluation = dict(evaluation or {})
 
     keep_on_device = True  # False: models go back to the CPU after each job (A1111 shares its GPU)
 
@@ -224,8 +222,6 @@ class Job:
         self._series: dict[str, str] = {}  # stage -> its current series ("attack", then "attack #2")
         self.result: Any = None
         self.error: BaseException | None = None
-        self.started = time.time()
-        self.finished: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"apdm-{kind}", daemon=True)
 
     def start(self) -> Job:
@@ -273,8 +269,6 @@ class Job:
             self.error = exc
             if not isinstance(exc, APDMError):
                 log.exception("APDM %s failed", self.kind)
-        finally:
-            self.finished = time.time()
 
 
 def describe_error(exc: BaseException) -> str:
@@ -406,8 +400,8 @@ class ProtectApp:
         return [s for s in sources if s]
 
     def inspect_images(self, files: Any, folder: str) -> tuple[list, str]:
-        """Gallery items (image, caption) and a Markdown list of problems, one per bad image."""
-        from .data import MIN_SIDE, find_images, open_image
+        """Gallery items (center square thumbnail, caption) and a Markdown list of the problems."""
+        from .data import MIN_SIDE, center_square, find_images, open_image
 
         sources = self.image_sources(files, folder)
         if not sources:
@@ -423,8 +417,8 @@ class ProtectApp:
             except InputError as exc:
                 notes.append(f"⚠ {exc}")
                 continue
-            w, h = image.size
-            items.append((image, f"{path.name} ({w}x{h})"))
+            w, h = image.size  # shown as trained on: the center square (as a small thumbnail)
+            items.append((center_square(image, min(256, w, h)), f"{path.name} ({w}x{h})"))
             if min(w, h) < MIN_SIDE:
                 small.append(f"{path.name} ({w}x{h})")
         if small:
