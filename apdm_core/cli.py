@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
 # ``func`` on its parsers. Add a module here rather than growing this file.
-COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.export"]
+COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.export", "apdm_core.ui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Fake A1111 ``modules`` package for tests (see tests/fakes/README.md)."""
