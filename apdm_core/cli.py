@@ -80,14 +80,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if args.save_config:
         config.save(args.save_config)
         print(f"config written to {args.save_config}")
-    model = None
-    if config.model_type != "auto":  # protect() loads with detection; an explicit type needs a preload
-        from .models import load_model, resolve_device
-
-        model = load_model(config.model, device=resolve_device(config.device), model_type=config.model_type)
     result = protect(
         config,
-        model=model,
         progress=tqdm_callback(),
         resume=args.resume,
         keep_state=args.keep_state,

@@ -610,8 +610,8 @@ def protect(
     if parallel.active:
         device = parallel.device if parallel.device.type != "cpu" else torch.device("cpu")
         progress = progress if parallel.is_main else None
-    if model is None:
-        model = load_model(config.model, device=device)
+    if model is None:  # a diffusers folder, or a single file of type config.model_type
+        model = load_model(config.model, device=device, model_type=config.model_type)
     else:
         model.to(device)
     if config.output:  # fail before hours of training, not after
@@ -671,7 +671,9 @@ def protect(
     )
     if not cancelled and parallel.is_main:  # one process writes
         if config.output:
-            result.output = write_output(protected, config, config.output, overwrite=overwrite)
+            result.output = write_output(
+                protected, config, config.output, overwrite=overwrite, subjects=source
+            )
         if keep_state:
             result.state_path = save_state(state_path, trainer, config, identity)
         elif state_path.exists():
@@ -695,13 +697,22 @@ def result_model(model: SDModel, unet) -> SDModel:
 
 
 def check_output(output: str | Path, overwrite: bool, model: SDModel) -> None:
-    from .fileio import check_target
+    """Raise InputError now if ``write_output`` could not write ``model`` to ``output`` later
+    (an existing output without ``overwrite``, the input model itself, a single-file output
+    that cannot be made from this source, ...)."""
+    from .export import check_export
 
-    check_target(Path(output), overwrite, (Path(model.source),) if model.source else ())
+    check_export(model, output, overwrite)
 
 
-def write_output(model: SDModel, config: ProtectConfig, output: str | Path, overwrite: bool = False) -> Path:
-    """Write the protected model: a diffusers folder, or a single .safetensors file (export module)."""
+def write_output(
+    model: SDModel, config: ProtectConfig, output: str | Path, overwrite: bool = False, subjects=None
+) -> Path:
+    """Write the protected model: a diffusers folder, or a single .safetensors file (export module).
+
+    ``subjects``: the protected subject images (a folder, files or PIL images; default
+    ``config.images``), recorded as salted hashes beside the settings.
+    """
     from .export import write_model
 
-    return write_model(model, output, config=config, overwrite=overwrite)
+    return write_model(model, output, config=config, overwrite=overwrite, subjects=subjects)

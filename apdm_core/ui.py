@@ -506,13 +506,9 @@ class ProtectApp:
         config = self.make_config(model, files, folder, instance_prompt, class_prompt, advanced)
 
         def work(progress, should_stop):
-            from .models import load_model, resolve_device
             from .protect import protect
 
-            model = load_model(
-                config.model, device=resolve_device(config.device), model_type=config.model_type
-            )
-            result = protect(config, model=model, progress=progress, should_stop=should_stop, resume=True)
+            result = protect(config, progress=progress, should_stop=should_stop, resume=True)
             if not self.host.keep_on_device:
                 result.model.to("cpu")
             if not result.cancelled:
