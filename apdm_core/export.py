@@ -35,6 +35,7 @@ from . import __version__
 from .checkpoint import (
     EMA_PREFIX,
     MODEL_TYPE_HELP,
+    MODEL_TYPES,
     UNET_PREFIX,
     CheckpointFile,
     model_family,
@@ -52,6 +53,8 @@ TOOL = "apdm-protect"
 METHOD = "APDM (arXiv 2511.01307): Direct Protective Optimization loss trained with Learning to Protect"
 # ProtectConfig fields that are local paths: never written into a shared file.
 PRIVATE_FIELDS = ("model", "images", "output", "class_images", "cache_dir", "state_path")
+# The protection record of a protected diffusers folder (the safetensors metadata of a single file).
+CONFIG_FILE, SUBJECTS_FILE = "apdm_config.json", "apdm_subjects.json"
 SUBJECT_SCHEME = "sha256(salt || sha256(image file bytes)); in-memory images: sha256 of mode|size|RGB bytes"
 DTYPES = {"source": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -135,18 +138,54 @@ def match_subjects(record: dict[str, Any], images) -> list[tuple[str, bool]]:
     return [(name, _salted(salt, image_digest(i)) in known) for name, i in zip(names, items)]
 
 
+HASHED = "salted-sha256:"
+
+
 def public_config(config, salt: bytes) -> dict[str, Any]:
-    """The protection settings without local paths; the instance prompt (it may name the subject) hashed."""
-    data = {k: v for k, v in config.to_dict().items() if k not in PRIVATE_FIELDS}
-    data["instance_prompt"] = "salted-sha256:" + _salted(salt, config.instance_prompt.encode("utf-8"))
+    """The protection settings without local paths; the instance prompt (it may name the subject) hashed.
+
+    ``config``: a ProtectConfig, or settings already recorded by this function (a dict, e.g. a
+    protected diffusers folder's ``apdm_config.json``), which come back unchanged.
+    """
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k not in PRIVATE_FIELDS}
+    prompt = str(data.get("instance_prompt", ""))
+    if not prompt.startswith(HASHED):
+        data["instance_prompt"] = HASHED + _salted(salt, prompt.encode("utf-8"))
+    model_type = data.get("model_type")
+    if model_type and model_type != "auto" and model_type not in MODEL_TYPES:  # a config folder: its name
+        data["model_type"] = Path(model_type).name
     return data
+
+
+def is_subject_record(value) -> bool:
+    """Whether ``value`` is a record made by ``subject_record`` (not images)."""
+    return isinstance(value, dict) and "salt" in value and "hashes" in value
+
+
+def protection_record(config, subjects=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, subject record) of a protection, as every written model carries them.
+
+    One salt for the instance prompt's hash and the subject hashes. ``subjects``: the subject
+    images (a folder, files or PIL images; default the config's ``images``), or a record made
+    earlier (kept as it is, with its salt: a protected folder converted to a single file).
+    """
+    if is_subject_record(subjects):
+        return public_config(config, bytes.fromhex(subjects["salt"])), subjects
+    salt = os.urandom(16)
+    if subjects is None:
+        subjects = config.get("images") if isinstance(config, dict) else config.images
+    try:
+        record = subject_record(subjects, salt)
+    except InputError as exc:  # the photos moved since the run: say so rather than fail the export
+        record = {"scheme": SUBJECT_SCHEME, "salt": salt.hex(), "count": None, "hashes": [], "note": str(exc)}
+    return public_config(config, salt), record
 
 
 def apdm_metadata(
     model: SDModel, ckpt: CheckpointFile, source_sha256: str, config=None, subjects=None, dropped=None
 ) -> dict[str, str]:
     """The safetensors metadata of an export: the source's own keys (minus old apdm.*) plus ours."""
-    salt = os.urandom(16)
     family = model_family(ckpt)[0]
     model_type = family + ("-v" if family == "sd2" and model.prediction_type == "v_prediction" else "")
     meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
@@ -161,18 +200,8 @@ def apdm_metadata(
         "apdm.created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })  # fmt: skip
     if config is not None:
-        meta["apdm.config"] = json.dumps(public_config(config, salt), sort_keys=True)
-        images = subjects if subjects is not None else config.images
-        try:
-            record = subject_record(images, salt)
-        except InputError as exc:  # the photos moved since the run: say so rather than fail the export
-            record = {
-                "scheme": SUBJECT_SCHEME,
-                "salt": salt.hex(),
-                "count": None,
-                "hashes": [],
-                "note": str(exc),
-            }
+        settings, record = protection_record(config, subjects)
+        meta["apdm.config"] = json.dumps(settings, sort_keys=True)
         meta["apdm.subjects"] = json.dumps(record, sort_keys=True)
     if dropped:
         meta["apdm.dropped"] = json.dumps(dropped, sort_keys=True)
@@ -305,15 +334,37 @@ def export_single_file(
     return output
 
 
-def write_model(model: SDModel, output: str | Path, *, config=None, overwrite: bool = False, **kw) -> Path:
-    """Write ``model`` to ``output``: a .safetensors single file, or else a diffusers folder."""
+def write_model(
+    model: SDModel, output: str | Path, *, config=None, overwrite: bool = False, subjects=None, **kw
+) -> Path:
+    """Write ``model`` to ``output``: a .safetensors single file, or else a diffusers folder.
+
+    With ``config`` (a protection's settings), a single file carries them in its metadata and a
+    folder in ``apdm_config.json`` + ``apdm_subjects.json``, by the same rules: no local paths,
+    the instance prompt and the ``subjects`` images as salted hashes (``protection_record``).
+    """
     from .models import save_diffusers
 
     output = Path(output)
     if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        return export_single_file(model, output, config=config, overwrite=overwrite, **kw)
-    extra = {"apdm_config.json": config.to_json()} if config is not None else None
+        return export_single_file(model, output, config=config, overwrite=overwrite, subjects=subjects, **kw)
+    extra = None
+    if config is not None:
+        settings, record = protection_record(config, subjects)
+        extra = {CONFIG_FILE: json.dumps(settings, indent=2), SUBJECTS_FILE: json.dumps(record, indent=2)}
     return save_diffusers(model, output, overwrite=overwrite, extra_files=extra)
+
+
+def read_protection(folder: str | Path) -> tuple[Any, Any]:
+    """(settings, subject record) written into a protected diffusers folder; (None, None) otherwise."""
+    folder = Path(folder)
+    files = [folder / CONFIG_FILE, folder / SUBJECTS_FILE]
+    if not files[0].is_file():
+        return None, None
+    try:
+        return tuple(json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None for f in files)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Cannot read the protection record in {folder}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,7 +448,8 @@ def format_inspection(info: dict[str, Any], matches: Sequence[tuple[str, bool]] 
 # ------------------------------------------------------------------------------------------
 # command line: apdm export, apdm inspect
 # ------------------------------------------------------------------------------------------
-def _add_source_args(p: argparse.ArgumentParser) -> None:
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """--model-type and --allow-pickle: how ``load_model`` reads a single-file checkpoint."""
     p.add_argument("--model-type", default="auto", metavar="TYPE",
                    help="auto (detect from the tensors), sd1, sd2 (512, epsilon), sd2-v (768, v-prediction), "
                         "or a diffusers config folder (default: auto)")  # fmt: skip
@@ -406,21 +458,17 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .config import ProtectConfig
     from .models import load_model
     from .progress import tqdm_callback
 
     model = load_model(args.model, model_type=args.model_type, allow_pickle=args.allow_pickle)
-    config = None
-    folder_config = Path(args.model) / "apdm_config.json"
-    if folder_config.is_file():  # a protected diffusers folder written by `apdm protect`
-        config = ProtectConfig.load(folder_config)
+    config, subjects = read_protection(args.model)  # a protected diffusers folder: keep its record
     kw = (
         {"template": args.template, "dtype": args.dtype, "progress": tqdm_callback("export")}
         if str(args.out).lower().endswith(".safetensors")
         else {}
     )
-    out = write_model(model, args.out, config=config, overwrite=args.overwrite, **kw)
+    out = write_model(model, args.out, config=config, overwrite=args.overwrite, subjects=subjects, **kw)
     print(f"written {out} ({'protected' if config is not None else 'format conversion'}, {model.kind})")
     return 0
 
@@ -457,7 +505,7 @@ def register_cli(subparsers) -> None:
     e.add_argument("--dtype", choices=tuple(DTYPES), default="source",
                    help="Float dtype of the written tensors (default: source = keep each tensor's dtype).")  # fmt: skip
     e.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
-    _add_source_args(e)
+    add_source_arguments(e)
     e.set_defaults(func=cmd_export)
 
     i = subparsers.add_parser("inspect", help="Show a checkpoint's detected type and APDM metadata.")
@@ -465,5 +513,5 @@ def register_cli(subparsers) -> None:
     i.add_argument("--subjects", nargs="+", metavar="IMAGE",
                    help="Images or a folder: check whether they are among the file's protected subjects.")  # fmt: skip
     i.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    _add_source_args(i)
+    add_source_arguments(i)
     i.set_defaults(func=cmd_inspect)
