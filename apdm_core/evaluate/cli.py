@@ -12,6 +12,7 @@ from ..errors import APDMError, InputError
 def register_cli(sub) -> None:
     from ..attack import AttackConfig
     from ..cli import add_config_arguments
+    from ..export import add_source_arguments
     from .config import EvalConfig
 
     a = sub.add_parser(
@@ -24,6 +25,7 @@ def register_cli(sub) -> None:
     )
     a.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     add_config_arguments(a, AttackConfig)
+    add_source_arguments(a)
     a.set_defaults(func=cmd_attack)
 
     e = sub.add_parser("evaluate", help="Sample a (attacked) model and compute the metrics.")
@@ -42,6 +44,7 @@ def register_cli(sub) -> None:
     e.add_argument("--config", help="Load evaluation settings from a JSON/YAML file.")
     e.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     add_config_arguments(e, EvalConfig)
+    add_source_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser(
@@ -65,13 +68,17 @@ def register_cli(sub) -> None:
     c.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     add_config_arguments(c, AttackConfig, exclude=("model", "images", "output", "state_path"))
     add_config_arguments(c, EvalConfig)
+    add_source_arguments(c)
     c.set_defaults(func=cmd_compare)
 
 
-def _load(path: str, device: str):
+def _load(path: str, device: str, args: argparse.Namespace):
+    """The model at ``path``, a single file read as ``--model-type`` says (as `apdm protect` does)."""
     from ..models import load_model, resolve_device
 
-    return load_model(path, device=resolve_device(device))
+    return load_model(
+        path, device=resolve_device(device), model_type=args.model_type, allow_pickle=args.allow_pickle
+    )
 
 
 def _print_metrics(metrics) -> None:
@@ -92,7 +99,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise APDMError(f"--{name} is required ({what}).")
     if args.save_config:
         cfg.resolved().save(args.save_config)
-    model = _load(cfg.model, cfg.device)
+    model = _load(cfg.model, cfg.device, args)
     protected = (Path(cfg.model),)
     check_target(Path(cfg.output), args.overwrite, protected)
     result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume)
@@ -119,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, EvalConfig)
     model, prompt_map, identifier, noun, instance = (
-        _load(args.model, args.device),
+        _load(args.model, args.device, args),
         {},
         args.identifier,
         args.class_noun,
@@ -168,7 +175,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     attack_cfg = config_from_args(args, AttackConfig, file_flag="attack_config")
     eval_cfg = config_from_args(args, EvalConfig, file_flag="eval_config")
     history = read_history(args.protection_history) if args.protection_history else None
-    base, protected = _load(args.base, attack_cfg.device), _load(args.protected, attack_cfg.device)
+    base, protected = (
+        _load(args.base, attack_cfg.device, args),
+        _load(args.protected, attack_cfg.device, args),
+    )
     result = compare(base, protected, args.images, attack_cfg, eval_cfg, out_dir=args.out, heldout=args.heldout,
                      protection_history=history, progress=tqdm_callback("compare"), resume=args.resume,
                      overwrite=args.overwrite)  # fmt: skip
