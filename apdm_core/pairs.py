@@ -226,6 +226,20 @@ def prepare_pairs(
     subjects = load_subject_images(
         source, size, order=config.pair_order, min_side=None if size >= 256 else size
     )
+    positives, class_images = generate_fixed_images(config, model, subjects, size, progress, should_stop)
+    return PairSet(config, subjects, positives, class_images, model.fingerprint(), size)
+
+
+def generate_fixed_images(
+    config: ProtectConfig,
+    model: SDModel,
+    subjects: list[SubjectImage],
+    size: int,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The positives (``positives[i]`` pairs with ``subjects[i]``) and the prior class images of
+    ``config`` (none when ``prior_weight`` is 0), generated with the base model or read from the cache."""
     gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
            "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
            "progress": progress, "should_stop": should_stop}  # fmt: skip
@@ -235,4 +249,4 @@ def prepare_pairs(
         class_images = ensure_class_images(
             model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
         )
-    return PairSet(config, subjects, positives, class_images, model.fingerprint(), size)
+    return positives, class_images

@@ -40,7 +40,7 @@ from .errors import Cancelled, InputError, TrainingDiverged
 from .fileio import atomic_path
 from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss
 from .models import SDModel, load_model, resolve_device
-from .pairs import default_cache_dir, ensure_class_images, generate_pairs
+from .pairs import default_cache_dir, generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
 from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward
@@ -541,21 +541,13 @@ def fixed_images(
     should_stop: StopCheck | None = None,
 ) -> tuple[list, list]:
     """The positives x+ (``positives[i]`` pairs with ``subjects[i]``) and the prior class images."""
-    gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
-           "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
-           "progress": progress, "should_stop": should_stop}  # fmt: skip
-    positives = generate_pairs(model, subjects, config.class_prompt, **gen)
+    positives, class_images = generate_fixed_images(config, model, subjects, size, progress, should_stop)
     if config.pair_order == "listdir":  # the released code pairs two unsorted directory listings:
         # emulate that arbitrary (but here reproducible) pairing with a name-keyed permutation
         order = sorted(
             range(len(positives)), key=lambda i: zlib.crc32(f"{config.seed}:{subjects[i].name}".encode())
         )
         positives = [positives[i] for i in order]
-    class_images = []
-    if config.prior_weight > 0:
-        class_images = ensure_class_images(
-            model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
-        )
     return positives, class_images
 
 
