@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
 # ``func`` on its parsers. Add a module here rather than growing this file.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["apdm_core.world.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
