@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from apdm_core.config import ProtectConfig
-from apdm_core.models import SDModel
+from apdm_core.models import SDModel, load_model
 from apdm_core.pairs import ensure_class_images, sample_images
 from apdm_core.progress import Tracker
 from apdm_core.training import Diffusion, LatentBank, dreambooth_loss, make_forward
@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=10)
     ap.add_argument("--lr-protect", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", default="", help="world model folder (default: the shipped one)")
+    ap.add_argument("--evaluator", default="", help="evaluator file (default: the shipped one)")
+    ap.add_argument("--skip-classes", action="store_true", help="skip the class recognition part")
     ap.add_argument("--out", default="", help="folder for sample grids and results.json")
     args = ap.parse_args()
     if args.threads:
@@ -112,10 +115,11 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="world_check_"))
     out.mkdir(parents=True, exist_ok=True)
     cache = str(out / "cache")
-    model, evaluator = load_world_model(), load_evaluator()
+    model = load_model(args.model) if args.model else load_world_model()
+    evaluator = load_evaluator(args.evaluator or None)
     results: dict = {"args": vars(args), "classes": {}, "subjects": {}}
 
-    for cls in render.CLASSES:
+    for cls in () if args.skip_classes else render.CLASSES:
         seeds = list(range(16))
         base = sample_images(
             model, render.class_prompt(cls), seeds, model.native_resolution, batch_size=16, **SAMPLE

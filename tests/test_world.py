@@ -148,3 +148,20 @@ def test_train_evaluator_smoke(tmp_path):
     again = load_evaluator(path)
     im = render.photos(render.make_subject(1), 2)
     assert np.allclose(again.embed(im).numpy(), ev.embed(im).numpy(), atol=1e-6)
+
+
+def test_demo_protects_a_world_subject_with_the_world_model(tmp_path):
+    from apdm_core.demo import DEMO_SUBJECT, run_demo
+    from apdm_core.world import WORLD_MODEL_DIR
+    from helpers import tree_hashes
+
+    before = tree_hashes(WORLD_MODEL_DIR)
+    events = []
+    result = run_demo(tmp_path / "demo", progress=events.append, outer_steps=2, inner_steps=1,
+                      num_class_images=2, sample_steps=2, sample_batch_size=4)  # fmt: skip
+    assert not result.cancelled and (result.output / "unet").is_dir()
+    subject = render.make_subject(DEMO_SUBJECT)
+    assert len(list((tmp_path / "demo" / "subject").glob(f"{subject.name}_*.png"))) == 4
+    assert result.config.instance_prompt == f"a photo of sks {subject.cls}"
+    assert any(e.stage == "protect" for e in events)
+    assert tree_hashes(WORLD_MODEL_DIR) == before  # the shipped model is only read

@@ -55,7 +55,7 @@ def register_cli(subparsers) -> None:
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--subjects", type=int, default=2000, help="Training individuals (default: 2000).")
     e.add_argument("--photos", type=int, default=3, help="Photos per individual (default: 3).")
-    e.add_argument("--steps", type=int, default=1500, help="Training steps (default: 1500).")
+    e.add_argument("--steps", type=int, default=2000, help="Training steps (default: 2000).")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
     e.set_defaults(func=cmd_train_evaluator)

@@ -177,7 +177,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_evaluator(
     subjects: int = 2000,
     photos: int = 3,
-    steps: int = 1500,
+    steps: int = 2000,
     batch: int = 64,
     lr: float = 3e-3,
     width: int = 32,

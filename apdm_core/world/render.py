@@ -33,7 +33,7 @@ COLORS = {
     "pink": (245, 125, 195),
 }
 COLOR_NAMES = tuple(COLORS)
-PATTERNS = ("stripes", "spots", "half", "center")
+PATTERNS = ("stripes", "spots", "cap", "center")  # each covers well under half of the body
 OUTLINES = ("none", "dark", "light")  # never named in prompts: identity a prompt cannot describe
 # The attributes that make an identity, with their values (the evaluator has one head each).
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -175,14 +175,14 @@ def _pattern_shapes(s: Subject) -> list[np.ndarray]:
         disc = np.stack([np.cos(a), np.sin(a)], 1) * (0.17 if s.cls == "star" else 0.22)
         return [disc + np.array(c) for c in s.spots]
     rot = _rot(s.pattern_angle)
-    if s.pattern == "half":
-        return [np.array([[0.0, -2], [2, -2], [2, 2], [0.0, 2]]) @ rot.T]
-    # stripes: bands across the body, ``stripes`` of them, perpendicular to pattern_angle
-    period = 2.0 / (s.stripes + 0.5)
+    if s.pattern == "cap":  # the part of the body beyond a line, about a third of it
+        return [np.array([[0.28, -2], [2, -2], [2, 2], [0.28, 2]]) @ rot.T]
+    # stripes: ``stripes`` narrow parallel bands across the body, centred
+    width, gap = 0.2, 0.68
     bands = []
-    for k in range(s.stripes + 1):
-        u0 = -1.1 + k * period
-        bands.append(np.array([[u0, -2], [u0 + period / 2, -2], [u0 + period / 2, 2], [u0, 2]]) @ rot.T)
+    for k in range(s.stripes):
+        u0 = (k - (s.stripes - 1) / 2) * gap - width / 2
+        bands.append(np.array([[u0, -2], [u0 + width, -2], [u0 + width, 2], [u0, 2]]) @ rot.T)
     return bands
 
 
