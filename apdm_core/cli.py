@@ -21,11 +21,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ProtectConfig field (``--outer-steps`` ...), with the field's help text."""
-    hints = typing.get_type_hints(ProtectConfig)
+def add_config_arguments(parser: argparse.ArgumentParser, cls=ProtectConfig, exclude=()) -> None:
+    """One flag per field of a config dataclass (``--outer-steps`` ...), with the field's help text."""
+    hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(ProtectConfig):
+    for f in (f for f in fields(cls) if f.name not in exclude):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} options"))
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -33,25 +33,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         typ = hints[f.name]
-        if typ == list[str]:
-            kw["nargs"] = "+"
-        elif typ in (int, float):
-            kw["type"] = typ
+        if typing.get_origin(typ) is list:
+            kw["nargs"], kw["type"] = "+", typing.get_args(typ)[0]
+        elif typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ in (int, float, int | None, float | None):
+            kw["type"] = typ if typ in (int, float) else typing.get_args(typ)[0]
         names = [_flag(f.name)]
         if f.name == "output":
             names.append("--out")
         group.add_argument(*names, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    """defaults < --preset < --config FILE < explicit flags."""
+def config_from_args(args: argparse.Namespace, cls=ProtectConfig, file_flag: str = "config"):
+    """defaults < --preset < --config FILE (or another ``file_flag``) < explicit flags."""
     values: dict = {}
     if getattr(args, "preset", None):
-        values.update(ProtectConfig.from_preset(args.preset).to_dict())
-    if getattr(args, "config", None):
-        values.update(ProtectConfig.load(args.config).to_dict())
-    values.update({f.name: getattr(args, f.name) for f in fields(ProtectConfig) if hasattr(args, f.name)})
-    return ProtectConfig(**values)
+        values.update(cls.from_preset(args.preset).to_dict())
+    if getattr(args, file_flag, None):
+        values.update(cls.load(getattr(args, file_flag)).to_dict())
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    return cls(**values)
 
 
 def _quiet_libraries() -> None:
@@ -78,8 +80,14 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if args.save_config:
         config.save(args.save_config)
         print(f"config written to {args.save_config}")
+    model = None
+    if config.model_type != "auto":  # protect() loads with detection; an explicit type needs a preload
+        from .models import load_model, resolve_device
+
+        model = load_model(config.model, device=resolve_device(config.device), model_type=config.model_type)
     result = protect(
         config,
+        model=model,
         progress=tqdm_callback(),
         resume=args.resume,
         keep_state=args.keep_state,
@@ -119,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
 # ``func`` on its parsers. Add a module here rather than growing this file.
-COMMAND_MODULES: list[str] = ["apdm_core.world.cli"]
+COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.export", "apdm_core.world.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
 PRECISIONS = ("no", "bf16")
 OPTIMIZERS = ("adamw",)
+MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")  # see apdm_core.checkpoint
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:
@@ -32,11 +33,118 @@ def _f(default: Any, help: str, choices: tuple | None = None, group: str = "adva
     return field(default=default, metadata=meta, **kw)
 
 
+class ConfigIO:
+    """Shared by the config dataclasses: choices check, dict/JSON/YAML round trip, save/load."""
+
+    def check_choices(self) -> None:
+        """Raise InputError for a field whose value is not one of its ``choices`` metadata."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise InputError(
+                    f"{type(self).__name__}.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
+                )
+
+    def check_ranges(
+        self,
+        at_least_one: tuple = (),
+        non_negative_int: tuple = (),
+        positive: tuple = (),
+        non_negative: tuple = (),
+        unit_interval: tuple = (),
+    ) -> None:
+        """Raise InputError for the first named field out of its range (None values are not checked)."""
+        checks = (
+            (at_least_one, lambda v: int(v) >= 1, "must be >= 1"),
+            (non_negative_int, lambda v: int(v) >= 0, "must be >= 0"),
+            (positive, lambda v: float(v) > 0 and math.isfinite(float(v)), "must be a positive number"),
+            (non_negative, lambda v: float(v) >= 0 and math.isfinite(float(v)), "must be >= 0"),
+            (unit_interval, lambda v: 0 <= float(v) < 1, "must be in [0, 1)"),
+        )
+        for names, ok, rule in checks:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not ok(value):
+                    raise InputError(f"{type(self).__name__}.{name} {rule} (got {value}).")
+
+    def check_resolution_and_prompts(self) -> None:
+        """For configs with ``resolution``, ``instance_prompt`` and ``class_prompt`` fields."""
+        if self.resolution and self.resolution % 8:
+            raise InputError(
+                f"{type(self).__name__}.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
+            )
+        if not self.instance_prompt.strip() or not self.class_prompt.strip():
+            raise InputError(
+                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
+            )
+
+    # --- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        from .fileio import atomic_write_text
+
+        path = Path(path)
+        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
+        return atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+            raise InputError(
+                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{path} must contain a mapping of {cls.__name__} fields.")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class ProtectConfig:
+class ProtectConfig(ConfigIO):
     # --- what to protect -------------------------------------------------------------
     model: str = _f(
         "", "Base model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
+    )
+    model_type: str = _f(
+        "auto",
+        "Single-file checkpoints: auto (detect from the tensors), sd1, sd2 (512, epsilon), "
+        "sd2-v (768, v-prediction), or a diffusers config folder.",
+        group="io",
     )
     images: list[str] = _f(
         [], "Subject images: a folder or a list of png/jpg/webp files (4-6 is typical).", group="io"
@@ -127,40 +235,20 @@ class ProtectConfig:
     # ------------------------------------------------------------------------------------
     def validate(self) -> ProtectConfig:
         """Raise InputError naming the field and the fix when a value is out of range."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise InputError(
-                    f"ProtectConfig.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
-                )
-        positive_int = ("outer_steps", "batch_size", "sample_steps", "sample_batch_size")
-        for name in positive_int:
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"ProtectConfig.{name} must be >= 1 (got {getattr(self, name)}).")
-        for name in ("inner_steps", "num_class_images", "resolution", "save_every", "seed"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {getattr(self, name)}).")
-        for name in ("lr_protect", "lr_personalize", "beta", "adam_epsilon"):
-            v = float(getattr(self, name))
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"ProtectConfig.{name} must be a positive number (got {v}).")
-        for name in ("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"):
-            v = float(getattr(self, name))
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"ProtectConfig.{name} must be >= 0 (got {v}).")
-        for name in ("adam_beta1", "adam_beta2"):
-            v = float(getattr(self, name))
-            if not 0 <= v < 1:
-                raise InputError(f"ProtectConfig.{name} must be in [0, 1) (got {v}).")
-        if self.resolution and self.resolution % 8:
+        self.check_choices()
+        self.check_ranges(
+            at_least_one=("outer_steps", "batch_size", "sample_steps", "sample_batch_size"),
+            non_negative_int=("inner_steps", "num_class_images", "resolution", "save_every", "seed"),
+            positive=("lr_protect", "lr_personalize", "beta", "adam_epsilon"),
+            non_negative=("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"),
+            unit_interval=("adam_beta1", "adam_beta2"),
+        )
+        if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(
-                f"ProtectConfig.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
+                f"ProtectConfig.model_type={self.model_type!r} is not valid; choose one of {', '.join(MODEL_TYPES)} "
+                "or pass a diffusers config folder."
             )
-        if not self.instance_prompt.strip() or not self.class_prompt.strip():
-            raise InputError(
-                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
-            )
+        self.check_resolution_and_prompts()
         return self
 
     # --- presets -----------------------------------------------------------------------------
@@ -170,60 +258,6 @@ class ProtectConfig:
         if name not in PRESETS:
             raise InputError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
-
-    # --- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProtectConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-            )
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> Path:
-        from .fileio import atomic_write_text
-
-        path = Path(path)
-        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
-        return atomic_write_text(path, text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ProtectConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise InputError(
-                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
-            ) from exc
-        if not isinstance(data, dict):
-            raise InputError(f"{path} must contain a mapping of ProtectConfig fields.")
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any) -> ProtectConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # Fields that change what is computed; a resumed run must agree on all of them.

@@ -59,9 +59,9 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
 
 
 def prepare_image(
-    image: Image.Image, size: int, name: str = "image", min_side: int | None = None
+    image: Image.Image, size: int, name: str = "image", min_side: int | None = None, crop: bool = True
 ) -> Image.Image:
-    """EXIF-orient, convert to RGB, check the short side, center-crop and resize."""
+    """EXIF-orient, convert to RGB, check the short side, then center-crop and resize (unless ``crop=False``)."""
     image = ImageOps.exif_transpose(image)
     image = image.convert("RGB")
     limit = min(MIN_SIDE, size) if min_side is None else min_side
@@ -70,7 +70,7 @@ def prepare_image(
             f"{name} is too small ({image.size[0]}x{image.size[1]} px); the short side must be at least "
             f"{limit} px. Use a larger photo of the subject."
         )
-    return center_square(image, size)
+    return center_square(image, size) if crop else image
 
 
 def open_image(path: Path) -> Image.Image:
@@ -85,22 +85,27 @@ def open_image(path: Path) -> Image.Image:
 
 
 def load_subject_images(
-    source, size: int, order: str = "name", min_side: int | None = None
+    source, size: int, order: str = "name", min_side: int | None = None, crop: bool = True
 ) -> list[SubjectImage]:
-    """Load subject photos from a folder / list of files, or wrap PIL images given directly."""
+    """Load subject photos from a folder / list of files, or wrap PIL images given directly.
+
+    ``crop=False`` keeps each photo's own shape (oriented, RGB, size-checked) for augmentation.
+    """
     if isinstance(source, Image.Image) or (
         isinstance(source, (list, tuple)) and source and isinstance(source[0], Image.Image)
     ):
         images = [source] if isinstance(source, Image.Image) else list(source)
         subjects = [
-            SubjectImage(f"image_{i:03d}", prepare_image(im, size, f"image {i}", min_side))
+            SubjectImage(f"image_{i:03d}", prepare_image(im, size, f"image {i}", min_side, crop))
             for i, im in enumerate(images)
         ]
     else:
         subjects = []
         for path in find_images(source, order):
             subjects.append(
-                SubjectImage(path.stem, prepare_image(open_image(path), size, str(path), min_side), str(path))
+                SubjectImage(
+                    path.stem, prepare_image(open_image(path), size, str(path), min_side, crop), str(path)
+                )
             )
     if not subjects:
         raise InputError("No subject images given: at least 1 image is needed (4-6 is typical).")
@@ -116,3 +121,46 @@ def load_subject_images(
             stacklevel=2,
         )
     return subjects
+
+
+def resize_short_side(image: Image.Image, short: int) -> Image.Image:
+    """Resize so the short side is ``short`` px, keeping the aspect ratio (bicubic, antialiased)."""
+    w, h = image.size
+    if (w <= h and w == short) or (h <= w and h == short):
+        return image
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    return image.resize((nw, nh), Image.Resampling.BICUBIC)
+
+
+def view_is_fixed(image: Image.Image, size: int, crop_scale: float = 1.0) -> bool:
+    """True when a random crop of this image can only return one view (square at the crop size)."""
+    w, h = resize_short_side(image, round(size * crop_scale)).size
+    return w == size and h == size
+
+
+def random_view(
+    image: Image.Image,
+    size: int,
+    generator,
+    *,
+    crop: bool = True,
+    crop_scale: float = 1.0,
+    flip: bool = False,
+) -> Image.Image:
+    """One augmented training view, as DreamBooth trainers make them: resize the short side to
+    ``size * crop_scale``, crop ``size`` x ``size`` (random position, or centered with ``crop=False``),
+    and mirror with probability 1/2 when ``flip``. All randomness comes from the torch ``generator``.
+    """
+    import torch
+
+    im = resize_short_side(image, round(size * crop_scale))
+    w, h = im.size
+    if crop:
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    else:
+        left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
+    view = im.crop((left, top, left + size, top + size))
+    if flip and float(torch.rand(1, generator=generator)) < 0.5:
+        view = ImageOps.mirror(view)
+    return view

@@ -452,13 +452,6 @@ def check_output(output: str | Path, overwrite: bool, model: SDModel) -> None:
 
 def write_output(model: SDModel, config: ProtectConfig, output: str | Path, overwrite: bool = False) -> Path:
     """Write the protected model: a diffusers folder, or a single .safetensors file (export module)."""
-    output = Path(output)
-    if output.suffix.lower() in (".safetensors", ".ckpt"):
-        from .export import export_single_file
+    from .export import write_model
 
-        return export_single_file(model, output, config=config, overwrite=overwrite)
-    from .models import save_diffusers
-
-    return save_diffusers(
-        model, output, overwrite=overwrite, extra_files={"apdm_config.json": config.to_json()}
-    )
+    return write_model(model, output, config=config, overwrite=overwrite)

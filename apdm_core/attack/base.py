@@ -1,0 +1,429 @@
+"""The shared machinery of every attack: registry, data, the training loop, state and resume.
+
+An attack is a small class registered by name (like peft's tuners): it makes its trainable
+copy of the model in ``__init__``, names the tensors it trains (``trainable``), and may
+override ``loss``/``after_step``/``result_model``/``save``. The loop here is the same for all:
+AdamW, gradient clipping, progress + cancel each step, a resumable state file.
+
+The DreamBooth objective is ``apdm_core.training.dreambooth_loss``, the function the L2P
+simulated attacker uses, so the simulated and the real attacker compute the same loss. With
+augmentation the instance latents come from augmented views encoded every draw; all
+randomness comes from one CPU ``torch.Generator`` whose state is saved with the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import center_square, load_subject_images, random_view, view_is_fixed
+from ..errors import Cancelled, InputError, TrainingDiverged
+from ..fileio import atomic_path
+from ..models import SDModel, resolve_device
+from ..pairs import default_cache_dir, ensure_class_images
+from ..progress import ProgressCallback, StopCheck, Tracker
+from ..training import Diffusion, LatentBank, dreambooth_loss, make_forward
+from .config import AttackConfig
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: make an Attack subclass available as ``AttackConfig(kind=name)``."""
+
+    def wrap(cls: type[Attack]) -> type[Attack]:
+        cls.name = name
+        _ATTACKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_attacks() -> tuple[str, ...]:
+    return tuple(_ATTACKS)
+
+
+def replace_word(text: str, word: str, repl: str) -> str:
+    """Replace ``word`` where it stands as a whole whitespace-separated word."""
+    return re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", lambda _: repl, text)
+
+
+def get_attack(name: str) -> type[Attack]:
+    if name not in _ATTACKS:
+        raise InputError(f"Unknown attack {name!r}; choose one of {', '.join(_ATTACKS)}.")
+    return _ATTACKS[name]
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+class AugmentedBank:
+    """Subject photos drawn as fresh augmented views, encoded by the VAE on every draw.
+
+    Same interface as ``training.LatentBank`` (``len``, ``draw``), so ``dreambooth_loss`` takes it.
+    """
+
+    def __init__(self, model: SDModel, images, size: int, crop: bool, crop_scale: float, flip: bool) -> None:
+        self.model, self.images, self.size = model, list(images), size
+        self.crop, self.crop_scale, self.flip = crop, crop_scale, flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        views = [
+            random_view(self.images[int(i)], self.size, generator, crop=self.crop,
+                        crop_scale=self.crop_scale, flip=self.flip)
+            for i in idx
+        ]  # fmt: skip
+        return LatentBank(*self.model.encode_images(views)).sample(torch.arange(batch_size), generator)
+
+
+@dataclass
+class AttackData:
+    instance: LatentBank | AugmentedBank
+    prior: LatentBank | None
+    diffusion: Diffusion
+    augmented: bool
+
+
+def instance_bank(model: SDModel, originals, size: int, cfg: AttackConfig) -> tuple[object, bool]:
+    """Augmented views when the augmentation can vary a view, else one fixed latent bank (same result, faster)."""
+    varies = cfg.random_flip or (
+        cfg.random_crop and not all(view_is_fixed(im, size, cfg.crop_scale) for im in originals)
+    )
+    if varies:
+        return AugmentedBank(model, originals, size, cfg.random_crop, cfg.crop_scale, cfg.random_flip), True
+    if cfg.crop_scale == 1:  # exactly the protection's preprocessing (data.center_square)
+        views = [center_square(im, size) for im in originals]
+    else:  # a fixed, centered zoom: draws no random numbers
+        views = [random_view(im, size, None, crop=False, crop_scale=cfg.crop_scale) for im in originals]
+    return LatentBank(*model.encode_images(views)), False
+
+
+# ------------------------------------------------------------------------------------------
+# attacks
+# ------------------------------------------------------------------------------------------
+class Attack:
+    """Base class: a trainable copy of (part of) the model and the DreamBooth loss on it."""
+
+    name = ""
+    defaults: dict = {"steps": 800, "lr": 5e-6, "prior_weight": 1.0}
+
+    def __init__(self, model: SDModel, cfg: AttackConfig, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.unet = model.unet  # subclasses replace it by a trainable copy where they train it
+        self.forward = make_forward(device, cfg.mixed_precision)
+        self._embeds: torch.Tensor | None = None
+
+    # --- what is trained -------------------------------------------------------------------
+    @property
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """name -> parameter of everything the optimizer updates (and the state file holds)."""
+        raise NotImplementedError
+
+    # --- the objective ----------------------------------------------------------------------
+    def training_prompt(self) -> str:
+        return self.cfg.instance_prompt
+
+    def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(instance, class) prompt embeddings; fixed here, recomputed each step by attacks that train them."""
+        if self._embeds is None:
+            self._embeds = self.model.encode_prompts([self.training_prompt(), self.cfg.class_prompt])
+        return self._embeds[:1], self._embeds[1:]
+
+    def loss(self, data: AttackData, generator: torch.Generator) -> torch.Tensor:
+        inst, cls = self.prompt_embeds()
+        c = self.cfg
+        return dreambooth_loss(self.unet, self.forward, data.diffusion, data.instance, inst, generator,
+                               c.batch_size, data.prior, cls, c.prior_weight)  # fmt: skip
+
+    def after_step(self) -> None:
+        """Hook after each optimizer step (textual inversion restores the rows it must not change)."""
+
+    # --- the outcome ------------------------------------------------------------------------
+    def prompt_map(self) -> dict[str, str]:
+        """Words to replace in prompts for the attacked model (textual inversion: sks -> <sks>)."""
+        return {}
+
+    def result_model(self) -> SDModel:
+        unet = self.unet.requires_grad_(False).eval()
+        info = {**self.model.info, "attack": self.name}
+        return dataclasses.replace(self.model, unet=unet, info=info, _fingerprint=None)
+
+    def save(self, result: AttackResult, folder: Path) -> None:
+        """Write the attack's result into ``folder`` (a fresh temporary folder)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model: SDModel, folder: Path, cfg: AttackConfig) -> tuple[SDModel, dict[str, str]]:
+        """Apply a result written by ``save`` to ``model`` (not modified) -> (attacked model, prompt_map)."""
+        raise NotImplementedError
+
+
+def frozen_copy_of_unet(model: SDModel, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A private copy of the model's UNet (the input model object is never modified)."""
+    unet = copy.deepcopy(model.unet).requires_grad_(False)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+# ------------------------------------------------------------------------------------------
+# result
+# ------------------------------------------------------------------------------------------
+@dataclass
+class AttackResult:
+    model: SDModel  # the attacked model (new trainable copies; the input model is intact)
+    config: AttackConfig  # resolved (the attack's defaults filled in)
+    steps_done: int
+    cancelled: bool = False
+    history: list[dict] = field(default_factory=list)  # per step: step, loss, grad_norm, seconds
+    state_path: Path | None = None
+    seconds: float = 0.0
+    prompt_map: dict[str, str] = field(default_factory=dict)
+    attack: Attack | None = field(default=None, repr=False)
+
+    def prompt(self, text: str) -> str:
+        """A prompt written with the identifier, in the attacked model's words (TI: its new token)."""
+        for word, repl in self.prompt_map.items():
+            text = replace_word(text, word, repl)
+        return text
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+    def save(self, output: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Path:
+        """Write the result as a new folder (atomically), with the config and the loss history beside it."""
+        if self.cancelled or self.attack is None:
+            raise InputError("This attack did not finish; resume it before saving its result.")
+        output = Path(output)
+        with atomic_path(output, overwrite=overwrite, protected=protected) as tmp:
+            self.attack.save(self, tmp)
+            (tmp / "apdm_attack_config.json").write_text(self.config.to_json(), encoding="utf-8")
+            (tmp / "attack_history.json").write_text(json.dumps(self.history, indent=1), encoding="utf-8")
+        return output
+
+
+# ------------------------------------------------------------------------------------------
+# state
+# ------------------------------------------------------------------------------------------
+def attack_identity(cfg: AttackConfig, model: SDModel, subjects) -> str:
+    h = hashlib.sha256(json.dumps(cfg.identity_dict(), sort_keys=True).encode())
+    h.update(model.fingerprint().encode())
+    for s in subjects:
+        h.update(s.name.encode())
+        h.update(s.image.tobytes())
+    return h.hexdigest()
+
+
+def default_state_path(cfg: AttackConfig, identity: str) -> Path:
+    if cfg.state_path:
+        return Path(cfg.state_path)
+    if cfg.output:
+        return Path(str(Path(cfg.output)) + ".apdm-attack-state.pt")
+    return Path(cfg.cache_dir or default_cache_dir()) / "attack-state" / f"{identity[:20]}.pt"
+
+
+class AttackTrainer:
+    """AdamW on the attack's trainable tensors; one ``train_step`` = one DreamBooth step."""
+
+    def __init__(self, attack: Attack, data: AttackData, cfg: AttackConfig) -> None:
+        self.attack, self.data, self.cfg = attack, data, cfg
+        self.params = list(attack.trainable.values())
+        kw = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
+              "eps": cfg.adam_epsilon}  # fmt: skip
+        if attack.device.type == "cuda":
+            kw["foreach"] = True
+        self.optimizer = torch.optim.AdamW(self.params, **kw)
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self.phase = "idle"  # "loss" (weights intact), "update" (optimizer stepping), "idle"
+        self._rng_at_step_start = self.generator.get_state()
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        self._rng_at_step_start = self.generator.get_state()
+        self.phase = "loss"
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.attack.loss(self.data, self.generator)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"The {self.attack.name} attack loss became {value} at step {self.step + 1}. Lower the attack "
+                "learning rate (--lr) or keep mixed_precision='no'."
+            )
+        loss.backward()
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.phase = "update"
+        self.optimizer.step()
+        self.attack.after_step()
+        self.step += 1
+        self.phase = "idle"
+        entry = {
+            "step": self.step,
+            "loss": value,
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(entry)
+        return entry
+
+    def state_dict(self) -> dict:
+        rng = self._rng_at_step_start if self.phase == "loss" else self.generator.get_state()
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "trainable": {k: v.detach().cpu().clone() for k, v in self.attack.trainable.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.attack.trainable.items():
+                p.copy_(state["trainable"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+
+def save_state(path: Path, trainer: AttackTrainer, identity: str) -> Path:
+    state = trainer.state_dict()
+    state["identity"] = identity
+    state["config"] = trainer.cfg.to_dict()
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_state(path: Path, identity: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"Attack state file {path} cannot be read ({exc}); delete it to start over."
+        ) from exc
+    if state.get("version") != STATE_VERSION or state.get("identity") != identity:
+        raise InputError(
+            f"Attack state file {path} belongs to a different attack (other model, images or settings). "
+            "Resume with the same settings (only steps may grow), or delete the file to start over."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------
+# the public entry point
+# ------------------------------------------------------------------------------------------
+def prepare_attack_data(
+    model: SDModel, subjects, size: int, cfg: AttackConfig, progress, should_stop
+) -> AttackData:
+    prior = None
+    if cfg.prior_weight > 0 and cfg.num_class_images > 0:
+        class_images = ensure_class_images(
+            model, cfg.class_prompt, cfg.num_class_images, size=size, seed=cfg.seed, steps=cfg.sample_steps,
+            guidance=cfg.guidance_scale, batch_size=cfg.sample_batch_size, class_dir=cfg.class_images or None,
+            cache_dir=cfg.cache_dir or None, progress=progress, should_stop=should_stop,
+        )  # fmt: skip
+        prior = LatentBank(*model.encode_images(class_images))
+    instance, augmented = instance_bank(model, [s.image for s in subjects], size, cfg)
+    return AttackData(instance, prior, Diffusion(model.noise_scheduler()), augmented)
+
+
+def run_attack(
+    model: SDModel,
+    images,
+    config: AttackConfig,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    resume: bool = False,
+    state_path: str | Path | None = None,
+) -> AttackResult:
+    """Personalize ``model`` on the subject ``images`` the way an attacker would.
+
+    ``images``: a folder, a list of files or PIL images. The input model object is never
+    modified (each attack trains its own copy of what it changes). ``progress`` gets a
+    ProgressEvent (stage 'attack') every step and ``should_stop`` is checked every step; a stop
+    (or an exception raised by the host inside ``progress``) saves the resumable state first,
+    and ``run_attack(..., resume=True)`` continues from it bit for bit.
+    """
+    config.validate()
+    cfg = config.resolved()
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model.to(device)
+    size = cfg.resolution or model.native_resolution
+    subjects = load_subject_images(images, size, min_side=None if size >= 256 else size, crop=False)
+    attack = get_attack(cfg.kind)(model, cfg, device)
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            data = prepare_attack_data(model, subjects, size, cfg, progress, should_stop)
+        except Cancelled:
+            return AttackResult(model, cfg, 0, cancelled=True, seconds=time.perf_counter() - t_start)
+        trainer = AttackTrainer(attack, data, cfg)
+        identity = attack_identity(cfg, model, subjects)
+        path = Path(state_path) if state_path else default_state_path(cfg, identity)
+        if resume and path.exists():
+            trainer.load_state_dict(load_state(path, identity))
+            log.info("Resumed the %s attack from %s at step %d", cfg.kind, path, trainer.step)
+        tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
+        cancelled = False
+        try:
+            tracker.check_stop()
+            while trainer.step < cfg.steps:
+                entry = trainer.train_step()
+                if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+                    save_state(path, trainer, identity)
+                tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
+        except BaseException as exc:
+            if isinstance(exc, TrainingDiverged):
+                raise
+            if trainer.phase == "update":  # stopped inside an optimizer step: the weights are mixed
+                log.warning("Interrupted inside an optimizer step; the last saved state at %s stays.", path)
+            else:
+                save_state(path, trainer, identity)
+            if not isinstance(exc, Cancelled):
+                raise
+            cancelled = True
+    result = AttackResult(
+        attack.result_model(), cfg, trainer.step, cancelled, trainer.history,
+        path if cancelled else None, prompt_map=attack.prompt_map(), attack=attack,
+    )  # fmt: skip
+    if not cancelled and path.exists():
+        path.unlink()
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def load_attack_output(model: SDModel, folder: str | Path) -> tuple[SDModel, dict[str, str], AttackConfig]:
+    """Rebuild an attacked model from ``model`` and a folder written by ``AttackResult.save``."""
+    folder = Path(folder)
+    cfg_path = folder / "apdm_attack_config.json"
+    if not cfg_path.exists():
+        raise InputError(
+            f"{folder} has no apdm_attack_config.json; pass a folder written by `apdm attack --out`."
+        )
+    cfg = AttackConfig.load(cfg_path)
+    attacked, prompt_map = get_attack(cfg.kind).load(model, folder, cfg)
+    return attacked, prompt_map, cfg

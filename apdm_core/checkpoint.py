@@ -1,0 +1,427 @@
+"""Single-file Stable Diffusion checkpoints (original CompVis/LDM key layout), fully offline.
+
+- ``read_checkpoint``: open a .safetensors file (or, only when the user opts in, a pickle
+  .ckpt loaded with ``torch.load(weights_only=True)``): keys, shapes, dtypes, metadata.
+- ``detect_model_type``: SD1.x / SD2.x (512, epsilon) / SD2.x (768, v-prediction) from the
+  tensors: the text encoder (CLIP ViT-L vs OpenCLIP ViT-H keys), the UNet's proj_in (conv vs
+  linear) and, for SD2.x, the v-prediction hints (metadata, a ``v_pred`` key, the weight
+  statistic ComfyUI uses).
+- ``load_single_file``: the components via diffusers' own single-file conversion
+  (``from_single_file`` with ``config=<local folder>``, ``local_files_only=True``) and the
+  config folders shipped in ``apdm_core/sd_configs``; nothing is downloaded.
+
+The CLIP tokenizer of SD1.x and SD2.x (one BPE vocabulary; SD2 pads with "!") is rebuilt
+from ``sd_configs/clip_merges.txt.gz`` (see ``clip_vocab``) and loaded with
+``CLIPTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .models import SDModel, _load_scheduler
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+MODEL_TYPE_HELP = {
+    "sd1": "SD1.x (CLIP ViT-L text encoder, 512 px, epsilon)",
+    "sd2": "SD2.x base (OpenCLIP ViT-H, 512 px, epsilon)",
+    "sd2-v": "SD2.x (OpenCLIP ViT-H, 768 px, v-prediction)",
+}
+CONFIG_ROOT = Path(__file__).resolve().with_name("sd_configs")
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
+SD1_TEXT_PREFIX, SD1_TEXT_MODEL = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+OLD_SD1_TEXT_KEY = (
+    "cond_stage_model.transformer.embeddings.position_embedding.weight"  # pre-4.x transformers names
+)
+V_PRED_STAT_KEY = re.compile(r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
+V_PRED_STD = 0.09  # ComfyUI's SD20.model_type threshold on that tensor's std
+SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy hint for 512-base .ckpt files
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# the CLIP tokenizer (shipped once for SD1.x and SD2.x)
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def clip_vocab() -> tuple[dict[str, int], tuple[str, ...]]:
+    """CLIP's BPE vocabulary (token -> id, 49408 entries) and merges, built as CLIP's SimpleTokenizer does.
+
+    Ids: the 256 byte symbols, the same with ``</w>``, one token per merge in merge order,
+    then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
+    """
+    from .tiny import bytes_to_unicode
+
+    merges = tuple(gzip.decompress((CONFIG_ROOT / "clip_merges.txt.gz").read_bytes()).decode().splitlines())
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_clip_vocab(folder: str | Path) -> Path:
+    """Write vocab.json + merges.txt (the Hugging Face files) of the CLIP vocabulary into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def load_tokenizer(config_dir: str | Path):
+    """The CLIPTokenizer of a config folder: its own tokenizer/ files, or the shipped vocabulary with its settings."""
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(config_dir) / "tokenizer"
+    if (tok_dir / "vocab.json").exists():
+        return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="apdm-tokenizer-") as tmp:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (tok_dir / name).exists():
+                shutil.copy(tok_dir / name, Path(tmp) / name)
+        return CLIPTokenizer.from_pretrained(write_clip_vocab(tmp), local_files_only=True)
+
+
+def config_dir(model_type: str) -> Path:
+    """The shipped diffusers config folder of a model type (sd1, sd2, sd2-v)."""
+    if model_type not in MODEL_TYPES:
+        raise InputError(f"Unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}.")
+    return CONFIG_ROOT / model_type
+
+
+# ------------------------------------------------------------------------------------------
+# reading a file
+# ------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointFile:
+    """A single-file checkpoint: tensor index (shape, dtype), metadata, tensors on demand."""
+
+    path: Path
+    format: str  # "safetensors" or "pickle"
+    index: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # non-tensor entries of a pickle (global_step ...)
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.index[key][0]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The given tensors, unchanged (same dtype and bytes as in the file)."""
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, in file order (safetensors: read from disk; pickle: already in memory)."""
+        if self._tensors is not None:
+            return dict(self._tensors)
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path))
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: cannot read the tensors ({exc}); the file may be truncated, re-download it."
+            ) from exc
+
+
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'pickle' or 'unknown', from the first bytes (not the file name)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip archive, or a legacy pickle
+        return "pickle"
+    return "unknown"
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> CheckpointFile:
+    """Open a single-file checkpoint; pickle files only with ``allow_pickle`` (then ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist or is not a file; pass a .safetensors checkpoint.")
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                index = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    index[k] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8))
+        except Exception as exc:
+            raise InputError(
+                f"{path} is not a readable safetensors file ({exc}); re-download or re-export it."
+            ) from exc
+        return CheckpointFile(path, "safetensors", index, metadata)
+    if fmt == "pickle":
+        if not allow_pickle:
+            raise InputError(
+                f"{path} is a pickle checkpoint (.ckpt/.pt); pickle files can run code when loaded, so they are "
+                "refused by default. Prefer a .safetensors version of the model. If you trust this file, opt in "
+                "(--allow-pickle / allow_pickle=True): it is then read with torch.load(weights_only=True), e.g. "
+                f"`apdm export --model {path} --allow-pickle --out {path.with_suffix('.safetensors')}` converts it once."
+            )
+        return _read_pickle(path)
+    raise InputError(
+        f"{path} is neither a safetensors nor a PyTorch checkpoint; pass a .safetensors file or a diffusers folder."
+    )
+
+
+def _read_pickle(path: Path) -> CheckpointFile:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"{path} contains objects other than tensors, which torch.load(weights_only=True) refuses ({exc}). "
+            "Use a .safetensors version of this model."
+        ) from exc
+    except Exception as exc:
+        raise InputError(f"{path} cannot be read as a PyTorch checkpoint ({exc}); re-download it.") from exc
+    extras: dict[str, Any] = {}
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning-style nesting
+        extras.update(
+            {k: v for k, v in obj.items() if k != "state_dict" and not isinstance(v, (dict, torch.Tensor))}
+        )
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} does not hold a state dict; pass a Stable Diffusion checkpoint.")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    extras = {**extras, **{k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}}
+    index = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    return CheckpointFile(path, "pickle", index, {}, extras, tensors)
+
+
+# ------------------------------------------------------------------------------------------
+# detection
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Detection:
+    model_type: str  # sd1 / sd2 / sd2-v
+    reasons: list[str]
+
+
+def _not_sd_message(ckpt: CheckpointFile) -> str:
+    keys = ckpt.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        what = "an SDXL checkpoint; only SD1.x and SD2.x are supported"
+    elif any(
+        k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys
+    ):
+        what = "a LoRA or adapter file, not a full model checkpoint"
+    elif "conv_in.weight" in ckpt or any(k.startswith("down_blocks.") for k in keys):
+        what = "a single diffusers component (e.g. a UNet), not a full checkpoint; pass the diffusers folder"
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        what = "a VAE file, not a full model checkpoint"
+    else:
+        what = "not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet tensors)"
+    return f"{ckpt.path} is {what}."
+
+
+def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
+    """'sd1' or 'sd2' from the text encoder and the UNet, checked against each other."""
+    if f"{UNET_PREFIX}input_blocks.0.0.weight" not in ckpt:
+        raise InputError(_not_sd_message(ckpt))
+    in_ch = ckpt.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
+    if in_ch != 4:
+        raise InputError(
+            f"{ckpt.path}: the UNet takes {in_ch} input channels (an inpainting or other special model); "
+            "only text-to-image SD1.x/SD2.x checkpoints (4 channels) are supported."
+        )
+    if f"{VAE_PREFIX}encoder.conv_in.weight" not in ckpt:
+        raise InputError(
+            f"{ckpt.path} has no VAE (first_stage_model.*); pass a full checkpoint with its VAE baked in."
+        )
+    if SD1_TEXT_KEY in ckpt or OLD_SD1_TEXT_KEY in ckpt:
+        text, text_reason = "sd1", "CLIP ViT-L text encoder (cond_stage_model.transformer.*)"
+    elif SD2_TEXT_KEY in ckpt:
+        text, text_reason = "sd2", "OpenCLIP text encoder (cond_stage_model.model.*)"
+    else:
+        raise InputError(
+            f"{ckpt.path} has no text encoder in the SD1.x/SD2.x layout (cond_stage_model.*); "
+            "pass a full checkpoint (UNet + VAE + text encoder)."
+        )
+    proj = sorted(k for k in ckpt.keys() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight"))
+    if not proj:
+        raise InputError(
+            f"{ckpt.path}: the UNet has no cross-attention (proj_in) layers; not an SD1.x/SD2.x model."
+        )
+    linear = len(ckpt.shape(proj[0])) == 2
+    unet = "sd2" if linear else "sd1"
+    if unet != text:
+        raise InputError(
+            f"{ckpt.path}: the text encoder says {text.upper()} but the UNet's proj_in is "
+            f"{'linear (SD2.x)' if linear else 'a 1x1 conv (SD1.x)'}; this mixed model is not a standard type. "
+            "Pass --model-type with a diffusers config folder that matches it."
+        )
+    return text, [text_reason, f"UNet proj_in is {'linear' if linear else 'a 1x1 conv'}"]
+
+
+def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
+    """Whether an SD2.x file is v-prediction (768) rather than epsilon (512-base), and why."""
+    meta = ckpt.metadata
+    if meta.get("apdm.model_type") in ("sd2", "sd2-v"):
+        return meta["apdm.model_type"] == "sd2-v", "apdm.model_type metadata"
+    pred = meta.get("modelspec.prediction_type", "").lower()
+    if pred in ("v", "v_prediction", "v-prediction", "epsilon", "eps"):
+        return pred.startswith("v"), f"modelspec.prediction_type={pred!r} metadata"
+    arch = meta.get("modelspec.architecture", "")
+    if arch.startswith("stable-diffusion-v2"):
+        return arch.endswith("-v"), f"modelspec.architecture={arch!r} metadata"
+    if "v_pred" in ckpt:
+        return True, "a 'v_pred' key"
+    if ckpt.extras.get("global_step") == SD2_BASE_GLOBAL_STEP:
+        return False, f"global_step={SD2_BASE_GLOBAL_STEP} (the SD2 512-base release)"
+    stats = [
+        (int(m.group(1)), k)
+        for k in ckpt.keys()
+        if k.startswith(UNET_PREFIX) and (m := V_PRED_STAT_KEY.search(k))
+    ]
+    if stats:
+        key = max(stats)[1]
+        std = float(ckpt.tensor(key).float().std(unbiased=False))
+        return (
+            std > V_PRED_STD,
+            f"std of {key[len(UNET_PREFIX) :]} = {std:.3f} ({'>' if std > V_PRED_STD else '<='} {V_PRED_STD}, ComfyUI's rule)",
+        )
+    return False, "no v-prediction hint"
+
+
+def detect_model_type(ckpt: CheckpointFile) -> Detection:
+    """sd1 / sd2 / sd2-v from the tensors and metadata; raises InputError for anything else."""
+    family, reasons = model_family(ckpt)
+    if family == "sd1":
+        return Detection("sd1", reasons)
+    v, why = _v_prediction_hint(ckpt)
+    return Detection("sd2-v" if v else "sd2", [*reasons, f"{'v-prediction' if v else 'epsilon'}: {why}"])
+
+
+def resolve_model_type(ckpt: CheckpointFile, model_type: str | None = None) -> tuple[str, Path, list[str]]:
+    """(model type, config folder, reasons). ``model_type``: None/'auto', sd1/sd2/sd2-v, or a config folder."""
+    if not model_type or model_type == "auto":
+        det = detect_model_type(ckpt)
+        return det.model_type, config_dir(det.model_type), det.reasons
+    family, reasons = model_family(ckpt)
+    if model_type in MODEL_TYPES:
+        if model_type[:3] != family:
+            raise InputError(
+                f"{ckpt.path}: model type {model_type!r} was requested but the file is {family.upper()}.x "
+                f"({reasons[0]}); use --model-type {'sd1' if family == 'sd1' else 'sd2 or sd2-v'}."
+            )
+        return model_type, config_dir(model_type), [*reasons, "type set by the user"]
+    folder = Path(model_type)
+    if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
+        raise InputError(
+            f"--model-type {model_type!r} is neither one of {', '.join(MODEL_TYPES)} nor a diffusers config "
+            "folder (with unet/, vae/, text_encoder/, scheduler/ configs)."
+        )
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    kind = family + ("-v" if family == "sd2" and sched.get("prediction_type") == "v_prediction" else "")
+    return kind, folder, [*reasons, f"configs from {folder}"]
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------
+def _check_complete(path: Path, name: str, module) -> None:
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:
+        raise InputError(
+            f"{path}: the {name} tensors do not match the expected layout ({len(missing)} missing, e.g. "
+            f"{missing[0]}); the file is damaged or of another model type (try --model-type)."
+        )
+
+
+def load_single_file(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    model_type: str | None = None,
+    allow_pickle: bool = False,
+) -> SDModel:
+    """Load an SD1.x/SD2.x single-file checkpoint offline into an SDModel (kind sd1/sd2/sd2-v).
+
+    ``model.info`` records what export needs: the file format, the config folder and why the
+    type was chosen; ``model.source`` is the file.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
+    kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
+    state = ckpt.state_dict()
+    if (
+        OLD_SD1_TEXT_KEY in ckpt
+    ):  # old CLIP names without "text_model.": alias them for diffusers (file unchanged)
+        state.update({SD1_TEXT_MODEL + k[len(SD1_TEXT_PREFIX) :]: v for k, v in state.items()
+                      if k.startswith(SD1_TEXT_PREFIX) and not k.startswith(SD1_TEXT_MODEL)})  # fmt: skip
+    common = {"config": str(cfg_dir), "local_files_only": True, "torch_dtype": dtype}
+    try:
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", **common
+        )
+    except (ValueError, RuntimeError, KeyError, AttributeError) as exc:
+        raise InputError(
+            f"{path}: could not load it as {MODEL_TYPE_HELP.get(kind, kind)} ({type(exc).__name__}: {exc}). "
+            "If the type is wrong, pass --model-type (sd1, sd2, sd2-v or a diffusers config folder)."
+        ) from exc
+    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
+        _check_complete(path, name, module)
+    del state
+    model = SDModel(unet, vae, text_encoder, load_tokenizer(cfg_dir), _load_scheduler(cfg_dir), source=str(path),
+                    kind=kind, info={"format": ckpt.format, "config_dir": str(cfg_dir), "detection": reasons,
+                                     "allow_pickle": ckpt.format == "pickle"})  # fmt: skip
+    log.info("Loaded %s as %s (%s)", path, kind, "; ".join(reasons))
+    return model

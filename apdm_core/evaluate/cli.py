@@ -1,0 +1,180 @@
+"""``apdm attack``, ``apdm evaluate`` and ``apdm compare``: flags generated from AttackConfig/EvalConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import APDMError, InputError
+
+
+def register_cli(sub) -> None:
+    from ..attack import AttackConfig
+    from ..cli import add_config_arguments
+    from .config import EvalConfig
+
+    a = sub.add_parser(
+        "attack", help="Personalize a model on a subject as an attacker would (DreamBooth, LoRA, TI)."
+    )
+    a.add_argument("--config", help="Load attack settings from a JSON/YAML file (see --save-config).")
+    a.add_argument("--save-config", metavar="FILE", help="Write the resolved attack settings to FILE.")
+    a.add_argument(
+        "--resume", action="store_true", help="Continue an interrupted attack from its state file."
+    )
+    a.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    add_config_arguments(a, AttackConfig)
+    a.set_defaults(func=cmd_attack)
+
+    e = sub.add_parser("evaluate", help="Sample a (attacked) model and compute the metrics.")
+    e.add_argument("--model", required=True, help="The model (or the base model of --attack-output).")
+    e.add_argument(
+        "--attack-output", help="A folder written by `apdm attack --out` (LoRA/TI are applied to --model)."
+    )
+    e.add_argument("--images", nargs="+", required=True, help="Reference photos of the subject.")
+    e.add_argument("--heldout", nargs="+", help="Subject photos the attack did not see (denoising score).")
+    e.add_argument(
+        "--identifier", default="sks", help="Identifier in the prompts (default: sks, or the attack's)."
+    )
+    e.add_argument("--class-noun", default="person", help="Class noun (default: person, or the attack's).")
+    e.add_argument("--out", help="Write evaluation.json and samples/ to this new folder.")
+    e.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    e.add_argument("--config", help="Load evaluation settings from a JSON/YAML file.")
+    e.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    add_config_arguments(e, EvalConfig)
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser(
+        "compare", help="Attack the unprotected and the protected model alike; write a report."
+    )
+    c.add_argument("--base", required=True, help="The unprotected model (diffusers folder or .safetensors).")
+    c.add_argument("--protected", required=True, help="The protected model.")
+    c.add_argument("--images", nargs="+", required=True, help="The attacker's photos of the subject.")
+    c.add_argument("--heldout", nargs="+", help="Subject photos the attack did not see (denoising score).")
+    c.add_argument(
+        "--out", required=True, help="New folder for report.json, grid.png, losses.png, summary.md."
+    )
+    c.add_argument(
+        "--attack-config", help="Attack settings file (JSON/YAML, see `apdm attack --save-config`)."
+    )
+    c.add_argument("--eval-config", help="Evaluation settings file (JSON/YAML).")
+    c.add_argument(
+        "--protection-history", help="JSON list of the protection's per-step losses, for the plot."
+    )
+    c.add_argument("--resume", action="store_true", help="Continue a stopped compare.")
+    c.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    add_config_arguments(c, AttackConfig, exclude=("model", "images", "output", "state_path"))
+    add_config_arguments(c, EvalConfig)
+    c.set_defaults(func=cmd_compare)
+
+
+def _load(path: str, device: str):
+    from ..models import load_model, resolve_device
+
+    return load_model(path, device=resolve_device(device))
+
+
+def _print_metrics(metrics) -> None:
+    for name, m in metrics.items():
+        print(f"{name:>10}: {m.value:.4f}" if m.value is not None else f"{name:>10}: skipped ({m.skipped})")
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from ..attack import AttackConfig, run_attack
+    from ..cli import config_from_args
+    from ..fileio import check_target
+    from ..progress import tqdm_callback
+
+    cfg = config_from_args(args, AttackConfig)
+    for name, what in (("model", "a diffusers folder or .safetensors"), ("images", "a folder of subject photos"),
+                       ("output", "a new folder for the result")):  # fmt: skip
+        if not getattr(cfg, name):
+            raise APDMError(f"--{name} is required ({what}).")
+    if args.save_config:
+        cfg.resolved().save(args.save_config)
+    model = _load(cfg.model, cfg.device)
+    protected = (Path(cfg.model),)
+    check_target(Path(cfg.output), args.overwrite, protected)
+    result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume)
+    if result.cancelled:
+        print(
+            f"stopped after {result.steps_done} steps; state saved to {result.state_path} (continue with --resume)"
+        )
+        return 130
+    out = result.save(cfg.output, overwrite=args.overwrite, protected=protected)
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    print(
+        f"{cfg.kind} attack written to {out}  ({result.steps_done} steps, {result.seconds:.1f} s, last loss {last:.4g})"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..attack import load_attack_output
+    from ..cli import config_from_args
+    from ..fileio import atomic_path
+    from ..progress import tqdm_callback
+    from .config import EvalConfig
+    from .core import evaluate
+
+    cfg = config_from_args(args, EvalConfig)
+    model, prompt_map, identifier, noun, instance = (
+        _load(args.model, args.device),
+        {},
+        args.identifier,
+        args.class_noun,
+        None,
+    )
+    if args.attack_output:
+        model, prompt_map, acfg = load_attack_output(model, args.attack_output)
+        identifier, noun, instance = acfg.identifier, acfg.class_noun, acfg.instance_prompt
+    result = evaluate(model, args.images, cfg, identifier=identifier, class_noun=noun, instance_prompt=instance,
+                      prompt_map=prompt_map, heldout=args.heldout, progress=tqdm_callback("evaluate"))  # fmt: skip
+    _print_metrics(result.metrics)
+    if args.out:
+        with atomic_path(Path(args.out), overwrite=args.overwrite) as tmp:
+            (tmp / "samples").mkdir(parents=True)
+            for i, im in enumerate(result.samples):
+                im.save(tmp / "samples" / f"{i:03d}.png")
+            data = {"model": args.model, "attack_output": args.attack_output, "eval_config": cfg.to_dict(),
+                    "prompts": result.prompts, "seeds": result.seeds,
+                    "metrics": {k: m.to_dict() for k, m in result.metrics.items()}}  # fmt: skip
+            (tmp / "evaluation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+        print(f"evaluation written to {args.out}")
+    return 0
+
+
+def read_history(path: str) -> list[dict]:
+    """A protection history: a JSON list of per-step dicts, or a mapping with a 'history' list."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Cannot read the protection history {path}: {exc}") from exc
+    history = data.get("history") if isinstance(data, dict) else data
+    if not isinstance(history, list) or not all(isinstance(h, dict) and "step" in h for h in history):
+        raise InputError(
+            f"{path} is not a protection history (a JSON list of {{'step': ..., 'loss_protect': ...}})."
+        )
+    return history
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..attack import AttackConfig
+    from ..cli import config_from_args
+    from ..progress import tqdm_callback
+    from .config import EvalConfig
+    from .report import compare
+
+    attack_cfg = config_from_args(args, AttackConfig, file_flag="attack_config")
+    eval_cfg = config_from_args(args, EvalConfig, file_flag="eval_config")
+    history = read_history(args.protection_history) if args.protection_history else None
+    base, protected = _load(args.base, attack_cfg.device), _load(args.protected, attack_cfg.device)
+    result = compare(base, protected, args.images, attack_cfg, eval_cfg, out_dir=args.out, heldout=args.heldout,
+                     protection_history=history, progress=tqdm_callback("compare"), resume=args.resume,
+                     overwrite=args.overwrite)  # fmt: skip
+    if result.cancelled:
+        print(f"stopped; progress kept in {result.work_dir} (continue with --resume)")
+        return 130
+    print((result.out_dir / "summary.md").read_text(encoding="utf-8"))
+    print(f"report written to {result.out_dir}")
+    return 0

@@ -1,0 +1,469 @@
+"""Write a (protected) model: a single .safetensors file in the original layout, or a diffusers folder.
+
+Single-file export starts from the source checkpoint's own tensors and replaces only the
+UNet's: VAE and text-encoder tensors (including SD2's ``resblocks.23`` and
+``text_projection``, which diffusers does not load) are copied byte for byte, the dtype of
+every tensor stays that of the source unless asked, and the UNet key mapping comes from
+diffusers' own LDM -> diffusers conversion (``convert_ldm_unet_checkpoint`` run on a state
+dict whose values are their own keys), so the file loads in ComfyUI and A1111 as is.
+
+EMA copies of the UNet (``model_ema.*``) are dropped: they would hold the unprotected weights.
+
+Safetensors metadata (all strings): ``apdm.tool``, ``apdm.version``, ``apdm.protected``,
+``apdm.method``, ``apdm.model_type``, ``apdm.prediction_type``, ``apdm.config`` (the settings
+without local paths, the instance prompt as a salted hash), ``apdm.source_sha256``,
+``apdm.subjects`` (salted sha256 of each subject image file, never the images or names),
+``apdm.created``, ``apdm.dropped``; the source's other metadata is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    EMA_PREFIX,
+    MODEL_TYPE_HELP,
+    UNET_PREFIX,
+    CheckpointFile,
+    model_family,
+    read_checkpoint,
+    resolve_model_type,
+)
+from .errors import InputError
+from .fileio import atomic_path, check_target, sha256_file
+from .models import SDModel
+from .progress import ProgressCallback, StopCheck, Tracker
+
+log = logging.getLogger(__name__)
+
+TOOL = "apdm-protect"
+METHOD = "APDM (arXiv 2511.01307): Direct Protective Optimization loss trained with Learning to Protect"
+# ProtectConfig fields that are local paths: never written into a shared file.
+PRIVATE_FIELDS = ("model", "images", "output", "class_images", "cache_dir", "state_path")
+SUBJECT_SCHEME = "sha256(salt || sha256(image file bytes)); in-memory images: sha256 of mode|size|RGB bytes"
+DTYPES = {"source": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------
+# key mapping (derived from diffusers' own conversion)
+# ------------------------------------------------------------------------------------------
+def unet_key_map(ckpt: CheckpointFile, unet) -> dict[str, str]:
+    """diffusers UNet key -> key in the checkpoint, for every tensor of ``unet``.
+
+    Runs diffusers' ``convert_ldm_unet_checkpoint`` on {ldm_key: ldm_key}: the conversion
+    only renames, so each converted value names the source tensor of its diffusers key.
+    Refuses (InputError) unless the two sides match one to one with equal shapes, so no
+    UNet tensor of the source can survive unprotected.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ldm = [k for k in ckpt.keys() if k.startswith(UNET_PREFIX)]
+    converted = convert_ldm_unet_checkpoint({k: k for k in ldm}, dict(unet.config))
+    mapping = {d: src for d, src in converted.items() if isinstance(src, str)}
+    params = unet.state_dict()
+    missing = sorted(set(params) - set(mapping))
+    unmapped = sorted(set(ldm) - set(mapping.values()))
+    extra = sorted(set(mapping) - set(params))
+    if missing or unmapped or extra or len(set(mapping.values())) != len(mapping):
+        example = (missing or unmapped or extra or ["duplicate targets"])[0]
+        raise InputError(
+            f"{ckpt.path}: its UNet does not match the model's ({len(missing)} model tensors have no place in the "
+            f"file, {len(unmapped) + len(extra)} file tensors have no counterpart; e.g. {example}). Export from "
+            "the checkpoint the model was loaded from (--template)."
+        )
+    for d, src in mapping.items():
+        if tuple(params[d].shape) != ckpt.shape(src):
+            raise InputError(
+                f"{ckpt.path}: {src} has shape {list(ckpt.shape(src))} but the model's {d} has "
+                f"{list(params[d].shape)}; the template is another model (pass the one the model came from)."
+            )
+    return mapping
+
+
+# ------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------
+def _salted(salt: bytes, digest: bytes) -> str:
+    return hashlib.sha256(salt + digest).hexdigest()
+
+
+def image_digest(image) -> bytes:
+    """sha256 of an image file's bytes, or of an in-memory PIL image's mode, size and RGB bytes."""
+    if hasattr(image, "tobytes"):
+        rgb = image.convert("RGB")
+        return hashlib.sha256(f"{rgb.mode}|{rgb.size}|".encode() + rgb.tobytes()).digest()
+    return bytes.fromhex(sha256_file(image))
+
+
+def _subject_items(images) -> list:
+    from .data import find_images
+
+    if images is None or (isinstance(images, (list, tuple)) and not images) or images == "":
+        return []
+    if isinstance(images, (list, tuple)) and all(hasattr(i, "tobytes") for i in images):
+        return list(images)
+    return find_images(images)
+
+
+def subject_record(images, salt: bytes) -> dict[str, Any]:
+    """Salted hashes of the protected subject images (sorted, so file order and names leak nothing)."""
+    items = _subject_items(images)
+    return {"scheme": SUBJECT_SCHEME, "salt": salt.hex(), "count": len(items),
+            "hashes": sorted(_salted(salt, image_digest(i)) for i in items)}  # fmt: skip
+
+
+def match_subjects(record: dict[str, Any], images) -> list[tuple[str, bool]]:
+    """For each given image (paths or a folder, or PIL images): whether it is one of the protected subjects."""
+    salt, known = bytes.fromhex(record["salt"]), set(record.get("hashes", []))
+    items = _subject_items(images)
+    names = [
+        (getattr(i, "filename", "") or f"image_{n:03d}") if hasattr(i, "tobytes") else str(i)
+        for n, i in enumerate(items)
+    ]
+    return [(name, _salted(salt, image_digest(i)) in known) for name, i in zip(names, items)]
+
+
+def public_config(config, salt: bytes) -> dict[str, Any]:
+    """The protection settings without local paths; the instance prompt (it may name the subject) hashed."""
+    data = {k: v for k, v in config.to_dict().items() if k not in PRIVATE_FIELDS}
+    data["instance_prompt"] = "salted-sha256:" + _salted(salt, config.instance_prompt.encode("utf-8"))
+    return data
+
+
+def apdm_metadata(
+    model: SDModel, ckpt: CheckpointFile, source_sha256: str, config=None, subjects=None, dropped=None
+) -> dict[str, str]:
+    """The safetensors metadata of an export: the source's own keys (minus old apdm.*) plus ours."""
+    salt = os.urandom(16)
+    family = model_family(ckpt)[0]
+    model_type = family + ("-v" if family == "sd2" and model.prediction_type == "v_prediction" else "")
+    meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
+    meta.update({
+        "apdm.tool": TOOL,
+        "apdm.version": __version__,
+        "apdm.protected": "true" if config is not None else "false",
+        "apdm.method": METHOD if config is not None else "none (format conversion, no protection applied)",
+        "apdm.model_type": model_type,
+        "apdm.prediction_type": model.prediction_type,
+        "apdm.source_sha256": source_sha256,
+        "apdm.created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })  # fmt: skip
+    if config is not None:
+        meta["apdm.config"] = json.dumps(public_config(config, salt), sort_keys=True)
+        images = subjects if subjects is not None else config.images
+        try:
+            record = subject_record(images, salt)
+        except InputError as exc:  # the photos moved since the run: say so rather than fail the export
+            record = {
+                "scheme": SUBJECT_SCHEME,
+                "salt": salt.hex(),
+                "count": None,
+                "hashes": [],
+                "note": str(exc),
+            }
+        meta["apdm.subjects"] = json.dumps(record, sort_keys=True)
+    if dropped:
+        meta["apdm.dropped"] = json.dumps(dropped, sort_keys=True)
+    return meta
+
+
+def read_apdm_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The apdm.* keys of a file's metadata, JSON values decoded."""
+    out: dict[str, Any] = {}
+    for k, v in metadata.items():
+        if k.startswith("apdm."):
+            try:
+                out[k[5:]] = json.loads(v) if k in ("apdm.config", "apdm.subjects", "apdm.dropped") else v
+            except json.JSONDecodeError:
+                out[k[5:]] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------
+@dataclass
+class ExportPlan:
+    """What a single-file export will do, checked before anything is written (or trained)."""
+
+    template: CheckpointFile
+    key_map: dict[str, str]  # diffusers UNet key -> checkpoint key
+    protected: tuple[Path, ...]  # inputs that must never be overwritten
+    dropped: dict[str, Any] = field(default_factory=dict)
+
+
+def _template_path(model: SDModel, template) -> Path:
+    if template:
+        return Path(template)
+    if model.source and Path(model.source).is_file():
+        return Path(model.source)
+    raise InputError(
+        f"A single-file export starts from the original checkpoint's tensors, but this model was loaded from "
+        f"{model.source or 'memory'} (not a single file). Pass the .safetensors it was converted from "
+        "(template=..., --template FILE), or write a diffusers folder (an output path without .safetensors)."
+    )
+
+
+def plan_export(
+    model: SDModel,
+    output: str | Path,
+    overwrite: bool = False,
+    template=None,
+    allow_pickle: bool | None = None,
+) -> ExportPlan:
+    """Validate a single-file export (target, template, key mapping) without writing anything."""
+    output = Path(output)
+    if output.suffix.lower() != ".safetensors":
+        raise InputError(
+            f"{output}: single-file outputs are written as .safetensors only (pickle .ckpt files are never "
+            "written); use a name ending in .safetensors, or no suffix for a diffusers folder."
+        )
+    path = _template_path(model, template)
+    if allow_pickle is None:
+        allow_pickle = bool(model.info.get("allow_pickle")) and model.source and Path(model.source) == path
+    protected = tuple({path, *((Path(model.source),) if model.source else ())})
+    check_target(output, overwrite, protected)
+    ckpt = read_checkpoint(path, allow_pickle=bool(allow_pickle))
+    key_map = unet_key_map(ckpt, model.unet)
+    dropped: dict[str, Any] = {}
+    ema = [k for k in ckpt.keys() if k.startswith(EMA_PREFIX)]
+    if ema:
+        dropped["model_ema.*"] = f"{len(ema)} tensors: an EMA copy of the unprotected UNet"
+    if ckpt.extras:
+        dropped["non-tensor entries"] = sorted(map(str, ckpt.extras))
+    return ExportPlan(ckpt, key_map, protected, dropped)
+
+
+def check_export(model: SDModel, output: str | Path, overwrite: bool = False, template=None) -> None:
+    """Fail early (before hours of training) when ``output`` could not be written for ``model``."""
+    output = Path(output)
+    if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        plan_export(model, output, overwrite, template)
+    else:
+        check_target(output, overwrite, (Path(model.source),) if model.source else ())
+
+
+def export_single_file(
+    model: SDModel,
+    output: str | Path,
+    *,
+    config=None,
+    overwrite: bool = False,
+    template: str | Path | None = None,
+    dtype: str = "source",
+    subjects=None,
+    allow_pickle: bool | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> Path:
+    """Write ``model`` as one .safetensors file in the layout of its source checkpoint (or ``template``).
+
+    Only the UNet tensors are replaced; everything else is the source's, byte for byte.
+    ``dtype``: 'source' (keep each tensor's dtype), or 'fp16'/'bf16'/'fp32' for all float tensors.
+    ``config``: the ProtectConfig of the run (recorded without paths); ``subjects``: the subject
+    images when they are not the files in ``config.images`` (e.g. PIL images).
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}.")
+    output = Path(output)
+    plan = plan_export(model, output, overwrite, template, allow_pickle)
+    ckpt, target_dtype = plan.template, DTYPES[dtype]
+    tracker = Tracker("export", 3, progress, should_stop)
+    source_sha256 = sha256_file(ckpt.path)
+    tracker.update(message="hashed the source")
+    unet_state = model.unet.state_dict()
+    by_src = {src: d for d, src in plan.key_map.items()}
+    keep = [k for k in ckpt.keys() if k not in by_src and not k.startswith(EMA_PREFIX)]
+    tensors = ckpt.tensors(keep)
+    if ckpt.format == "pickle":  # tensors of a pickle may share storage; safetensors refuses that
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    for src, d in by_src.items():
+        tensors[src] = unet_state[d].detach().to("cpu", ckpt.index[src][1]).contiguous()
+    if target_dtype is not None:
+        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = {k: tensors[k] for k in ckpt.keys() if k in tensors}  # the source's order
+    metadata = apdm_metadata(model, ckpt, source_sha256, config, subjects, plan.dropped)
+    tracker.update(message="prepared the tensors")
+    with atomic_path(output, overwrite=overwrite, protected=plan.protected) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    tracker.update(message=f"wrote {output}")
+    log.info("Exported %s (%d UNet tensors replaced, source %s)", output, len(by_src), ckpt.path)
+    return output
+
+
+def write_model(model: SDModel, output: str | Path, *, config=None, overwrite: bool = False, **kw) -> Path:
+    """Write ``model`` to ``output``: a .safetensors single file, or else a diffusers folder."""
+    from .models import save_diffusers
+
+    output = Path(output)
+    if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return export_single_file(model, output, config=config, overwrite=overwrite, **kw)
+    extra = {"apdm_config.json": config.to_json()} if config is not None else None
+    return save_diffusers(model, output, overwrite=overwrite, extra_files=extra)
+
+
+# ------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------
+def inspect_checkpoint(
+    path: str | Path, model_type: str | None = None, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """What a checkpoint file is: format, tensors, detected type (and why), APDM and other metadata."""
+    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
+    dtypes: dict[str, int] = {}
+    for _, dt in ckpt.index.values():
+        name = str(dt).replace("torch.", "")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    info: dict[str, Any] = {
+        "file": str(ckpt.path), "format": ckpt.format, "bytes": ckpt.path.stat().st_size,
+        "tensors": len(ckpt.index), "dtypes": dtypes,
+        "unet_tensors": sum(k.startswith(UNET_PREFIX) for k in ckpt.keys()),
+        "ema_tensors": sum(k.startswith(EMA_PREFIX) for k in ckpt.keys()),
+    }  # fmt: skip
+    try:
+        kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
+        info.update(model_type=kind, description=MODEL_TYPE_HELP.get(kind, kind), reasons=reasons)
+    except InputError as exc:
+        info.update(model_type=None, error=str(exc))
+    info["apdm"] = read_apdm_metadata(ckpt.metadata)
+    info["metadata"] = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
+    return info
+
+
+def format_inspection(info: dict[str, Any], matches: Sequence[tuple[str, bool]] | None = None) -> str:
+    """A human-readable report of ``inspect_checkpoint`` (and of ``match_subjects``)."""
+    dts = ", ".join(f"{n} {d}" for d, n in sorted(info["dtypes"].items()))
+    lines = [
+        f"file:    {info['file']}",
+        f"format:  {info['format']}, {info['bytes'] / 1e9:.2f} GB, {info['tensors']} tensors ({dts})",
+    ]
+    if info.get("model_type"):
+        lines.append(f"type:    {info['model_type']}: {info['description']}")
+        lines += [f"         - {r}" for r in info["reasons"]]
+    else:
+        lines.append(f"type:    unknown: {info.get('error')}")
+    if info["ema_tensors"]:
+        lines.append(f"ema:     {info['ema_tensors']} model_ema.* tensors (an EMA copy of the UNet)")
+    apdm = info["apdm"]
+    if not apdm:
+        lines.append("apdm:    no APDM metadata (not written by apdm)")
+    else:
+        state = "protected" if apdm.get("protected") == "true" else "not protected (conversion only)"
+        lines.append(
+            f"apdm:    {state}; written by {apdm.get('tool')} {apdm.get('version')} on {apdm.get('created')}"
+        )
+        lines.append(f"         source sha256 {apdm.get('source_sha256')}")
+        if isinstance(apdm.get("config"), dict):
+            cfg = apdm["config"]
+            keys = (
+                "loss",
+                "accumulation",
+                "outer_steps",
+                "inner_steps",
+                "lr_protect",
+                "beta",
+                "class_prompt",
+                "seed",
+            )
+            lines.append("         config: " + ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg))
+        if isinstance(apdm.get("subjects"), dict):
+            s = apdm["subjects"]
+            lines.append(f"         subjects: {s.get('count')} image(s), stored as salted sha256 only")
+        if apdm.get("dropped"):
+            lines.append(f"         dropped from the source: {apdm['dropped']}")
+    for name, ok in matches or []:
+        lines.append(
+            f"subject: {name}: {'PROTECTED in this file' if ok else 'not among the protected subjects'}"
+        )
+    if info["metadata"]:
+        lines.append("other metadata: " + ", ".join(sorted(info["metadata"])))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# command line: apdm export, apdm inspect
+# ------------------------------------------------------------------------------------------
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-type", default="auto", metavar="TYPE",
+                   help="auto (detect from the tensors), sd1, sd2 (512, epsilon), sd2-v (768, v-prediction), "
+                        "or a diffusers config folder (default: auto)")  # fmt: skip
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Accept a pickle .ckpt (read with torch.load(weights_only=True)); only for files you trust.")  # fmt: skip
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import ProtectConfig
+    from .models import load_model
+    from .progress import tqdm_callback
+
+    model = load_model(args.model, model_type=args.model_type, allow_pickle=args.allow_pickle)
+    config = None
+    folder_config = Path(args.model) / "apdm_config.json"
+    if folder_config.is_file():  # a protected diffusers folder written by `apdm protect`
+        config = ProtectConfig.load(folder_config)
+    kw = (
+        {"template": args.template, "dtype": args.dtype, "progress": tqdm_callback("export")}
+        if str(args.out).lower().endswith(".safetensors")
+        else {}
+    )
+    out = write_model(model, args.out, config=config, overwrite=args.overwrite, **kw)
+    print(f"written {out} ({'protected' if config is not None else 'format conversion'}, {model.kind})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; `apdm inspect` reads single-file checkpoints (.safetensors).")
+    info = inspect_checkpoint(path, args.model_type, args.allow_pickle)
+    matches = None
+    if args.subjects:
+        record = info["apdm"].get("subjects")
+        if not isinstance(record, dict) or not record.get("salt"):
+            raise InputError(f"{path} records no protected subjects (no apdm.subjects metadata).")
+        matches = match_subjects(record, args.subjects)
+        info["subject_check"] = [{"image": n, "protected": ok} for n, ok in matches]
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info, matches))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    e = subparsers.add_parser(
+        "export",
+        help="Write a model as a single .safetensors (original layout) or a diffusers folder.",
+        description="Convert/export a model: single-file <-> diffusers folder, pickle .ckpt -> .safetensors, "
+        "or a protected diffusers folder -> single file (with --template, the original checkpoint).",
+    )
+    e.add_argument("--model", required=True, help="A .safetensors/.ckpt checkpoint or a diffusers folder.")
+    e.add_argument(
+        "--out", required=True, help="Output: NAME.safetensors, or a folder name for diffusers format."
+    )
+    e.add_argument("--template", help="Original single-file checkpoint whose layout/tensors to start from "
+                   "(default: --model itself when it is a single file).")  # fmt: skip
+    e.add_argument("--dtype", choices=tuple(DTYPES), default="source",
+                   help="Float dtype of the written tensors (default: source = keep each tensor's dtype).")  # fmt: skip
+    e.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    _add_source_args(e)
+    e.set_defaults(func=cmd_export)
+
+    i = subparsers.add_parser("inspect", help="Show a checkpoint's detected type and APDM metadata.")
+    i.add_argument("file", help="A single-file checkpoint (.safetensors).")
+    i.add_argument("--subjects", nargs="+", metavar="IMAGE",
+                   help="Images or a folder: check whether they are among the file's protected subjects.")  # fmt: skip
+    i.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    _add_source_args(i)
+    i.set_defaults(func=cmd_inspect)
