@@ -70,7 +70,7 @@ def main() -> None:
                 cells.append(cell)
                 print(f"subject {subject} seed {seed} {name}: similarity {cell.similarity:.3f} "
                       f"class {cell.class_quality:.2f} unrelated {cell.unrelated_quality:.2f}", flush=True)  # fmt: skip
-            runner._protected.clear()  # one subject/seed at a time in memory
+            runner.forget()  # one subject/seed at a time in memory
     summary = efficacy.summarize(cells)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print()

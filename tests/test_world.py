@@ -150,18 +150,42 @@ def test_train_evaluator_smoke(tmp_path):
     assert np.allclose(again.embed(im).numpy(), ev.embed(im).numpy(), atol=1e-6)
 
 
-def test_demo_protects_a_world_subject_with_the_world_model(tmp_path):
+def test_demo_protects_attacks_and_reports_on_the_world_model(tmp_path):
     from apdm_core.demo import DEMO_SUBJECT, run_demo
     from apdm_core.world import WORLD_MODEL_DIR
     from helpers import tree_hashes
 
     before = tree_hashes(WORLD_MODEL_DIR)
     events = []
+    small = {"num_class_images": 2, "sample_steps": 2, "sample_batch_size": 4}
     result = run_demo(tmp_path / "demo", progress=events.append, outer_steps=2, inner_steps=1,
-                      num_class_images=2, sample_steps=2, sample_batch_size=4)  # fmt: skip
-    assert not result.cancelled and (result.output / "unet").is_dir()
+                      attack_overrides={"steps": 2, **small}, **small)  # fmt: skip
+    protection = result.protection
+    assert not result.cancelled and (protection.output / "unet").is_dir()
     subject = render.make_subject(DEMO_SUBJECT)
     assert len(list((tmp_path / "demo" / "subject").glob(f"{subject.name}_*.png"))) == 4
-    assert result.config.instance_prompt == f"a photo of sks {subject.cls}"
-    assert any(e.stage == "protect" for e in events)
+    assert protection.config.instance_prompt == f"a photo of sks {subject.cls}"
+    assert {"protect", "attack", "sample"} <= {e.stage for e in events}
+    report = json.loads((result.report_dir / "report.json").read_text())
+    assert {p.name for p in result.report_dir.iterdir()} >= {"grid.png", "losses.png", "summary.md"}
+    world = next(r for r in report["metrics"] if r["metric"] == "world")
+    assert world["unprotected"] is not None and world["protected"] is not None and not world["skipped"]
+    assert "world" in (result.report_dir / "summary.md").read_text()
     assert tree_hashes(WORLD_MODEL_DIR) == before  # the shipped model is only read
+
+
+def test_world_metric_scores_identity(tmp_path):
+    from apdm_core.evaluate import EvalConfig
+    from apdm_core.evaluate.metrics import MetricContext, compute_metrics
+
+    subject, other = render.make_subject(1), render.make_subject(2)
+    refs = render.photos(subject, 4, start=100)
+
+    def score(samples):
+        ctx = MetricContext(references=refs, samples=samples, prompts=[], text_prompts=[],
+                            config=EvalConfig(metrics=["world"]), class_noun=subject.cls)  # fmt: skip
+        return compute_metrics(ctx, ["world"])["world"]
+
+    same, different = score(render.photos(subject, 4)), score(render.photos(other, 4))
+    assert same.value > 0.8 > different.value + 0.2
+    assert same.details["class_recognition"] == 1.0 and same.protected_if == "lower"

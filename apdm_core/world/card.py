@@ -6,8 +6,23 @@ from . import render
 
 
 def _command(cfg: dict, defaults: dict) -> str:
-    flags = [f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if defaults.get(k) != v]
+    """The command that reproduces the model (run-time only settings left out)."""
+    flags = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in cfg.items()
+        if defaults.get(k) != v and k not in ("threads", "vae_from")
+    ]
     return " ".join(["apdm world pretrain --out MODEL_DIR", *flags])
+
+
+def _reuse_note(record: dict) -> str:
+    source = record["timing"].get("vae", {}).get("reused_from")
+    if not source:
+        return ""
+    return (
+        f"\nThis model's VAE stage was reused from an earlier run of the same recipe (`--vae-from {source}`,"
+        "\nsame seed and settings, so the same VAE stage); its cost is included below.\n"
+    )
 
 
 def model_card(record: dict) -> str:
@@ -44,6 +59,7 @@ can be run and *measured* on a CPU in minutes; it knows nothing but this world.
 {_command(cfg, asdict(PretrainConfig()))}
 ```
 
+{_reuse_note(record)}
 Deterministic for a given seed, torch version and thread count (CPU float reductions depend
 on the thread count). This model: torch {record["torch"]}, {record["threads"]} thread(s).
 

@@ -36,8 +36,8 @@ REFERENCE_PHOTOS = 100  # 8 photos for the similarity score: seen by nobody
 PROTECT_SETTINGS = {
     "outer_steps": 40,
     "inner_steps": 10,
-    "lr_protect": 1e-4,
-    "lr_personalize": 2e-4,
+    "lr_protect": 1e-5,
+    "lr_personalize": 5e-4,  # the attacker's learning rate
     "num_class_images": 50,
     "sample_steps": 25,
     "guidance_scale": 4.0,
@@ -47,8 +47,8 @@ PROTECT_SETTINGS = {
 # The attacker's DreamBooth in the world (the paper's recipe, scaled to the tiny model).
 ATTACK_SETTINGS = {
     "kind": "dreambooth",
-    "steps": 200,
-    "lr": 2e-4,
+    "steps": 400,
+    "lr": 5e-4,
     "batch_size": 2,
     "num_class_images": 50,
     "sample_steps": 25,
@@ -99,6 +99,10 @@ def _rows() -> dict[str, Row]:
 
 ROWS = _rows()
 CORE_ROWS = ("base", "base+attack", "apdm+attack")
+# Bounds of the CI test (tests/test_efficacy.py), from the measured table in the README.
+CI_MIN_ATTACK_GAIN = 0.2  # the unprotected attack must raise similarity at least this much
+CI_MAX_GAP = 0.5  # the protected attack should gain at most this fraction of it (not reached yet)
+CI_MAX_QUALITY_DROP = 0.25  # the protected model must still draw its class
 
 
 def instance_prompt(cls: str, attack: dict | None) -> str:
@@ -169,6 +173,10 @@ class Runner:
         self.progress, self.should_stop = progress, should_stop
         self._protected: dict[tuple, tuple] = {}
         self._quality: dict[tuple, dict] = {}
+
+    def forget(self) -> None:
+        """Drop the cached protected models (keep memory flat across subjects and seeds)."""
+        self._protected.clear()
 
     # --------------------------------------------------------------------------------------
     def protected(self, subject: render.Subject, seed: int, overrides: dict):
