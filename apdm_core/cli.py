@@ -115,13 +115,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .progress import tqdm_callback
 
-    result = run_demo(Path(args.out), progress=tqdm_callback("demo"), overwrite=args.overwrite)
-    return _report_protect(result)
+    result = run_demo(Path(args.out), progress=tqdm_callback("demo"), overwrite=args.overwrite,
+                      attack=not args.no_attack)  # fmt: skip
+    code = _report_protect(result.protection)
+    if code or result.comparison is None:
+        return code
+    if result.comparison.cancelled:
+        print(f"stopped during the attack test; run the same command again to finish it ({result.comparison.work_dir})")
+        return 130
+    report = result.report_dir
+    print((report / "summary.md").read_text(encoding="utf-8"))
+    print(f"report written to {report} (grid.png, losses.png, report.json, summary.md)")
+    return 0
 
 
 # Modules that add their own subcommands: each defines ``register_cli(subparsers)`` and sets
 # ``func`` on its parsers. Add a module here rather than growing this file.
-COMMAND_MODULES: list[str] = ["apdm_core.evaluate.cli", "apdm_core.export", "apdm_core.ui"]
+COMMAND_MODULES: list[str] = [
+    "apdm_core.evaluate.cli",
+    "apdm_core.export",
+    "apdm_core.ui",
+    "apdm_core.world.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Run the whole flow on the built-in demo model (CPU, a few minutes).")
     d.add_argument("--out", default="apdm_out/demo", help="Output folder (default: apdm_out/demo).")
     d.add_argument("--overwrite", action="store_true", help="Replace an existing demo output.")
+    d.add_argument("--no-attack", action="store_true", help="Stop after the protection (no attack test, no report).")
     d.set_defaults(func=cmd_demo)
 
     for name in COMMAND_MODULES:

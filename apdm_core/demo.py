@@ -1,74 +1,112 @@
-"""``apdm demo``: the whole protection flow on a model that needs no download.
+"""``apdm demo``: the whole flow on the built-in demo world, on a CPU, with no download.
 
-Until the pretrained demo world ships, the base model is a tiny randomly initialised
-SD-shaped model built on the fly, and the subject is a procedurally drawn object. The flow
-(pairs -> L2P/DPO protection -> protected model on disk) is the real one.
+1. Four photos of a world subject the model has never seen (``DEMO_SUBJECT``) go to
+   ``<out>/subject``.
+2. The shipped world model (``apdm_core/world/assets/model``, a tiny SD-shaped model loaded
+   like any SD folder) is protected against that subject: pairs, then L2P with the DPO loss,
+   with a live progress bar; the protected model goes to ``<out>/protected_model``.
+3. The attacker's DreamBooth runs on the base model and on the protected one; both are
+   sampled with "a photo of sks <class>" and scored (the world's identity evaluator, the
+   denoising score); the report (grid PNG, loss plot, report.json, summary.md) goes to
+   ``<out>/report``.
+
+The settings are the demo world's preset (``apdm_core.world.efficacy``), sized for a 2-core
+CPU; ``benchmarks/efficacy.py`` measures the same preset over several subjects and seeds.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageDraw
 
 from .config import ProtectConfig
 from .progress import ProgressCallback, StopCheck
 
-DEMO_SETTINGS = {
-    "instance_prompt": "a photo of sks dog",
-    "class_prompt": "a photo of dog",
-    "outer_steps": 20,
-    "inner_steps": 4,
-    "lr_protect": 1e-4,
-    "lr_personalize": 1e-4,
-    "num_class_images": 8,
-    "sample_steps": 10,
-    "guidance_scale": 3.0,
-    "save_every": 10,
-}
+DEMO_SUBJECT = 1  # `apdm world subject --seed 1`
+DEMO_METRICS = ["world", "denoise"]
 
 
-def draw_subject(seed: int, size: int = 96) -> Image.Image:
-    """One 'photo' of a fixed demo subject: a striped red disc, in a varied pose and background."""
-    rng = np.random.default_rng(seed)
-    bg = tuple(int(c) for c in rng.integers(40, 200, 3))
-    im = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(im)
-    r = size * rng.uniform(0.25, 0.35)
-    cx, cy = size * rng.uniform(0.4, 0.6, 2)
-    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(200, 40, 40))
-    for k in range(-2, 3):
-        y = cy + k * r / 3
-        d.line((cx - r * 0.8, y, cx + r * 0.8, y), fill=(250, 220, 60), width=max(1, size // 32))
-    return im
+@dataclass
+class DemoResult:
+    protection: object  # ProtectResult
+    comparison: object | None = None  # CompareResult (None when stopped or skipped)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.protection.cancelled or bool(self.comparison and self.comparison.cancelled)
+
+    @property
+    def report_dir(self) -> Path | None:
+        return self.comparison.out_dir if self.comparison is not None else None
+
+
+def write_subject_photos(folder: Path, seed: int = DEMO_SUBJECT, count: int = 4, start: int = 0):
+    """Photos of the world subject ``seed`` in ``folder`` (kept when already there); returns the subject."""
+    from .world import render
+
+    subject = render.make_subject(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(render.photos(subject, count, start=start)):
+        path = folder / f"{subject.name}_{start + i:02d}.png"
+        if not path.exists():
+            im.save(path)
+    return subject
+
+
+def demo_configs(out: Path, subject, attack_overrides: dict | None = None, **overrides):
+    """(ProtectConfig, AttackConfig, EvalConfig) of the demo; ``overrides`` change the protection."""
+    from .attack import AttackConfig
+    from .evaluate import EvalConfig
+    from .world import WORLD_MODEL_DIR, efficacy, render
+
+    prompts = {"instance_prompt": render.instance_prompt(subject.cls),
+               "class_prompt": render.class_prompt(subject.cls)}  # fmt: skip
+    protect = ProtectConfig(
+        model=str(WORLD_MODEL_DIR), images=[str(out / "subject")], output=str(out / "protected_model"),
+        cache_dir=str(out / "cache"), **prompts, **{**efficacy.PROTECT_SETTINGS, **overrides},
+    )  # fmt: skip
+    attack = AttackConfig(cache_dir=str(out / "cache"), **prompts,
+                          **{**efficacy.ATTACK_SETTINGS, **(attack_overrides or {})})  # fmt: skip
+    evaluation = EvalConfig(
+        prompts=["a photo of {id} {cls}"], num_samples=16, eval_steps=efficacy.SAMPLING["steps"],
+        eval_guidance=efficacy.SAMPLING["guidance"], eval_batch_size=16, metrics=list(DEMO_METRICS),
+    )  # fmt: skip
+    return protect, attack, evaluation
 
 
 def run_demo(
-    out: Path,
+    out: str | Path,
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     overwrite: bool = False,
-):
+    attack: bool = True,
+    attack_overrides: dict | None = None,
+    **overrides,
+) -> DemoResult:
+    """Protect the world model against the demo subject, then attack base and protected and report.
+
+    ``overrides`` change the protection settings, ``attack_overrides`` the attack's;
+    ``attack=False`` stops after the protection. A stopped run keeps its state; running it again
+    continues the protection where it stopped.
+    """
+    from .evaluate import compare
     from .protect import protect
-    from .tiny import build_tiny_model
+    from .world import load_world_model
 
     out = Path(out)
-    base = out / "base_model"
-    if not (base / "model_index.json").exists():
-        build_tiny_model(base, words=("a", "photo", "of", "sks", "dog"))
-    subject_dir = out / "subject"
-    subject_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        path = subject_dir / f"subject_{i}.png"
-        if not path.exists():
-            draw_subject(i).save(path)
-    config = ProtectConfig(
-        model=str(base),
-        images=[str(subject_dir)],
-        output=str(out / "protected_model"),
-        cache_dir=str(out / "cache"),
-        **DEMO_SETTINGS,
-    )
-    config.save(out / "protect_config.yaml")
-    return protect(config, progress=progress, should_stop=should_stop, overwrite=overwrite, resume=True)
+    subject = write_subject_photos(out / "subject")
+    # photos the attacker does not train on: the denoising score's held-out images
+    write_subject_photos(out / "subject_heldout", start=100)
+    protect_config, attack_config, eval_config = demo_configs(out, subject, attack_overrides, **overrides)
+    protect_config.save(out / "protect_config.yaml")
+    base = load_world_model()
+    protection = protect(protect_config, progress, should_stop, model=base, overwrite=overwrite, resume=True)
+    result = DemoResult(protection)
+    if protection.cancelled or not attack:
+        return result
+    result.comparison = compare(
+        base, protection.model, str(out / "subject"), attack_config, eval_config, out_dir=out / "report",
+        heldout=str(out / "subject_heldout"), protection_history=protection.history, progress=progress,
+        should_stop=should_stop, overwrite=overwrite, grid_columns=8,
+    )  # fmt: skip
+    return result

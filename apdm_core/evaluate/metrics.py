@@ -10,7 +10,8 @@ Built-in: ``denoise`` (model-free: noise-prediction error of the attacked model 
 subject images at fixed timesteps and noise), ``dino`` (DINO ViT-S/16 CLS cosine, transformers),
 ``brisque`` (the PyPI ``brisque`` package the paper used), ``face``/``fdfr`` (dlib with the
 models bundled by ``face_recognition_models``, optional), ``clip`` (CLIP text-image score,
-transformers, optional) and ``pyiqa`` (pyiqa metrics, optional).
+transformers, optional), ``pyiqa`` (pyiqa metrics, optional) and ``world`` (the demo world's
+identity evaluator: subject similarity for models of the built-in demo world).
 """
 
 from __future__ import annotations
@@ -445,3 +446,28 @@ def pyiqa_scores(ctx: MetricContext) -> dict:
 
 register_metric("pyiqa", pyiqa_scores, protected_if="lower",
                 description="pyiqa quality metrics of the samples (value = the first of pyiqa_metrics)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# the demo world's identity evaluator (apdm_core.world)
+# ------------------------------------------------------------------------------------------
+def world_similarity(ctx: MetricContext) -> dict:
+    """Subject similarity of the samples to the references by the demo world's identity evaluator.
+
+    The toy counterpart of DINO similarity, meaningful for models of the demo world only (the
+    shipped world model and models derived from it); the details add the class recognition of
+    the samples (did the attacked model still draw the class?).
+    """
+    from ..world import render
+    from ..world.evaluator import load_evaluator
+
+    evaluator = ctx.cache.get("world_evaluator") or load_evaluator()
+    ctx.cache["world_evaluator"] = evaluator
+    details = {"value": evaluator.subject_similarity(ctx.samples, ctx.references)}
+    if ctx.class_noun in render.CLASSES:
+        details["class_recognition"] = evaluator.class_recognition(ctx.samples, ctx.class_noun)["accuracy"]
+    return details
+
+
+register_metric("world", world_similarity, protected_if="lower",
+                description="demo-world identity similarity of samples to the subject photos (toy DINO)")  # fmt: skip
