@@ -121,7 +121,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if code or result.comparison is None:
         return code
     if result.comparison.cancelled:
-        print(f"stopped during the attack test; run the same command again to finish it ({result.comparison.work_dir})")
+        print(
+            f"stopped during the attack test; run the same command again to finish it ({result.comparison.work_dir})"
+        )
         return 130
     report = result.report_dir
     print((report / "summary.md").read_text(encoding="utf-8"))
@@ -177,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Run the whole flow on the built-in demo model (CPU, a few minutes).")
     d.add_argument("--out", default="apdm_out/demo", help="Output folder (default: apdm_out/demo).")
     d.add_argument("--overwrite", action="store_true", help="Replace an existing demo output.")
-    d.add_argument("--no-attack", action="store_true", help="Stop after the protection (no attack test, no report).")
+    d.add_argument(
+        "--no-attack", action="store_true", help="Stop after the protection (no attack test, no report)."
+    )
     d.set_defaults(func=cmd_demo)
 
     for name in COMMAND_MODULES:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import ProtectConfig
 from .progress import ProgressCallback, StopCheck
 
-DEMO_SUBJECT = 1  # `apdm world subject --seed 1`
+DEMO_SUBJECT = 8  # `apdm world subject --seed 8`: a cyan ball with a yellow cap
 DEMO_METRICS = ["world", "denoise"]
 
 

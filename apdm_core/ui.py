@@ -923,6 +923,14 @@ def cmd_ui(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"apdm ui: listening on {args.host}: anyone who can reach this machine can use the app.")
     config = ProtectConfig.load(args.config) if args.config else None
+    if args.demo:  # the demo world's model, subject photos and settings (as `apdm demo`)
+        from pathlib import Path
+
+        from .demo import demo_configs, write_subject_photos
+
+        folder = Path(args.out_dir).parent / "demo"
+        config, _, _ = demo_configs(folder, write_subject_photos(folder / "subject"))
+        config.output = ""
     launch(args.host, args.port, args.model or "", args.images or "", args.out_dir, config)
     return 0
 
@@ -939,6 +947,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
     p.add_argument("--model", default="", help="Model to open on: a diffusers folder or a .safetensors file.")
     p.add_argument("--images", default="", help="Folder of subject images to open on.")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="Open on the built-in demo world: its model, the demo subject's photos and the demo settings.",
+    )
     p.add_argument(
         "--config", help="Open on the settings of a JSON/YAML file (`apdm config`, --save-config)."
     )

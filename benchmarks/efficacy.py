@@ -16,6 +16,7 @@ their class, on the model before the attack; seconds of protection and of the at
 
     HF_HUB_OFFLINE=1 python benchmarks/efficacy.py                      # core rows, 3 subjects x 3 seeds
     HF_HUB_OFFLINE=1 python benchmarks/efficacy.py --rows all --seeds 0  # every row, one seed
+    python benchmarks/efficacy.py --merge a.json b.json                  # one table from several runs
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=None, help="override the attack's steps")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--json", default="", help="write the cells and the summary here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="print one table from the cells of earlier --json files (parallel runs); runs nothing")  # fmt: skip
     args = ap.parse_args()
+    if args.merge:
+        cells = [
+            c for f in args.merge for c in efficacy.cells_from_dicts(json.loads(Path(f).read_text())["cells"])
+        ]
+        print(efficacy.markdown_table(efficacy.summarize(cells)))
+        return
 
     import torch
 

@@ -24,7 +24,6 @@ DEMO_SUBJECT = "[demo] APDM demo subject (built in)"
 DIFFUSERS_PREFIX = "[diffusers] "
 PROGRESS_EVENT = "apdm.progress"  # the web extension (web/js/apdm.js) listens for it
 EVENT_INTERVAL_S = 0.25  # at most this often a progress message goes to the browser
-DEMO_WORDS = ("a", "photo", "of", "sks", "dog")  # the demo's prompts: "a photo of (sks) dog"
 PREVIEW_SIZE = 256  # px, the square previews of subject photos
 
 
@@ -82,17 +81,18 @@ def load_model(name: str, model_type: str = "auto"):
 
 
 def demo_model():
-    """The built-in demo model: today the tiny randomly initialised model of ``apdm demo``."""
-    from apdm_core.tiny import build_tiny_model
+    """The built-in demo model: the pretrained demo-world model that ``apdm demo`` protects."""
+    from apdm_core.world import load_world_model
 
-    return build_tiny_model(words=DEMO_WORDS)
+    return load_world_model()
 
 
 def demo_subject() -> list[Image.Image]:
-    """The built-in demo subject's photos (the procedural subject of ``apdm demo``)."""
-    from apdm_core.demo import draw_subject
+    """The built-in demo subject's photos (the world subject of ``apdm demo``)."""
+    from apdm_core.demo import DEMO_SUBJECT
+    from apdm_core.world import render
 
-    return [draw_subject(i) for i in range(4)]
+    return render.photos(render.make_subject(DEMO_SUBJECT), 4)
 
 
 def subject_folders() -> list[str]:

@@ -267,6 +267,20 @@ def test_cli_registers_ui_and_binds_localhost_by_default(monkeypatch):
     assert cli.build_parser().parse_args(["ui", "--host", "0.0.0.0", "--port", "7999"]).port == 7999
 
 
+def test_ui_demo_opens_on_the_demo_world(monkeypatch, tmp_path):
+    from apdm_core import cli
+    from apdm_core.world import WORLD_MODEL_DIR
+
+    seen = {}
+    monkeypatch.setattr(ui, "launch", lambda *a: seen.update(args=a))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["apdm_core.ui"])
+    args = cli.build_parser().parse_args(["ui", "--demo", "--out-dir", str(tmp_path / "models")])
+    assert ui.cmd_ui(args) == 0
+    config = seen["args"][-1]
+    assert config.model == str(WORLD_MODEL_DIR) and config.instance_prompt == "a photo of sks ball"
+    assert len(list((tmp_path / "demo" / "subject").glob("*.png"))) == 4 and not config.output
+
+
 # ------------------------------------------------------------------------------------------
 # A1111 / Forge, against a fake `modules` package
 # ------------------------------------------------------------------------------------------

@@ -151,9 +151,10 @@ def test_train_evaluator_smoke(tmp_path):
 
 
 def test_demo_protects_attacks_and_reports_on_the_world_model(tmp_path):
+    from helpers import tree_hashes
+
     from apdm_core.demo import DEMO_SUBJECT, run_demo
     from apdm_core.world import WORLD_MODEL_DIR
-    from helpers import tree_hashes
 
     before = tree_hashes(WORLD_MODEL_DIR)
     events = []

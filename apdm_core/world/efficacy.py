@@ -85,14 +85,20 @@ def _rows() -> dict[str, Row]:
         Row("apdm+attack", apdm, {}, note="APDM (DPO + L2P), same attack"),
         Row("dpo_only+attack", {"inner_steps": 0}, {}, note="ablation: DPO without L2P"),
         Row("naive+attack", {"loss": "naive"}, {}, note="ablation: naive -L_per + lambda L_ppl"),
-        Row("reference_accum+attack", {"accumulation": "protect+personalize"}, {},
-            note="ablation: accumulation of the released code"),  # fmt: skip
+        Row(
+            "reference_accum+attack",
+            {"accumulation": "protect+personalize"},
+            {},
+            note="ablation: accumulation of the released code",
+        ),  # fmt: skip
         Row("beta10+attack", {"beta": 10.0}, {}, note="ablation: beta 10"),
     ]
     for key, (note, attack) in unseen.items():
         rows.append(Row(f"base+{key}", None, attack, note=f"unprotected, {note}"))
         rows.append(Row(f"apdm+{key}", apdm, attack, note=f"APDM, {note}"))
-    rows.append(Row("base+unseen_photos", None, {}, UNSEEN_PHOTOS, "unprotected, photos protection never saw"))
+    rows.append(
+        Row("base+unseen_photos", None, {}, UNSEEN_PHOTOS, "unprotected, photos protection never saw")
+    )
     rows.append(Row("apdm+unseen_photos", apdm, {}, UNSEEN_PHOTOS, "APDM, photos protection never saw"))
     return {r.name: r for r in rows}
 
@@ -230,7 +236,7 @@ class Runner:
         subject = render.make_subject(subject_seed)
         refs = render.photos(subject, 8, start=REFERENCE_PHOTOS)
         model, protect_s = self.model, 0.0
-        quality_key: tuple = ("base", seed)
+        quality_key: tuple = ("base", subject.cls, seed)
         if row.protect is not None:
             model, protect_s = self.protected(subject, seed, row.protect)
             quality_key = (subject.seed, seed, tuple(sorted(row.protect.items())))
@@ -260,10 +266,15 @@ def summarize(cells: list[Cell]) -> list[dict]:
     the unprotected model after the same attack - base similarity), per (subject, seed), then
     averaged: 0 = the attack learned nothing, 1 = protection did nothing.
     """
-    by_key = {(c.row, c.subject, c.seed): c for c in cells}
+    by_key = {(c.row, c.subject, c.seed): c for c in cells}  # a later cell replaces an earlier one
+    cells = list(by_key.values())
     out = []
     for name in dict.fromkeys(c.row for c in cells):
         mine = [c for c in cells if c.row == name]
+        if ROWS.get(name, Row(name)).protect is None:  # quality is the model's before the attack: base's
+            bases = [by_key.get(("base", c.subject, c.seed)) for c in mine]
+            mine = [dataclasses.replace(c, class_quality=b.class_quality, unrelated_quality=b.unrelated_quality)
+                    if b else c for c, b in zip(mine, bases)]  # fmt: skip
         row = ROWS.get(name, Row(name))
         entry = {
             "row": name,
@@ -318,3 +329,7 @@ def markdown_table(summary: list[dict]) -> str:
 
 def cells_to_dicts(cells: list[Cell]) -> list[dict]:
     return [dataclasses.asdict(c) for c in cells]
+
+
+def cells_from_dicts(items: list[dict]) -> list[Cell]:
+    return [Cell(**item) for item in items]
