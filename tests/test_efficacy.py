@@ -5,7 +5,7 @@ unprotected DreamBooth attack must raise the subject similarity by a clear margi
 model (the world is one where personalization works), and the protected model must still draw
 the subject's class. That the same attack on the APDM-protected model gains much less is the
 goal, and it is NOT reached yet in this world (README, Demo world: the protected attack keeps
-70-110% of the unprotected gain): that test is a strict xfail, so the day protection works here
+89-115% of the unprotected gain): that test is a strict xfail, so the day protection works here
 it fails as XPASS and the marker must go. Takes a few minutes on 2 CPU cores.
 """
 

@@ -182,7 +182,7 @@ def train_vae(vae, data: WorldDataset, cfg: PretrainConfig, progress=None, shoul
             m, k = np.mean(window, axis=0)
             history.append({"step": step + 1, "mse": float(m), "kl": float(k)})
             window = []
-        tracker.update(losses={"mse": float(mse), "kl": float(kl)})
+        tracker.update(losses={"mse": float(mse.detach()), "kl": float(kl.detach())})
     vae.eval().requires_grad_(False)
     return history
 
@@ -257,7 +257,7 @@ def train_unet(
         if (step + 1) % 50 == 0 or step + 1 == cfg.unet_steps:
             history.append({"step": step + 1, "loss": float(np.mean(window))})
             window = []
-        tracker.update(losses={"loss": float(loss)})
+        tracker.update(losses={"loss": float(loss.detach())})
     ema.copy_to(params)
     for m in (unet, te):
         m.eval().requires_grad_(False)
