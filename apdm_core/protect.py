@@ -118,6 +118,11 @@ class L2PTrainer:
         if config.channels_last and fsdp:
             log.warning("channels_last is ignored with distributed='fsdp' (shards are row-major).")
         self.in_backward = config.optimizer_in_backward and not distributed
+        if self.in_backward and not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+            raise InputError(
+                f"optimizer_in_backward needs torch >= 2.2 (this is torch {torch.__version__}); "
+                "turn it off (or use the 'fast' preset) or update torch."
+            )
         if config.optimizer_in_backward and distributed:
             log.warning(
                 "optimizer_in_backward is ignored with several processes (the library syncs gradients)."

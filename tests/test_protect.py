@@ -206,3 +206,10 @@ def test_pairs_are_cached(fast_config, monkeypatch):
     assert sum(calls) == first  # the second run reuses them
     protect(fast_config(outer_steps=1, class_prompt="a photo of dog"))
     assert sum(calls) == 2 * first  # another prompt -> other images
+
+
+def test_optimizer_in_backward_on_an_old_torch_says_what_to_do(fast_config, monkeypatch):
+    """A1111 1.10 ships torch 2.1, which lacks the post-accumulate-grad hook: a clear error, not an AttributeError."""
+    monkeypatch.delattr(torch.Tensor, "register_post_accumulate_grad_hook")
+    with pytest.raises(InputError, match="torch >= 2.2"):
+        protect(fast_config(optimizer_in_backward=True))
