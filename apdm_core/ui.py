@@ -44,7 +44,7 @@ ADVANCED_FIELDS = tuple(f.name for f in fields(ProtectConfig) if f.name not in M
 ATTACK_HIDDEN = ("model", "images", "output", "state_path", "kind")
 GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
                 "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
-BASIC_PRESETS = ("quick", "paper", "thorough")
+BASIC_PRESETS = ("quick", "paper", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
 POLL_S = 0.5  # how often a running job's view is refreshed
 CURVE_EVERY_S = 3.0  # how often a follower sends the loss curve image (redrawn only when it changed)
 

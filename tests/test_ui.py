@@ -233,6 +233,8 @@ def test_preset_values_fill_the_advanced_fields():
     assert first["outer_steps"] == 7 and first["inner_steps"] == 10 and first["device"] == "cpu"
     thorough = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("thorough")))  # a preset click
     assert thorough["outer_steps"] == 1200 and thorough["device"] == "auto"
+    low = dict(zip(ui.ADVANCED_FIELDS, app.preset_values("low-memory")))  # the GPU presets are offered too
+    assert low["gradient_checkpointing"] is True and low["mixed_precision"] == "bf16"
 
 
 def test_fields_round_trip_through_the_page_components():
