@@ -23,8 +23,6 @@ state file, so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import time
@@ -40,10 +38,10 @@ from .errors import Cancelled, InputError, TrainingDiverged
 from .fileio import atomic_path
 from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss
 from .models import SDModel, load_model, resolve_device
-from .pairs import default_cache_dir, generate_fixed_images
+from .pairs import generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
-from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward
+from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward, run_hash, state_file
 
 log = logging.getLogger(__name__)
 
@@ -473,26 +471,16 @@ def require_bitsandbytes(device: torch.device):
 # ------------------------------------------------------------------------------------------
 def run_identity(config: ProtectConfig, model: SDModel, subjects) -> str:
     """Hash of everything that determines the trajectory (except the number of outer steps)."""
-    h = hashlib.sha256()
     cfg = {
         k: v
         for k, v in config.to_dict().items()
         if k not in RUN_IDENTITY_EXCLUDE and k not in ("model", "images")
     }
-    h.update(json.dumps(cfg, sort_keys=True).encode())
-    h.update(model.fingerprint().encode())
-    for s in subjects:
-        h.update(s.name.encode())
-        h.update(s.image.tobytes())
-    return h.hexdigest()
+    return run_hash(cfg, model, subjects)
 
 
 def default_state_path(config: ProtectConfig, identity: str) -> Path:
-    if config.state_path:
-        return Path(config.state_path)
-    if config.output:
-        return Path(str(Path(config.output)) + ".apdm-state.pt")
-    return Path(config.cache_dir or default_cache_dir()) / "state" / f"{identity[:20]}.pt"
+    return state_file(config.state_path, config.output, config.cache_dir, identity, ".apdm-state.pt", "state")
 
 
 def save_state(

@@ -12,8 +12,11 @@ identical on CPU and GPU), then moved to the tensors' device.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -131,3 +134,27 @@ def dreambooth_loss(
     return noise_prediction_loss(pred_inst, inst.target) + prior_weight * noise_prediction_loss(
         pred_cls, cls.target
     )
+
+
+# ------------------------------------------------------------------------------------------
+# run identity and state files (shared by the protection and the attacks)
+# ------------------------------------------------------------------------------------------
+def run_hash(settings: dict, model, subjects) -> str:
+    """SHA-256 of the settings that shape a run, the model's weights and the subject photos."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(model.fingerprint().encode())
+    for s in subjects:
+        h.update(s.name.encode())
+        h.update(s.image.tobytes())
+    return h.hexdigest()
+
+
+def state_file(state_path: str, output: str, cache_dir: str, identity: str, suffix: str, folder: str) -> Path:
+    """The resumable state file: ``state_path``, else beside ``output``, else in the cache."""
+    if state_path:
+        return Path(state_path)
+    if output:
+        return Path(str(Path(output)) + suffix)
+    from .pairs import default_cache_dir
+
+    return Path(cache_dir or default_cache_dir()) / folder / f"{identity[:20]}.pt"

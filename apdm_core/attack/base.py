@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -31,9 +30,9 @@ from ..data import center_square, load_subject_images, random_view, view_is_fixe
 from ..errors import Cancelled, InputError, TrainingDiverged
 from ..fileio import atomic_path
 from ..models import SDModel, resolve_device
-from ..pairs import default_cache_dir, ensure_class_images
+from ..pairs import ensure_class_images
 from ..progress import ProgressCallback, StopCheck, Tracker
-from ..training import Diffusion, LatentBank, dreambooth_loss, make_forward
+from ..training import Diffusion, LatentBank, dreambooth_loss, make_forward, run_hash, state_file
 from .config import AttackConfig
 
 log = logging.getLogger(__name__)
@@ -225,20 +224,13 @@ class AttackResult:
 # state
 # ------------------------------------------------------------------------------------------
 def attack_identity(cfg: AttackConfig, model: SDModel, subjects) -> str:
-    h = hashlib.sha256(json.dumps(cfg.identity_dict(), sort_keys=True).encode())
-    h.update(model.fingerprint().encode())
-    for s in subjects:
-        h.update(s.name.encode())
-        h.update(s.image.tobytes())
-    return h.hexdigest()
+    return run_hash(cfg.identity_dict(), model, subjects)
 
 
 def default_state_path(cfg: AttackConfig, identity: str) -> Path:
-    if cfg.state_path:
-        return Path(cfg.state_path)
-    if cfg.output:
-        return Path(str(Path(cfg.output)) + ".apdm-attack-state.pt")
-    return Path(cfg.cache_dir or default_cache_dir()) / "attack-state" / f"{identity[:20]}.pt"
+    return state_file(
+        cfg.state_path, cfg.output, cfg.cache_dir, identity, ".apdm-attack-state.pt", "attack-state"
+    )
 
 
 class AttackTrainer:
