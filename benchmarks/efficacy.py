@@ -1,22 +1,30 @@
-"""Efficacy benchmark of APDM on the demo world: does protection stop DreamBooth, at what cost?
+"""Efficacy benchmark of protection on the demo world: does it stop DreamBooth, at what cost?
 
-For each subject and seed it runs the rows of ``apdm_core.world.efficacy.ROWS``: the base
-model, the unprotected DreamBooth attack, APDM-protected + the same attack, the paper's
-ablations (DPO without L2P, the naive loss, the released code's accumulation, beta 10) and
-attackers the protection did not simulate (another identifier, 2x learning rate, 2x steps,
-LoRA, photos the protection never saw). It prints one Markdown table and writes the raw
-numbers as JSON.
+For each subject and seed it runs rows ``<model>+<attack>`` (``apdm_core.world.efficacy``):
+models ``base`` (unprotected), ``scratch`` (the world model with a randomly initialised UNet:
+what an attacker gets without our model), ``apdm`` (the demo preset), the paper's ablations
+(``dpo_only``, ``naive``, ``reference_accum``, ``beta10``) and any ``--variant NAME=JSON``
+(ProtectConfig overrides); attacks ``attack`` (the standard DreamBooth), ``identifier``,
+``lr05x``/``lr2x``/``lr4x``, ``steps2x``, ``lora``, ``unseen_photos`` and ``other_subject``
+(another individual of the class: utility). It prints one Markdown table at the standard budget
+and, with ``--budgets``, the robustness curve (similarity after each number of attack steps,
+from one attack run per cell) with the break-even budget, and writes the raw numbers as JSON.
 
-Columns: ``similarity`` = the world evaluator's subject similarity of "a photo of <id> <class>"
-samples to unseen photos of the subject (mean over subjects x seeds, min-max); ``gap`` =
-(protected-attack - base) / (unprotected-attack - base) similarity per subject and seed:
-0 = the attack learned nothing, 1 = no protection; ``class quality`` / ``unrelated quality``
-= fraction of class-prompt samples (the subject's class / the other classes) recognised as
-their class, on the model before the attack; seconds of protection and of the attack.
+Columns: ``gated similarity`` = the world evaluator's subject similarity of "a photo of <id>
+<class>" samples to unseen photos of the subject, counting samples not recognised as the class
+as 0 (mean over subjects x seeds, min-max); ``raw similarity`` = without the gate; ``class rate``
+= share of those samples recognised as the class; ``efficiency`` = (unprotected - protected) /
+(unprotected - scratch) gated similarity after the same attack (1 = the attacker gains nothing
+over a random UNet, 0 = no protection); ``utility`` (``+other_subject`` rows) = gain on another
+individual relative to the unprotected model's gain; ``class quality`` / ``unrelated quality`` =
+share of class-prompt samples (the subject's class / the other classes) recognised as their
+class, on the model before the attack; seconds of protection and of the attack.
 
-    HF_HUB_OFFLINE=1 python benchmarks/efficacy.py                      # core rows, 3 subjects x 3 seeds
-    HF_HUB_OFFLINE=1 python benchmarks/efficacy.py --rows all --seeds 0  # every row, one seed
-    python benchmarks/efficacy.py --merge a.json b.json                  # one table from several runs
+    export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+    python benchmarks/efficacy.py                                  # core rows, subjects 1 2 3 x seeds 0 1 2
+    python benchmarks/efficacy.py --rows base+attack scratch+attack --budgets 0 25 50 100 200 400 800 1600
+    python benchmarks/efficacy.py --variant long='{"resync_every": 10}' --rows long+attack
+    python benchmarks/efficacy.py --merge a.json b.json --plot curve.png   # one table from several runs
 """
 
 from __future__ import annotations
@@ -31,25 +39,90 @@ from pathlib import Path
 from apdm_core.world import efficacy
 
 
+def parse_variants(items: list[str]) -> dict[str, dict]:
+    out = {}
+    for item in items or []:
+        name, _, text = item.partition("=")
+        if not name or "+" in name or not text:
+            raise SystemExit(
+                f"--variant {item!r}: expected NAME=JSON (ProtectConfig overrides), NAME without '+'"
+            )
+        out[name] = json.loads(text)
+    return out
+
+
+def print_curves(cells, rows, standard: int) -> None:
+    budgets = sorted({c.steps for c in cells if c.steps is not None})
+    if len(budgets) < 2:
+        return
+    print("\nGated similarity after N attack steps (mean over subjects x seeds):\n")
+    print("| row | " + " | ".join(str(b) for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name in rows:
+        points = efficacy.curve_points(cells, name)
+        if len(points) < 2:
+            continue
+        vals = [
+            f"{sum(c.score for c in points[b]) / len(points[b]):.3f}" if b in points else "" for b in budgets
+        ]
+        print(f"| {name} | " + " | ".join(vals) + " |")
+    changes = [(n, efficacy.curve_points(cells, n)) for n in rows]
+    for name, points in changes:
+        wc = {b: [c.weight_change for c in v if c.weight_change is not None] for b, v in points.items()}
+        wc = {b: sum(v) / len(v) for b, v in wc.items() if v}
+        if len(wc) > 1:
+            print(
+                f"\nrelative UNet weight change, {name}: " + ", ".join(f"{b}: {v:.3f}" for b, v in wc.items())
+            )
+    for name in rows:
+        if efficacy.unprotected_twin(name) and efficacy.curve_points(cells, name):
+            s = efficacy.curve_summary(cells, name, standard)
+            be = ", ".join("> max" if b is None else f"{b:.2f}x" for b in s["break_even"])
+            exc = s["max_excess_over_scratch_2x"]
+            print(f"\n{name}: break-even budget per subject/seed (x standard {standard}): {be}; "
+                  f"largest excess over scratch up to 2x: {'' if exc is None else f'{exc:.3f}'}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", type=int, nargs="+", default=[1, 2, 3], help="world subject seeds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="protection/attack seeds")
     ap.add_argument("--rows", nargs="+", default=list(efficacy.CORE_ROWS),
                     help=f"rows to run, or 'all' (known: {', '.join(efficacy.ROWS)})")  # fmt: skip
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="a protection variant: ProtectConfig overrides on the demo preset; rows NAME+<attack>")  # fmt: skip
+    ap.add_argument("--budgets", type=int, nargs="+", default=None,
+                    help=f"attack steps at which to score (the robustness curve), e.g. {' '.join(map(str, efficacy.BUDGETS))}")  # fmt: skip
     ap.add_argument("--samples", type=int, default=16, help="samples per score")
     ap.add_argument("--outer-steps", type=int, default=None, help="override the protection's outer steps")
-    ap.add_argument("--attack-steps", type=int, default=None, help="override the attack's steps")
+    ap.add_argument("--attack-steps", type=int, default=None, help="override the attack's standard steps")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--results-cache", default="",
+                    help="JSON file that keeps the cells of unprotected rows (base, scratch) across runs")  # fmt: skip
     ap.add_argument("--json", default="", help="write the cells and the summary here")
+    ap.add_argument("--grids", default="", help="write a PNG grid of the scored samples of every cell here")
+    ap.add_argument("--plot", default="", help="draw the robustness curve of the rows into this PNG")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="print one table from the cells of earlier --json files (parallel runs); runs nothing")  # fmt: skip
     args = ap.parse_args()
+    variants = parse_variants(args.variant)
+    attack_settings = {
+        **efficacy.ATTACK_SETTINGS,
+        **({"steps": args.attack_steps} if args.attack_steps else {}),
+    }
+    standard = attack_settings["steps"]
     if args.merge:
-        cells = [
-            c for f in args.merge for c in efficacy.cells_from_dicts(json.loads(Path(f).read_text())["cells"])
-        ]
-        print(efficacy.markdown_table(efficacy.summarize(cells)))
+        cells, rows = [], []
+        for f in args.merge:
+            data = json.loads(Path(f).read_text())
+            cells += efficacy.cells_from_dicts(data["cells"])
+            variants.update(data.get("variants", {}))
+            rows += [c.row for c in cells]
+        rows = list(dict.fromkeys(rows))
+        print(efficacy.markdown_table(efficacy.summarize(cells, attack_settings, variants)))
+        print_curves(cells, rows, standard)
+        if args.plot:
+            efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
         return
 
     import torch
@@ -57,40 +130,58 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = list(efficacy.ROWS) if args.rows == ["all"] else args.rows
-    unknown = [r for r in rows if r not in efficacy.ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(efficacy.ROWS)}")
-    for r in rows:  # a protected row needs its unprotected twin and the base row for the gap
-        for need in ("base", efficacy.unprotected_twin(r)):
+    for r in rows:
+        try:
+            efficacy.make_row(r, variants)
+        except KeyError:
+            raise SystemExit(
+                f"unknown row {r!r}; known: {', '.join(efficacy.ROWS)} (or <variant>+<attack>)"
+            ) from None
+    for r in list(rows):  # a protected row needs its unprotected and from-scratch twins and the base row
+        for need in ("base", efficacy.unprotected_twin(r), efficacy.twin(r, "scratch")):
             if need and need not in rows:
                 rows.insert(0, need)
-    rows = list(dict.fromkeys(sorted(rows, key=list(efficacy.ROWS).index)))
+    rows = list(dict.fromkeys(rows))
     protect = {"outer_steps": args.outer_steps} if args.outer_steps else {}
-    attack = {"steps": args.attack_steps} if args.attack_steps else {}
     cache = os.environ.get("APDM_CACHE_DIR") or tempfile.mkdtemp(prefix="apdm_efficacy_")
     runner = efficacy.Runner(samples=args.samples, cache_dir=cache, protect_settings=protect,
-                             attack_settings=attack)  # fmt: skip
+                             attack_settings=attack_settings, variants=variants,
+                             results=args.results_cache or None, grids=args.grids or None)  # fmt: skip
     cells = []
     t0, c0 = time.perf_counter(), time.process_time()
     for subject in args.subjects:
         for seed in args.seeds:
             for name in rows:
-                cell = runner.run(efficacy.ROWS[name], subject, seed)
-                cells.append(cell)
-                print(f"subject {subject} seed {seed} {name}: similarity {cell.similarity:.3f} "
-                      f"class {cell.class_quality:.2f} unrelated {cell.unrelated_quality:.2f}", flush=True)  # fmt: skip
+                c1 = time.process_time()
+                got = runner.run_curve(name, subject, seed, args.budgets)
+                cells += got
+                std = next(c for c in got if c.steps == runner.row(name).steps(attack_settings))
+                print(f"subject {subject} seed {seed} {name}: gated {std.score:.3f} raw {std.similarity:.3f} "
+                      f"class-rate {std.class_rate:.2f} quality {std.class_quality:.2f}/{std.unrelated_quality:.2f} "
+                      f"curve {' '.join(f'{c.steps}:{c.score:.2f}' for c in got)} "
+                      f"({time.process_time() - c1:.0f} CPU-s)", flush=True)  # fmt: skip
+                if args.json:  # after every row: a stopped run keeps what it measured
+                    write_json(args.json, args, variants, cells, None, time.perf_counter() - t0,
+                               time.process_time() - c0)  # fmt: skip
             runner.forget()  # one subject/seed at a time in memory
-    summary = efficacy.summarize(cells)
+    summary = efficacy.summarize(cells, attack_settings, variants)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print()
     print(efficacy.markdown_table(summary))
+    print_curves(cells, rows, standard)
     print(f"\nsubjects {args.subjects} x seeds {args.seeds}; {args.samples} samples per score; "
-          f"protection {runner.protect_settings}; attack {runner.attack_settings}; "
+          f"protection {runner.protect_settings}; variants {variants}; attack {runner.attack_settings}; "
           f"wall {wall:.0f} s, CPU {cpu:.0f} s, torch threads {torch.get_num_threads()}")  # fmt: skip
+    if args.plot:
+        efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary,
-                                               "cells": efficacy.cells_to_dicts(cells),
-                                               "wall_s": wall, "cpu_s": cpu}, indent=1))  # fmt: skip
+        write_json(args.json, args, variants, cells, summary, wall, cpu)
+
+
+def write_json(path, args, variants, cells, summary, wall: float, cpu: float) -> None:
+    data = {"args": vars(args), "variants": variants, "summary": summary,
+            "cells": efficacy.cells_to_dicts(cells), "wall_s": wall, "cpu_s": cpu}  # fmt: skip
+    Path(path).write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

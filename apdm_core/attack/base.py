@@ -32,7 +32,15 @@ from ..fileio import atomic_path
 from ..models import SDModel, resolve_device
 from ..pairs import ensure_class_images
 from ..progress import ProgressCallback, StopCheck, Tracker
-from ..training import Diffusion, LatentBank, dreambooth_loss, make_forward, run_hash, state_file
+from ..training import (
+    Diffusion,
+    LatentBank,
+    dreambooth_loss,
+    make_forward,
+    run_hash,
+    state_file,
+    uninterrupted,
+)
 from .config import AttackConfig
 
 log = logging.getLogger(__name__)
@@ -160,10 +168,21 @@ class Attack:
         """Words to replace in prompts for the attacked model (textual inversion: sks -> <sks>)."""
         return {}
 
-    def result_model(self) -> SDModel:
-        unet = self.unet.requires_grad_(False).eval()
+    def result_view(self) -> SDModel:
+        """The attacked model as it is now, sharing the training weights (nothing is frozen)."""
         info = {**self.model.info, "attack": self.name}
-        return dataclasses.replace(self.model, unet=unet, info=info, _fingerprint=None)
+        return dataclasses.replace(self.model, unet=self.unet, info=info, _fingerprint=None)
+
+    def result_model(self) -> SDModel:
+        """The attacked model, frozen (the attack is over)."""
+        own = (self.unet,) if self.unet is not self.model.unet else ()  # never the caller's modules
+        for module in (*own, *self.extra_modules()):
+            module.requires_grad_(False).eval()
+        return self.result_view()
+
+    def extra_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Trained modules besides the UNet (textual inversion: its text encoder)."""
+        return ()
 
     def save(self, result: AttackResult, folder: Path) -> None:
         """Write the attack's result into ``folder`` (a fresh temporary folder)."""
@@ -266,11 +285,12 @@ class AttackTrainer:
         grad_norm = None
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        self.phase = "update"
-        self.optimizer.step()
-        self.attack.after_step()
-        self.step += 1
-        self.phase = "idle"
+        with uninterrupted():  # the update and the step counter: one unit for the saver
+            self.phase = "update"
+            self.optimizer.step()
+            self.attack.after_step()
+            self.step += 1
+            self.phase = "idle"
         entry = {
             "step": self.step,
             "loss": value,
@@ -351,6 +371,8 @@ def run_attack(
     should_stop: StopCheck | None = None,
     resume: bool = False,
     state_path: str | Path | None = None,
+    snapshot_steps=(),
+    on_snapshot: Callable[[int, SDModel], None] | None = None,
 ) -> AttackResult:
     """Personalize ``model`` on the subject ``images`` the way an attacker would.
 
@@ -359,6 +381,12 @@ def run_attack(
     ProgressEvent (stage 'attack') every step and ``should_stop`` is checked every step; a stop
     (or an exception raised by the host inside ``progress``) saves the resumable state first,
     and ``run_attack(..., resume=True)`` continues from it bit for bit.
+
+    ``on_snapshot(step, model)`` is called after each step listed in ``snapshot_steps`` with
+    the attacked model as it is at that step (a view that shares the training weights: read
+    it, sample from it under ``torch.no_grad``, do not keep it). One long attack then gives
+    the whole attack-budget curve (the robustness curve of the efficacy benchmark). Step 0
+    means the model before the first step.
     """
     config.validate()
     cfg = config.resolved()
@@ -381,13 +409,18 @@ def run_attack(
             trainer.load_state_dict(load_state(path, identity))
             log.info("Resumed the %s attack from %s at step %d", cfg.kind, path, trainer.step)
         tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
+        snapshots = {int(s) for s in snapshot_steps} if on_snapshot is not None else set()
         cancelled = False
         try:
             tracker.check_stop()
+            if trainer.step in snapshots:
+                take_snapshot(attack, trainer.step, on_snapshot)
             while trainer.step < cfg.steps:
                 entry = trainer.train_step()
                 if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
                     save_state(path, trainer, identity)
+                if trainer.step in snapshots:
+                    take_snapshot(attack, trainer.step, on_snapshot)
                 tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
         except BaseException as exc:
             if isinstance(exc, TrainingDiverged):
@@ -407,6 +440,12 @@ def run_attack(
         path.unlink()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def take_snapshot(attack: Attack, step: int, on_snapshot: Callable[[int, SDModel], None]) -> None:
+    """Hand the attacked model at ``step`` to ``on_snapshot`` without touching the training state."""
+    with torch.no_grad():
+        on_snapshot(step, attack.result_view())
 
 
 def load_attack_output(model: SDModel, folder: str | Path) -> tuple[SDModel, dict[str, str], AttackConfig]:

@@ -115,6 +115,7 @@ class AttackConfig(ConfigIO):
     save_every: int = _f(100, "Write the resumable state every K steps (0 = only when stopped).")
 
     def __post_init__(self) -> None:
+        self.coerce_types()
         if isinstance(self.images, str):
             self.images = [self.images] if self.images else []
         self.images = [str(p) for p in self.images]

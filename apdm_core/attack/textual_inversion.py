@@ -79,8 +79,10 @@ class TextualInversionAttack(Attack):
             table = self.text_encoder.get_input_embeddings().weight
             table[self.keep] = self.original[self.keep]
 
-    def result_model(self) -> SDModel:
-        self.text_encoder.requires_grad_(False).eval()
+    def extra_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.text_encoder,)
+
+    def result_view(self) -> SDModel:
         info = {**self.model.info, "attack": self.name, "token": self.token}
         return dataclasses.replace(self.model, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                    info=info, _fingerprint=None)  # fmt: skip

@@ -1,12 +1,27 @@
 """Does protection work? The efficacy benchmark of the demo world (``benchmarks/efficacy.py``).
 
-For a subject of the world (never seen in pretraining) and a seed, every *row* protects the
-world model (or not), attacks it with DreamBooth (or a variant the protection did not
+For a subject of the world (never seen in pretraining) and a seed, every *row* takes a model
+(the world model, the world model with a randomly initialised UNet, or the world model
+protected against the subject), attacks it (DreamBooth, or a variant the protection did not
 simulate), samples "a photo of <identifier> <class>" and scores the samples with the world's
 identity evaluator against held-out photos of the subject (photos neither the protector nor
-the attacker had). Utility is scored on the protected model before any attack: how often
-samples of the subject's class prompt, and of the other classes' prompts, are recognised as
-their class.
+the attacker had). One attack run gives the whole attack-budget curve: the samples are scored
+after each of the requested numbers of attack steps (``budgets``).
+
+The yardstick (README, Demo world):
+
+- ``gated`` similarity: the evaluator's subject similarity per sample, counted as 0 for a
+  sample not recognised as the subject's class (so garbage never looks like the subject);
+- ``scratch+<attack>``: the same attack on the world model whose UNet was replaced by a
+  randomly initialised one (VAE and text encoder kept): what the attacker gets without our
+  model. No model-level protection can be asked to do better than that;
+- ``efficiency`` of a protected row = (unprotected - protected) / (unprotected - scratch)
+  gated similarity after the same attack, per subject and seed: 0 = no protection, 1 = the
+  attacker gains nothing from the protected model over a random one;
+- utility: class-prompt samples of the protected model (before any attack) recognised as
+  their class (``class_quality`` for the subject's class, ``unrelated_quality`` for the three
+  others), and ``+other_subject`` rows: another individual of the same class must still be
+  learned by the attacker.
 
 Everything runs through the public engine: ``apdm_core.protect.protect``,
 ``apdm_core.attack.run_attack``, ``apdm_core.pairs.sample_images``. Protected models are
@@ -16,9 +31,12 @@ shared between the rows that only change the attack.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +49,8 @@ log = logging.getLogger(__name__)
 PROTECTED_PHOTOS = 0  # 4 photos from here: what the owner protects and what the attacker has
 UNSEEN_PHOTOS = 20  # 4 photos the protection never saw (the "leaked other photos" attacker)
 REFERENCE_PHOTOS = 100  # 8 photos for the similarity score: seen by nobody
+OTHER_SUBJECT = 1000  # another individual of the class: render.make_subject(OTHER_SUBJECT + seed, cls=...)
+SCRATCH_SEED = 10_000  # the random UNet of seed s is initialised with torch seed SCRATCH_SEED + s
 
 # The demo preset of the world (what ``apdm demo`` runs): small, CPU-minutes.
 PROTECT_SETTINGS = {
@@ -58,49 +78,87 @@ ATTACK_SETTINGS = {
     "save_every": 0,
 }
 SAMPLING = {"steps": 25, "guidance": 4.0}
+BUDGETS = (0, 25, 50, 100, 200, 400, 800, 1600)  # attack steps of the robustness curve
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a protection (None = unprotected) and an attack (None = no attack)."""
+    """One line of the table: a model (unprotected, from scratch or protected) and an attack."""
 
     name: str
-    protect: dict | None = None  # ProtectConfig overrides on top of PROTECT_SETTINGS
-    attack: dict | None = field(default_factory=dict)  # AttackConfig overrides on top of ATTACK_SETTINGS
+    protect: dict | None = None  # ProtectConfig overrides on top of PROTECT_SETTINGS; None = not protected
+    attack: dict | None = field(default_factory=dict)  # AttackConfig overrides; None = no attack
     photos: int = PROTECTED_PHOTOS  # first photo index the attacker trains on
     note: str = ""
+    scratch: bool = False  # attack the world model with a randomly initialised UNet
+    other_subject: bool = False  # attack (and score) another individual of the subject's class
+
+    @property
+    def model_name(self) -> str:
+        return self.name.split("+", 1)[0]
+
+    @property
+    def attack_name(self) -> str:
+        return self.name.split("+", 1)[1] if "+" in self.name else ""
+
+    def steps(self, attack_settings: dict | None = None) -> int:
+        """The attack steps of this row's standard cell (0 without an attack)."""
+        if self.attack is None:
+            return 0
+        return int(self.attack.get("steps", (attack_settings or ATTACK_SETTINGS)["steps"]))
+
+
+# attack variants: name -> (note, AttackConfig overrides, Row extras)
+ATTACKS: dict[str, tuple[str, dict, dict]] = {
+    "attack": ("DreamBooth", {}, {}),
+    "identifier": ("another identifier (toy)", {"identifier": "toy"}, {}),
+    "lr05x": ("0.5x attack learning rate", {"lr": 0.5 * ATTACK_SETTINGS["lr"]}, {}),
+    "lr2x": ("2x attack learning rate", {"lr": 2 * ATTACK_SETTINGS["lr"]}, {}),
+    "lr4x": ("4x attack learning rate", {"lr": 4 * ATTACK_SETTINGS["lr"]}, {}),
+    "steps2x": ("2x attack steps", {"steps": 2 * ATTACK_SETTINGS["steps"]}, {}),
+    "lora": ("LoRA attack (rank 4)", {"kind": "lora", "lr": 1e-3}, {}),
+    "unseen_photos": ("photos the protection never saw", {}, {"photos": UNSEEN_PHOTOS}),
+    "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
+}
+# protection variants of the table: name -> (note, ProtectConfig overrides)
+ABLATIONS: dict[str, tuple[str, dict]] = {
+    "dpo_only": ("ablation: DPO without L2P", {"inner_steps": 0}),
+    "naive": ("ablation: naive -L_per + lambda L_ppl", {"loss": "naive"}),
+    "reference_accum": (
+        "ablation: accumulation of the released code",
+        {"accumulation": "protect+personalize"},
+    ),
+    "beta10": ("ablation: beta 10", {"beta": 10.0}),
+}
+
+
+def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
+    """The row ``<model>+<attack>`` (or ``base``): model base, scratch, apdm, an ablation or a variant."""
+    if name == "base":
+        return Row("base", None, None, note="base model, no attack")
+    model, _, attack = name.partition("+")
+    if attack not in ATTACKS:
+        raise KeyError(name)
+    note, overrides, extras = ATTACKS[attack]
+    if model == "base":
+        return Row(name, None, overrides, note=f"unprotected, {note}", **extras)
+    if model == "scratch":
+        return Row(name, None, overrides, note=f"random UNet, {note}", scratch=True, **extras)
+    if model == "apdm":
+        return Row(name, {}, overrides, note=f"APDM (demo preset), {note}", **extras)
+    if model in ABLATIONS:
+        return Row(
+            name, dict(ABLATIONS[model][1]), overrides, note=f"{ABLATIONS[model][0]}, {note}", **extras
+        )
+    if variants and model in variants:
+        return Row(name, dict(variants[model]), overrides, note=f"variant {model}, {note}", **extras)
+    raise KeyError(name)
 
 
 def _rows() -> dict[str, Row]:
-    apdm: dict = {}
-    unseen = {
-        "identifier": ("Different identifier", {"identifier": "toy"}),
-        "lr2x": ("2x attack learning rate", {"lr": 2 * ATTACK_SETTINGS["lr"]}),
-        "steps2x": ("2x attack steps", {"steps": 2 * ATTACK_SETTINGS["steps"]}),
-        "lora": ("LoRA attack (rank 4)", {"kind": "lora", "lr": 1e-3}),
-    }
-    rows = [
-        Row("base", None, None, note="base model, no attack"),
-        Row("base+attack", None, {}, note="unprotected, DreamBooth"),
-        Row("apdm+attack", apdm, {}, note="APDM (DPO + L2P), same attack"),
-        Row("dpo_only+attack", {"inner_steps": 0}, {}, note="ablation: DPO without L2P"),
-        Row("naive+attack", {"loss": "naive"}, {}, note="ablation: naive -L_per + lambda L_ppl"),
-        Row(
-            "reference_accum+attack",
-            {"accumulation": "protect+personalize"},
-            {},
-            note="ablation: accumulation of the released code",
-        ),  # fmt: skip
-        Row("beta10+attack", {"beta": 10.0}, {}, note="ablation: beta 10"),
-    ]
-    for key, (note, attack) in unseen.items():
-        rows.append(Row(f"base+{key}", None, attack, note=f"unprotected, {note}"))
-        rows.append(Row(f"apdm+{key}", apdm, attack, note=f"APDM, {note}"))
-    rows.append(
-        Row("base+unseen_photos", None, {}, UNSEEN_PHOTOS, "unprotected, photos protection never saw")
-    )
-    rows.append(Row("apdm+unseen_photos", apdm, {}, UNSEEN_PHOTOS, "APDM, photos protection never saw"))
-    return {r.name: r for r in rows}
+    names = ["base"] + [f"{m}+{a}" for a in ATTACKS for m in ("scratch", "base", "apdm")]
+    names += [f"{m}+attack" for m in ABLATIONS]
+    return {n: make_row(n) for n in names}
 
 
 ROWS = _rows()
@@ -117,9 +175,9 @@ def instance_prompt(cls: str, attack: dict | None) -> str:
 
 
 def score_samples(evaluator, samples, subject: render.Subject, refs) -> dict:
-    """Identity of instance-prompt samples: similarity to the references and attribute match."""
+    """Identity of instance-prompt samples: similarity (raw and class-gated), class rate, attribute match."""
     return {
-        "similarity": evaluator.subject_similarity(samples, refs),
+        **evaluator.subject_scores(samples, refs, subject.cls),
         "identity_match": evaluator.identity_match(samples, subject),
     }
 
@@ -138,9 +196,27 @@ def class_quality(model, evaluator, cls: str, n: int, seed: int) -> dict:
     return {"class_quality": acc[cls], "unrelated_quality": float(np.mean(others))}
 
 
+def scratch_model(model, seed: int):
+    """``model`` with its UNet replaced by a randomly initialised one of the same config (seeded)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED + seed)
+        unet = UNet2DConditionModel.from_config(model.unet.config)
+    unet = unet.to(model.device).requires_grad_(False).eval()
+    return dataclasses.replace(model, unet=unet, info={**model.info, "scratch": True}, _fingerprint=None)
+
+
+def unet_vector(unet):
+    import torch
+
+    return torch.cat([p.detach().flatten().float() for p in unet.parameters()])
+
+
 @dataclass
 class Cell:
-    """The numbers of one row for one (subject, seed)."""
+    """The numbers of one row for one (subject, seed), after ``steps`` attack steps."""
 
     row: str
     subject: int
@@ -151,6 +227,47 @@ class Cell:
     unrelated_quality: float | None = None
     protect_s: float = 0.0
     attack_s: float = 0.0
+    gated: float | None = None  # class-gated similarity (None in tables written before it existed)
+    class_rate: float | None = None  # fraction of the instance-prompt samples recognised as the class
+    steps: int | None = None  # attack steps done when scored (None: the row's standard budget)
+    weight_change: float | None = None  # ||theta_attacked - theta|| / ||theta|| of the UNet (dreambooth)
+
+    @property
+    def score(self) -> float:
+        """The similarity the tables compare: gated where measured, else the raw similarity."""
+        return self.similarity if self.gated is None else self.gated
+
+
+class ResultCache:
+    """Cells of unprotected rows (base, scratch) kept in a JSON file across benchmark runs.
+
+    Their numbers do not depend on any protection setting, and research runs compare many
+    protections against the same unprotected and from-scratch curves.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self.data: dict[str, list[dict]] = {}
+        if self.path and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> list[Cell] | None:
+        items = self.data.get(key)
+        return cells_from_dicts(items) if items is not None else None
+
+    def put(self, key: str, cells: list[Cell]) -> None:
+        if self.path is None:
+            return
+        from ..fileio import atomic_write_text
+
+        if self.path.exists():  # another benchmark process may have added cells meanwhile
+            self.data = {**json.loads(self.path.read_text()), **self.data}
+        self.data[key] = cells_to_dicts(cells)
+        atomic_write_text(self.path, json.dumps(self.data))
 
 
 class Runner:
@@ -165,6 +282,9 @@ class Runner:
         cache_dir: str = "",
         protect_settings: dict | None = None,
         attack_settings: dict | None = None,
+        variants: dict[str, dict] | None = None,
+        results: str | Path | None = None,
+        grids: str | Path | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
     ) -> None:
@@ -176,9 +296,15 @@ class Runner:
         self.cache_dir = cache_dir
         self.protect_settings = {**PROTECT_SETTINGS, **(protect_settings or {})}
         self.attack_settings = {**ATTACK_SETTINGS, **(attack_settings or {})}
+        self.variants = dict(variants or {})
+        self.results = ResultCache(results)
+        self.grids = Path(grids) if grids else None  # a grid PNG of the scored samples per cell
         self.progress, self.should_stop = progress, should_stop
         self._protected: dict[tuple, tuple] = {}
         self._quality: dict[tuple, dict] = {}
+
+    def row(self, name: str) -> Row:
+        return make_row(name, self.variants)
 
     def forget(self) -> None:
         """Drop the cached protected models (keep memory flat across subjects and seeds)."""
@@ -190,7 +316,7 @@ class Runner:
         from ..config import ProtectConfig
         from ..protect import protect
 
-        key = (subject.seed, seed, tuple(sorted(overrides.items())))
+        key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
             config = ProtectConfig(
@@ -203,16 +329,18 @@ class Runner:
                 **settings,
             )
             images = render.photos(subject, 4, start=PROTECTED_PHOTOS)
-            result = protect(config, self.progress, self.should_stop, model=self.model, images=images)
+            result = protect(
+                config, self.progress, self.should_stop, model=self.model, images=images, resume=True
+            )
             self._protected[key] = (result.model, result.seconds)
         return self._protected[key]
 
-    def attacked(self, model, subject: render.Subject, seed: int, overrides: dict, photos: int):
-        from ..attack import AttackConfig, run_attack
+    def attack_config(self, subject: render.Subject, seed: int, overrides: dict):
+        from ..attack import AttackConfig
 
         settings = {**self.attack_settings, **overrides}
         ident = settings.pop("identifier", render.IDENTIFIER)
-        config = AttackConfig(
+        return AttackConfig(
             instance_prompt=render.instance_prompt(subject.cls, ident),
             class_prompt=render.class_prompt(subject.cls),
             identifier=ident,
@@ -221,110 +349,333 @@ class Runner:
             device="cpu",
             **settings,
         )
-        images = render.photos(subject, 4, start=photos)
-        return run_attack(model, images, config, self.progress, self.should_stop)
 
     def quality(self, model, key: tuple, cls: str, seed: int) -> dict:
         if key not in self._quality:
             self._quality[key] = class_quality(model, self.evaluator, cls, self.samples, 1000 + seed)
         return self._quality[key]
 
+    def sample_seeds(self, seed: int) -> list[int]:
+        return list(range(2000 + 100 * seed, 2000 + 100 * seed + self.samples))
+
     # --------------------------------------------------------------------------------------
-    def run(self, row: Row, subject_seed: int, seed: int) -> Cell:
+    def run(self, row: Row | str, subject_seed: int, seed: int, budgets=None) -> Cell:
+        """The row's cell at its standard budget (``run_curve`` for several budgets)."""
+        row = self.row(row) if isinstance(row, str) else row
+        steps = row.steps(self.attack_settings)
+        return next(c for c in self.run_curve(row, subject_seed, seed, budgets) if c.steps == steps)
+
+    def run_curve(self, row: Row | str, subject_seed: int, seed: int, budgets=None) -> list[Cell]:
+        """Cells of the row after each number of attack steps in ``budgets`` (default: its standard budget).
+
+        The standard budget is always included. One attack runs to the largest budget; the
+        samples are scored at each budget along the way.
+        """
+        row = self.row(row) if isinstance(row, str) else row
+        steps = row.steps(self.attack_settings)
+        budgets = sorted({*(budgets or ()), steps}) if row.attack is not None else [0]
+        cache_key = None
+        if row.protect is None:  # unprotected rows do not depend on the protection: reuse them
+            cache_key = ResultCache.key(
+                "v2", row.attack, row.photos, row.scratch, row.other_subject, self.attack_settings,
+                subject_seed, seed, self.samples, self.model.fingerprint(),
+            )  # fmt: skip
+            cached = self.results.get(cache_key) or []
+            # one attack run scores every budget on its way: a cached longer curve answers shorter ones
+            if set(budgets) <= {c.steps for c in cached}:
+                return [dataclasses.replace(c, row=row.name) for c in cached if c.steps in budgets]
+        cells = self._run_curve(row, subject_seed, seed, budgets, steps)
+        if cache_key is not None:
+            self.results.put(cache_key, cells)
+        return cells
+
+    def _run_curve(
+        self, row: Row, subject_seed: int, seed: int, budgets: list[int], steps: int
+    ) -> list[Cell]:
+        from ..attack import run_attack
         from ..pairs import sample_images
 
         subject = render.make_subject(subject_seed)
-        refs = render.photos(subject, 8, start=REFERENCE_PHOTOS)
         model, protect_s = self.model, 0.0
         quality_key: tuple = ("base", subject.cls, seed)
         if row.protect is not None:
             model, protect_s = self.protected(subject, seed, row.protect)
-            quality_key = (subject.seed, seed, tuple(sorted(row.protect.items())))
-        quality = self.quality(model, quality_key, subject.cls, seed)
-        attack_s = 0.0
+            quality_key = (subject.seed, seed, json.dumps(row.protect, sort_keys=True))
+        quality = self.quality(model, quality_key, subject.cls, seed)  # the model before any attack
+        if row.scratch:
+            model = scratch_model(model, seed)
+        target = (
+            render.make_subject(OTHER_SUBJECT + subject_seed, cls=subject.cls)
+            if row.other_subject
+            else subject
+        )
+        refs = render.photos(target, 8, start=REFERENCE_PHOTOS)
+        seeds = self.sample_seeds(seed)
+
+        def score(m, prompt: str, at: int, attack_s: float = 0.0, weight_change=None) -> Cell:
+            samples = sample_images(m, prompt, seeds, m.native_resolution, batch_size=16, **SAMPLING)
+            s = score_samples(self.evaluator, samples, target, refs)
+            if self.grids is not None:
+                self.grids.mkdir(parents=True, exist_ok=True)
+                render.grid(samples, cols=8).save(
+                    self.grids / f"{row.name}_s{subject_seed}_seed{seed}_{at}.png"
+                )
+            return Cell(row.name, subject_seed, seed, s["similarity"], s["identity_match"],
+                        quality["class_quality"], quality["unrelated_quality"], protect_s, attack_s,
+                        gated=s["gated"], class_rate=s["class_rate"], steps=at,
+                        weight_change=weight_change)  # fmt: skip
+
+        if row.attack is None:
+            return [score(model, instance_prompt(subject.cls, None), 0)]
+        config = self.attack_config(subject, seed, {**row.attack, "steps": max(budgets)})
         prompt = instance_prompt(subject.cls, row.attack)
-        if row.attack is not None:
-            t0 = time.perf_counter()
-            result = self.attacked(model, subject, seed, row.attack, row.photos)
-            attack_s = time.perf_counter() - t0
-            model = result.model
-            prompt = result.prompt(prompt)
-        seeds = list(range(2000 + 100 * seed, 2000 + 100 * seed + self.samples))
-        samples = sample_images(model, prompt, seeds, model.native_resolution, batch_size=16, **SAMPLING)
-        scores = score_samples(self.evaluator, samples, subject, refs)
-        return Cell(row.name, subject_seed, seed, scores["similarity"], scores["identity_match"],
-                    quality["class_quality"], quality["unrelated_quality"], protect_s, attack_s)  # fmt: skip
+        theta0 = unet_vector(model.unet) if config.kind == "dreambooth" else None
+        cells: list[Cell] = []
+        t0 = time.perf_counter()
+        paused = [0.0]  # time spent scoring, not attacking
+
+        def on_snapshot(at: int, view) -> None:
+            t1 = time.perf_counter()
+            change = None
+            if theta0 is not None:
+                change = float((unet_vector(view.unet) - theta0).norm() / theta0.norm())
+            text = prompt
+            for word, repl in view_prompt_map(view, config).items():
+                text = text.replace(word, repl)
+            cells.append(score(view, text, at, t1 - t0 - paused[0], change))
+            paused[0] += time.perf_counter() - t1
+
+        images = render.photos(target, 4, start=row.photos)
+        run_attack(model, images, config, self.progress, self.should_stop,
+                   snapshot_steps=budgets, on_snapshot=on_snapshot)  # fmt: skip
+        return cells
+
+
+def view_prompt_map(view, config) -> dict[str, str]:
+    """Textual inversion samples with its learned token; the other attacks use the prompt as is."""
+    token = view.info.get("token")
+    return {config.identifier: token} if token else {}
 
 
 # ------------------------------------------------------------------------------------------
 # the table
 # ------------------------------------------------------------------------------------------
-def summarize(cells: list[Cell]) -> list[dict]:
-    """Mean (and min/max over subjects x seeds) per row, with the protection gap ratio.
+def row_of(name: str, variants: dict[str, dict] | None = None) -> Row:
+    try:
+        return make_row(name, variants)
+    except KeyError:
+        return Row(name)
 
-    ``gap`` of a protected row = (similarity after attack - base similarity) / (similarity of
-    the unprotected model after the same attack - base similarity), per (subject, seed), then
-    averaged: 0 = the attack learned nothing, 1 = protection did nothing.
+
+def standard_cells(cells: list[Cell], attack_settings: dict | None = None, variants=None) -> list[Cell]:
+    """The cells at each row's standard budget (a later cell replaces an earlier one)."""
+    by_key: dict[tuple, Cell] = {}
+    for c in cells:
+        if c.steps is None or c.steps == row_of(c.row, variants).steps(attack_settings):
+            by_key[(c.row, c.subject, c.seed)] = c
+    return list(by_key.values())
+
+
+def twin(name: str, model: str) -> str | None:
+    """The row with the same attack on the ``model`` ('base' or 'scratch') of a protected row."""
+    row = row_of(name)
+    if "+" not in name or name.startswith(("base+", "scratch+")):
+        return None
+    return f"{model}+{row.attack_name}"
+
+
+def unprotected_twin(name: str) -> str | None:
+    """The unprotected row with the same attack as the protected row ``name`` (None if unprotected)."""
+    return twin(name, "base")
+
+
+def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=None) -> list[dict]:
+    """Mean (and min/max over subjects x seeds) per row at the standard budget, with gap and efficiency.
+
+    ``efficiency`` of a protected row = (unprotected - protected) / (unprotected - scratch), per
+    (subject, seed) with the gated similarity after the same attack, then averaged (only where
+    the unprotected attack beats the from-scratch one). ``gap`` (the earlier yardstick) =
+    (protected - base) / (unprotected - base) raw similarity, base = no attack. ``utility`` of an
+    ``+other_subject`` row = the gain (after - before the attack) it allows on another individual
+    of the class, relative to the unprotected model's gain.
     """
-    by_key = {(c.row, c.subject, c.seed): c for c in cells}  # a later cell replaces an earlier one
-    cells = list(by_key.values())
+    cells = standard_cells(cells, attack_settings, variants)
+    by_key = {(c.row, c.subject, c.seed): c for c in cells}
     out = []
     for name in dict.fromkeys(c.row for c in cells):
+        row = row_of(name, variants)
         mine = [c for c in cells if c.row == name]
-        if ROWS.get(name, Row(name)).protect is None:  # quality is the model's before the attack: base's
+        if row.protect is None:  # quality is the model's before the attack: base's
             bases = [by_key.get(("base", c.subject, c.seed)) for c in mine]
             mine = [dataclasses.replace(c, class_quality=b.class_quality, unrelated_quality=b.unrelated_quality)
                     if b else c for c, b in zip(mine, bases)]  # fmt: skip
-        row = ROWS.get(name, Row(name))
+
+        def mean(attr: str, items=mine) -> float | None:
+            values = [getattr(c, attr) for c in items if getattr(c, attr) is not None]
+            return float(np.mean(values)) if values else None
+
         entry = {
             "row": name,
             "note": row.note,
             "n": len(mine),
             "similarity": float(np.mean([c.similarity for c in mine])),
-            "similarity_min": float(np.min([c.similarity for c in mine])),
-            "similarity_max": float(np.max([c.similarity for c in mine])),
-            "identity_match": float(np.mean([c.identity_match for c in mine])),
-            "class_quality": float(np.mean([c.class_quality for c in mine])),
-            "unrelated_quality": float(np.mean([c.unrelated_quality for c in mine])),
+            "score": float(np.mean([c.score for c in mine])),
+            "score_min": float(np.min([c.score for c in mine])),
+            "score_max": float(np.max([c.score for c in mine])),
+            "gated": mean("gated"),
+            "class_rate": mean("class_rate"),
+            "identity_match": mean("identity_match"),
+            "class_quality": mean("class_quality"),
+            "unrelated_quality": mean("unrelated_quality"),
+            "weight_change": mean("weight_change"),
             "protect_s": float(np.mean([c.protect_s for c in mine])),
             "attack_s": float(np.mean([c.attack_s for c in mine])),
         }
-        twin = unprotected_twin(name)
-        if twin:
-            gaps = []
-            for c in mine:
-                base, att = by_key.get(("base", c.subject, c.seed)), by_key.get((twin, c.subject, c.seed))
-                if base and att and att.similarity - base.similarity > 1e-6:
-                    gaps.append((c.similarity - base.similarity) / (att.similarity - base.similarity))
-            if gaps:
-                entry.update(gap=float(np.mean(gaps)), gap_max=float(np.max(gaps)))
+        base_twin, scratch_twin = unprotected_twin(name), twin(name, "scratch")
+        gaps, effs = [], []
+        for c in mine:
+            base = by_key.get(("base", c.subject, c.seed))
+            att = by_key.get((base_twin, c.subject, c.seed)) if base_twin else None
+            if base and att and att.similarity - base.similarity > 1e-6:
+                gaps.append((c.similarity - base.similarity) / (att.similarity - base.similarity))
+            scr = by_key.get((scratch_twin, c.subject, c.seed)) if scratch_twin else None
+            if att and scr and att.score - scr.score > 0.02:
+                effs.append((att.score - c.score) / (att.score - scr.score))
+        if gaps:
+            entry.update(gap=float(np.mean(gaps)), gap_max=float(np.max(gaps)))
+        if effs:
+            entry.update(efficiency=float(np.mean(effs)), efficiency_min=float(np.min(effs)))
+        if row.other_subject and base_twin:
+            ratios = utility_ratios(cells, name, base_twin)
+            if ratios:
+                entry.update(utility=float(np.mean(ratios)), utility_min=float(np.min(ratios)))
         out.append(entry)
     return out
 
 
-def unprotected_twin(name: str) -> str | None:
-    """The unprotected row with the same attack as the protected row ``name`` (None if unprotected)."""
-    row = ROWS.get(name)
-    if row is None or row.protect is None:
+def utility_ratios(cells: list[Cell], name: str, base_name: str) -> list[float]:
+    """(after - before) of row ``name`` / (after - before) of ``base_name``, per (subject, seed).
+
+    "before" is the 0-step cell of the curve (the model before the attack); rows run without
+    budget 0 have none and give no ratio.
+    """
+
+    def at(row: str, subject: int, seed: int, steps) -> Cell | None:
+        for c in cells:
+            if c.row == row and c.subject == subject and c.seed == seed and c.steps == steps:
+                return c
         return None
-    for other in ROWS.values():
-        if other.protect is None and other.attack == row.attack and other.photos == row.photos:
-            return other.name
-    return None
+
+    ratios = []
+    for c in cells:
+        if c.row != name or c.steps in (0, None):
+            continue
+        before, b_after = at(name, c.subject, c.seed, 0), at(base_name, c.subject, c.seed, c.steps)
+        b_before = at(base_name, c.subject, c.seed, 0)
+        if before and b_after and b_before and b_after.score - b_before.score > 0.02:
+            ratios.append((c.score - before.score) / (b_after.score - b_before.score))
+    return ratios
+
+
+def curve_points(cells: list[Cell], row: str) -> dict[int, list[Cell]]:
+    """steps -> the row's cells after that many attack steps (all subjects and seeds)."""
+    out: dict[int, list[Cell]] = {}
+    for c in cells:
+        if c.row == row and c.steps is not None:
+            out.setdefault(c.steps, []).append(c)
+    return dict(sorted(out.items()))
+
+
+def break_even(cells: list[Cell], name: str, standard: int) -> list[float | None]:
+    """Per (subject, seed): attack steps the protected row needs to reach the unprotected twin's
+    similarity at the standard budget, divided by the standard budget (None: never within the curve).
+    """
+    base_twin = unprotected_twin(name)
+    out = []
+    for c in {(c.subject, c.seed) for c in cells if c.row == name}:
+        target = next((x.score for x in cells if x.row == base_twin and (x.subject, x.seed) == c
+                       and x.steps == standard), None)  # fmt: skip
+        if target is None:
+            continue
+        curve = sorted((x.steps, x.score) for x in cells if x.row == name and (x.subject, x.seed) == c
+                       and x.steps is not None)  # fmt: skip
+        reached = [s for s, v in curve if v >= target]
+        out.append(reached[0] / standard if reached else None)
+    return out
+
+
+def curve_summary(cells: list[Cell], name: str, standard: int) -> dict:
+    """The robustness numbers of a protected row from its curve: break-even budget and the largest
+    excess over the from-scratch curve up to 2x the standard budget."""
+    be = break_even(cells, name, standard)
+    excess = []
+    scratch = twin(name, "scratch")
+    for c in cells:
+        if c.row == name and c.steps is not None and 0 < c.steps <= 2 * standard:
+            s = next((x.score for x in cells if x.row == scratch and x.subject == c.subject
+                      and x.seed == c.seed and x.steps == c.steps), None)  # fmt: skip
+            if s is not None:
+                excess.append(c.score - s)
+    finite = [b for b in be if b is not None]
+    return {
+        "row": name,
+        "break_even": be,
+        "break_even_min": (min(finite) if len(finite) == len(be) else None) if be else None,
+        "never": sum(b is None for b in be),
+        "max_excess_over_scratch_2x": max(excess) if excess else None,
+    }
 
 
 def markdown_table(summary: list[dict]) -> str:
-    head = ("| row | what | n | similarity (min-max) | gap | class quality | unrelated quality "
-            "| protect s | attack s |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
+    head = ("| row | what | n | gated similarity (min-max) | raw similarity | class rate | efficiency (min) "
+            "| class quality | unrelated quality | protect s | attack s |")  # fmt: skip
+    lines = [head, "|" + "---|" * 11]
+
+    def f(v, fmt=".2f") -> str:
+        return "" if v is None else format(v, fmt)
+
     for e in summary:
-        gap = f"{e['gap']:.2f} (max {e['gap_max']:.2f})" if "gap" in e else ""
+        eff = f"{e['efficiency']:.2f} ({e['efficiency_min']:.2f})" if "efficiency" in e else ""
+        if "utility" in e:
+            eff = f"utility {e['utility']:.2f} ({e['utility_min']:.2f})"
         lines.append(
-            f"| {e['row']} | {e['note']} | {e['n']} | {e['similarity']:.3f} ({e['similarity_min']:.3f}-"
-            f"{e['similarity_max']:.3f}) | {gap} | {e['class_quality']:.2f} | {e['unrelated_quality']:.2f} "
-            f"| {e['protect_s']:.0f} | {e['attack_s']:.0f} |"
+            f"| {e['row']} | {e['note']} | {e['n']} | {e['score']:.3f} ({e['score_min']:.3f}-{e['score_max']:.3f}) "
+            f"| {e['similarity']:.3f} | {f(e.get('class_rate'))} | {eff} | {f(e['class_quality'])} "
+            f"| {f(e['unrelated_quality'])} | {e['protect_s']:.0f} | {e['attack_s']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def plot_curves(cells: list[Cell], rows: list[str], path: str | Path, title: str = "") -> Path:
+    """The robustness curve: gated similarity vs attack steps per row (mean, min-max band) as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.6), dpi=100)
+    ax = fig.add_subplot()
+    for name in rows:
+        points = curve_points(cells, name)
+        if not points:
+            continue
+        xs = [max(s, 1) for s in points]
+        ys = [np.mean([c.score for c in v]) for v in points.values()]
+        lo = [np.min([c.score for c in v]) for v in points.values()]
+        hi = [np.max([c.score for c in v]) for v in points.values()]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("attack steps (step 0 drawn at 1)")
+    ax.set_ylabel("gated subject similarity")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(title or "robustness curve (mean over subjects x seeds; band = min-max)", fontsize="small")
+    fig.tight_layout()
+    from ..fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
 
 
 def cells_to_dicts(cells: list[Cell]) -> list[dict]:
