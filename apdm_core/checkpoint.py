@@ -208,10 +208,26 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> CheckpointF
                 "(--allow-pickle / allow_pickle=True): it is then read with torch.load(weights_only=True), e.g. "
                 f"`apdm export --model {path} --allow-pickle --out {path.with_suffix('.safetensors')}` converts it once."
             )
+        if not safe_weights_only():
+            raise InputError(
+                f"{path} is a pickle checkpoint, and torch {torch.__version__} cannot load pickles safely: "
+                "torch.load(weights_only=True) can run code before torch 2.6 (CVE-2025-32434). Convert the file "
+                "with a torch >= 2.6 (`apdm export --model FILE.ckpt --allow-pickle --out FILE.safetensors`) or "
+                "get a .safetensors version of the model."
+            )
         return _read_pickle(path)
     raise InputError(
         f"{path} is neither a safetensors nor a PyTorch checkpoint; pass a .safetensors file or a diffusers folder."
     )
+
+
+def safe_weights_only(version: str | None = None) -> bool:
+    """Whether this torch's ``torch.load(weights_only=True)`` is safe for untrusted files (>= 2.6)."""
+    v = (version or torch.__version__).split("+")[0].split(".")
+    try:
+        return (int(v[0]), int(v[1])) >= (2, 6)
+    except (ValueError, IndexError):
+        return False
 
 
 def _read_pickle(path: Path) -> CheckpointFile:

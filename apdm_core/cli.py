@@ -86,6 +86,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_state=args.keep_state,
         overwrite=args.overwrite,
+        restart=args.restart,
     )
     return _report_protect(result)
 
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="Continue from the state file of an interrupted run."
     )
     p.add_argument(
+        "--restart",
+        action="store_true",
+        help="Start over although a state file of an interrupted run exists (it is replaced).",
+    )
+    p.add_argument(
         "--keep-state",
         action="store_true",
         help="Keep the state file after finishing (to extend the run later).",
@@ -202,9 +208,24 @@ def main(argv: list[str] | None = None) -> int:
     except APDMError as exc:
         print(f"apdm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("apdm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        state = getattr(exc, "state_path", None)
+        if state is not None:
+            print(f"apdm: interrupted; the run's state is saved in {state}. Continue it with:\n  "
+                  f"{resume_command(argv)}", file=sys.stderr)  # fmt: skip
+        else:
+            print("apdm: interrupted", file=sys.stderr)
         return 130
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that was run, with --resume instead of --restart (printed after Ctrl-C)."""
+    import shlex
+
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--restart"]
+    if "--resume" not in words:
+        words.append("--resume")
+    return "apdm " + " ".join(shlex.quote(w) for w in words)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import InputError
 
-LOSSES = ("dpo", "naive")
+LOSSES = ("dpo", "naive", "target")
 ACCUMULATIONS = ("protect", "protect+personalize")
 DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
@@ -27,7 +27,8 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 ATTENTIONS = ("sdpa", "xformers")
 DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
-MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")  # see apdm_core.checkpoint
+MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
+PROTECT_LAYERS = ("all", "attention", "cross_attention")  # see apdm_core.checkpoint
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:
@@ -37,8 +38,83 @@ def _f(default: Any, help: str, choices: tuple | None = None, group: str = "adva
     return field(default=default, metadata=meta, **kw)
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "text"}
+
+
+def _coerce(value: Any, typ: type) -> Any:
+    """``value`` as ``typ`` (int, float, str, Path-like); TypeError/ValueError when it is not one."""
+    if isinstance(value, bool) and typ is not bool:
+        raise TypeError(value)
+    if typ is int:
+        if isinstance(value, str):
+            value = float(value.strip()) if value.strip().lower() not in ("inf", "nan") else None
+        if isinstance(value, float):
+            if value is None or not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            return float(value.strip())
+        if not isinstance(value, (int, float)):
+            raise TypeError(value)
+        return float(value)
+    if typ is str:
+        if isinstance(value, (int, float, Path)):
+            return str(value)
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value
+
+
+def _example(f) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return repr(default) if not isinstance(default, str) else (default or "...")
+
+
 class ConfigIO:
-    """Shared by the config dataclasses: choices check, dict/JSON/YAML round trip, save/load."""
+    """Shared by the config dataclasses: types, choices check, dict/JSON/YAML round trip, save/load."""
+
+    def coerce_types(self) -> None:
+        """Bring every field to its declared type or raise InputError naming the field and the value.
+
+        A YAML file reads ``5e-6`` as a string and a hand-written config may hold ``2.5`` for a
+        step count: numbers in strings become numbers, integral floats become ints, anything
+        else that does not fit (``outer_steps: 2.5``, ``seed: 1.7``, ``lr: fast``) is refused.
+        """
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        name = type(self).__name__
+        for f in fields(self):
+            value, typ = getattr(self, f.name), hints[f.name]
+            args = typing.get_args(typ)
+            if value is None and type(None) in args:
+                continue
+            base = (
+                next((a for a in args if a is not type(None)), typ)
+                if args and typing.get_origin(typ) is not list
+                else typ
+            )
+            try:
+                if typing.get_origin(base) is list:
+                    item = typing.get_args(base)[0]
+                    if isinstance(value, (str, Path)):
+                        value = [value]
+                    if not isinstance(value, (list, tuple)):
+                        raise TypeError
+                    value = [_coerce(v, item) for v in value]
+                elif base in (int, float, str):
+                    value = _coerce(value, base)
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"{name}.{f.name}={value!r} is not {_TYPE_WORDS.get(base, str(base))}; "
+                    f"e.g. {f.name}: {_example(f)}."
+                ) from None
+            setattr(self, f.name, value)
 
     def check_choices(self) -> None:
         """Raise InputError for a field whose value is not one of its ``choices`` metadata."""
@@ -181,7 +257,11 @@ class ProtectConfig(ConfigIO):
     state_path: str = _f("", "Resumable state file (default: <output>.apdm-state.pt).", group="io")
     # --- the algorithm ---------------------------------------------------------------
     loss: str = _f(
-        "dpo", "Protection loss: 'dpo' (the paper) or 'naive' (-L_per + lambda*L_ppl, ablation).", LOSSES
+        "dpo",
+        "Protection loss at the attacked weights: 'dpo' (the paper), 'naive' (-L_per + lambda*L_ppl, "
+        "ablation) or 'target' (pull the instance-prompt prediction on subject images toward the frozen "
+        "model's class-prompt prediction: the attacker learns a generic member of the class).",
+        LOSSES,
     )
     accumulation: str = _f(
         "protect",
@@ -213,6 +293,55 @@ class ProtectConfig(ConfigIO):
         "name",
         "Pair subject and positive images by sorted name (paper) or directory order (released code).",
         PAIR_ORDERS,
+    )
+    # --- the simulated attacker and what anchors utility (README "Protection that holds") ---
+    resync_every: int = _f(
+        1,
+        "Refill the simulated attacker theta' from theta (fresh attacker optimizer) every this many outer "
+        "steps; 1 = the paper (every outer step). R > 1 = a persistent attacker: theta' continues across R "
+        "outer steps (each outer update is applied to theta' too), so the protection sees R x inner_steps "
+        "attack steps for the cost of inner_steps.",
+        group="robust",
+    )
+    protect_every: int = _f(
+        1, "Take the protection gradient at every k-th simulated attack step only (1 = every step, the paper).",
+        group="robust",
+    )  # fmt: skip
+    late_weighting: float = _f(
+        0.0,
+        "Weight the protection gradient at attack step h of an attacker episode by exp(w * (h - H)), H the "
+        "episode length (0 = equal weights, the paper; TAR uses 0.0625 per step).",
+        group="robust",
+    )
+    inner_batch_size: int = _f(
+        0, "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.", group="robust"
+    )  # fmt: skip
+    inner_max_grad_norm: float = _f(
+        0.0, "Clip the simulated attacker's gradient norm (0 = no clipping; DreamBooth clips at 1).", group="robust"
+    )  # fmt: skip
+    lr_personalize_max: float = _f(
+        0.0,
+        "When above lr_personalize, each attacker episode draws its learning rate log-uniformly from "
+        "[lr_personalize, lr_personalize_max] (attackers whose lr is not known).",
+        group="robust",
+    )
+    anchor_weight: float = _f(
+        0.0,
+        "Weight of the utility anchor on theta: noise-prediction distillation to the frozen original on "
+        "images of anchor_prompts (relative to one protection term; 0 = off, the paper).",
+        group="robust",
+    )
+    anchor_prompts: list[str] = _f(
+        [], "Prompts the anchor keeps (their images are generated by the base model and cached); "
+        "empty = the class prompt.", group="robust",
+    )  # fmt: skip
+    num_anchor_images: int = _f(8, "Anchor images per anchor prompt.", group="robust")
+    protect_layers: str = _f(
+        "all",
+        "UNet layers the protection changes: all (the paper), attention (self + cross), cross_attention "
+        "(IMMA's choice); the simulated attacker always trains the whole UNet, as the real one does.",
+        PROTECT_LAYERS,
+        group="robust",
     )
     num_class_images: int = _f(200, "Class images for prior preservation (DreamBooth uses 200).")
     resolution: int = _f(0, "Training resolution in pixels; 0 = the model's native size (512 for SD1.5).")
@@ -300,6 +429,7 @@ class ProtectConfig(ConfigIO):
     )
 
     def __post_init__(self) -> None:
+        self.coerce_types()
         if isinstance(self.images, (str, Path)):
             self.images = [str(self.images)] if str(self.images) else []
         self.images = [str(p) for p in self.images]
@@ -311,16 +441,45 @@ class ProtectConfig(ConfigIO):
         self.check_choices()
         self.check_bools()
         self.check_ranges(
-            at_least_one=("outer_steps", "batch_size", "sample_steps", "sample_batch_size"),
-            non_negative_int=("inner_steps", "num_class_images", "resolution", "save_every", "seed"),
+            at_least_one=(
+                "outer_steps",
+                "batch_size",
+                "sample_steps",
+                "sample_batch_size",
+                "resync_every",
+                "protect_every",
+                "num_anchor_images",
+            ),
+            non_negative_int=(
+                "inner_steps",
+                "num_class_images",
+                "resolution",
+                "save_every",
+                "seed",
+                "inner_batch_size",
+            ),
             positive=("lr_protect", "lr_personalize", "beta", "adam_epsilon"),
-            non_negative=("prior_weight", "naive_lambda", "adam_weight_decay", "guidance_scale"),
+            non_negative=(
+                "prior_weight",
+                "naive_lambda",
+                "adam_weight_decay",
+                "guidance_scale",
+                "late_weighting",
+                "inner_max_grad_norm",
+                "lr_personalize_max",
+                "anchor_weight",
+            ),
             unit_interval=("adam_beta1", "adam_beta2"),
         )
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(
                 f"ProtectConfig.model_type={self.model_type!r} is not valid; choose one of {', '.join(MODEL_TYPES)} "
                 "or pass a diffusers config folder."
+            )
+        if self.inner_steps and self.protect_every > self.inner_steps:
+            raise InputError(
+                f"ProtectConfig.protect_every={self.protect_every} must be <= inner_steps={self.inner_steps} "
+                "(every outer step takes at least one protection gradient)."
             )
         self.check_resolution_and_prompts()
         return self

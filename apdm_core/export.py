@@ -251,6 +251,7 @@ def plan_export(
     overwrite: bool = False,
     template=None,
     allow_pickle: bool | None = None,
+    inputs: tuple[Path, ...] = (),
 ) -> ExportPlan:
     """Validate a single-file export (target, template, key mapping) without writing anything."""
     output = Path(output)
@@ -262,7 +263,7 @@ def plan_export(
     path = _template_path(model, template)
     if allow_pickle is None:
         allow_pickle = bool(model.info.get("allow_pickle")) and model.source and Path(model.source) == path
-    protected = tuple({path, *((Path(model.source),) if model.source else ())})
+    protected = tuple({path, *((Path(model.source),) if model.source else ()), *map(Path, inputs)})
     check_target(output, overwrite, protected)
     ckpt = read_checkpoint(path, allow_pickle=bool(allow_pickle))
     key_map = unet_key_map(ckpt, model.unet)
@@ -275,13 +276,21 @@ def plan_export(
     return ExportPlan(ckpt, key_map, protected, dropped)
 
 
-def check_export(model: SDModel, output: str | Path, overwrite: bool = False, template=None) -> None:
-    """Fail early (before hours of training) when ``output`` could not be written for ``model``."""
+def check_export(
+    model: SDModel, output: str | Path, overwrite: bool = False, template=None, inputs: tuple[Path, ...] = ()
+) -> None:
+    """Fail early (before hours of training) when ``output`` could not be written for ``model``.
+
+    ``inputs``: other input files or folders (subject photos, class images) the output must not
+    be, lie in, or contain.
+    """
     output = Path(output)
     if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        plan_export(model, output, overwrite, template)
+        plan_export(model, output, overwrite, template, inputs=inputs)
     else:
-        check_target(output, overwrite, (Path(model.source),) if model.source else ())
+        check_target(
+            output, overwrite, ((Path(model.source),) if model.source else ()) + tuple(map(Path, inputs))
+        )
 
 
 def export_single_file(
@@ -294,6 +303,7 @@ def export_single_file(
     dtype: str = "source",
     subjects=None,
     allow_pickle: bool | None = None,
+    inputs: tuple[Path, ...] = (),
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
 ) -> Path:
@@ -309,7 +319,7 @@ def export_single_file(
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}.")
     output = Path(output)
-    plan = plan_export(model, output, overwrite, template, allow_pickle)
+    plan = plan_export(model, output, overwrite, template, allow_pickle, inputs)
     ckpt, target_dtype = plan.template, DTYPES[dtype]
     tracker = Tracker("export", 3, progress, should_stop)
     source_sha256 = sha256_file(ckpt.path)
@@ -335,7 +345,14 @@ def export_single_file(
 
 
 def write_model(
-    model: SDModel, output: str | Path, *, config=None, overwrite: bool = False, subjects=None, **kw
+    model: SDModel,
+    output: str | Path,
+    *,
+    config=None,
+    overwrite: bool = False,
+    subjects=None,
+    inputs: tuple[Path, ...] = (),
+    **kw,
 ) -> Path:
     """Write ``model`` to ``output``: a .safetensors single file, or else a diffusers folder.
 
@@ -347,12 +364,14 @@ def write_model(
 
     output = Path(output)
     if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        return export_single_file(model, output, config=config, overwrite=overwrite, subjects=subjects, **kw)
+        return export_single_file(
+            model, output, config=config, overwrite=overwrite, subjects=subjects, inputs=inputs, **kw
+        )
     extra = None
     if config is not None:
         settings, record = protection_record(config, subjects)
         extra = {CONFIG_FILE: json.dumps(settings, indent=2), SUBJECTS_FILE: json.dumps(record, indent=2)}
-    return save_diffusers(model, output, overwrite=overwrite, extra_files=extra)
+    return save_diffusers(model, output, overwrite=overwrite, extra_files=extra, inputs=inputs)
 
 
 def read_protection(folder: str | Path) -> tuple[Any, Any]:

@@ -23,16 +23,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MARKER = ".apdm-output"  # written into every folder the tool creates; only such folders are ever replaced
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
 def check_target(path: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
-    """Refuse to write over an existing output (unless asked) or over any input file."""
-    resolved = path.resolve()
+    """Refuse to write over an existing output (unless asked), over an input, inside an input or
+    around one (resolved paths, both ways), or over a folder this tool did not write."""
+    resolved = Path(path).resolve()
     for p in protected:
-        if p is not None and Path(p).exists() and resolved == Path(p).resolve():
+        if p is None or not Path(p).exists():
+            continue
+        src = Path(p).resolve()
+        if resolved == src:
             raise InputError(
                 f"{path}: this is an input file; choose another output name (inputs are never overwritten)."
             )
+        if src.is_dir() and _inside(resolved, src):
+            raise InputError(f"{path} lies inside the input {p}; write the output somewhere else.")
+        if _inside(src, resolved):
+            raise InputError(f"{path} contains the input {p}; choose an output that holds no input.")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite).")
+    if path.is_dir() and not (path / MARKER).exists():
+        raise InputError(
+            f"{path} is a folder that apdm did not write (it has no {MARKER} file); apdm never deletes or "
+            "replaces such a folder. Choose another output name, or move the folder away yourself."
+        )
 
 
 def _disk_full_message(path: Path, exc: OSError) -> APDMError:
@@ -48,8 +68,11 @@ def atomic_path(
 ) -> Iterator[Path]:
     """Yield a temporary path in the target folder; on success rename it to ``path``.
 
-    Works for a file or a folder (whatever the caller creates at the temporary path).
-    On any error the temporary is removed and an existing ``path`` stays intact.
+    Works for a file or a folder (whatever the caller creates at the temporary path); a folder
+    gets the ``MARKER`` file that later lets the tool replace it. On any error the temporary is
+    removed and an existing ``path`` stays intact. An existing folder is replaced only when this
+    tool wrote it, and never deleted before the new one is in place: old -> aside, new -> in,
+    then the old one is removed. A file never replaces a folder or the other way round.
     """
     path = Path(path)
     check_target(path, overwrite, protected)
@@ -58,19 +81,54 @@ def atomic_path(
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller creates a file or a folder here
+    aside = None
     try:
         yield tmp
-        if path.is_dir() and overwrite:
-            shutil.rmtree(path)
+        if tmp.is_dir():
+            (tmp / MARKER).write_text("written by apdm; apdm may replace this folder\n", encoding="utf-8")
+        if path.exists() and path.is_dir() != tmp.is_dir():
+            kind = "folder" if path.is_dir() else "file"
+            raise InputError(f"{path} is a {kind}; choose another name (a {kind} is never replaced by a "
+                             f"{'file' if kind == 'folder' else 'folder'}).")  # fmt: skip
+        if path.is_dir():
+            aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, aside)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
+        if aside is not None and not path.exists():
+            os.replace(aside, path)  # put the old folder back
+            aside = None
         if exc.errno == errno.ENOSPC:
             raise _disk_full_message(path, exc) from exc
         raise
     except BaseException:
         _remove(tmp)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def make_work_dir(path: str | Path) -> Path:
+    """Create (or reuse) a working folder of the tool, marked so that ``remove_work_dir`` may delete it."""
+    path = Path(path)
+    if path.exists() and not (path / MARKER).exists():
+        raise InputError(
+            f"{path} exists and was not made by apdm (no {MARKER} file); move it away or choose another output."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("apdm working folder\n", encoding="utf-8")
+    return path
+
+
+def remove_work_dir(path: str | Path) -> None:
+    """Delete a folder made by ``make_work_dir`` / ``atomic_path``; refuse any other folder."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not (path / MARKER).exists():
+        raise InputError(f"{path} was not made by apdm (no {MARKER} file); it is left as it is.")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove(p: Path) -> None:

@@ -104,3 +104,16 @@ def naive_adversarial_loss(
     pointing the same way, which they generally do not.
     """
     return -personalization_loss + lam * prior_loss
+
+
+def target_loss(pred_instance: torch.Tensor, generic_pred: torch.Tensor) -> torch.Tensor:
+    """The bounded protection objective of ``loss='target'``: E ||eps_theta'(x_t, t, c) - eps_ref(x_t, t, c_pr)||^2.
+
+    ``pred_instance``: the (attacked) model's prediction on noised subject latents with the
+    instance prompt c; ``generic_pred``: the frozen original model's prediction on the same
+    noised latents with the class prompt c_pr (no gradient). At its minimum the attacked model
+    treats "sks <class>" as the original treats "<class>": what the attacker learns is a generic
+    member of the class, not the subject. Unlike -L_per (naive) it is bounded below by 0, and
+    unlike DPO it does not grow the model's error on anything without limit.
+    """
+    return F.mse_loss(pred_instance.float(), generic_pred.detach().float(), reduction="mean")

@@ -226,13 +226,18 @@ def load_model(
 
 
 def save_diffusers(
-    model: SDModel, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None
+    model: SDModel,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+    inputs: tuple[Path, ...] = (),
 ) -> Path:
-    """Write the model as a diffusers folder, atomically (temp folder + rename); never over the source."""
+    """Write the model as a diffusers folder, atomically (temp folder + rename); never over, in or
+    around the source or another of the ``inputs``."""
     from .fileio import atomic_path
 
     out_dir = Path(out_dir)
-    protected = (Path(model.source),) if model.source else ()
+    protected = ((Path(model.source),) if model.source else ()) + tuple(map(Path, inputs))
     with atomic_path(out_dir, overwrite=overwrite, protected=protected) as tmp:
         model.pipeline().save_pretrained(tmp, safe_serialization=True)
         for name, text in (extra_files or {}).items():

@@ -250,3 +250,21 @@ def generate_fixed_images(
             model, config.class_prompt, config.num_class_images, class_dir=config.class_images or None, **gen
         )
     return positives, class_images
+
+
+def generate_anchor_images(
+    config: ProtectConfig,
+    model: SDModel,
+    size: int,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> list[tuple[str, list[Image.Image]]]:
+    """(prompt, images) for each anchor prompt of ``config`` (the class prompt when none is given),
+    generated with the base model or read from the cache; empty when ``anchor_weight`` is 0."""
+    if config.anchor_weight <= 0:
+        return []
+    prompts = list(dict.fromkeys(config.anchor_prompts or [config.class_prompt]))
+    gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
+           "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
+           "progress": progress, "should_stop": should_stop}  # fmt: skip
+    return [(p, ensure_class_images(model, p, config.num_anchor_images, **gen)) for p in prompts]

@@ -25,7 +25,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +38,21 @@ from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
 from .errors import Cancelled, InputError, TrainingDiverged
 from .fileio import atomic_path
-from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss
+from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
 from .models import SDModel, load_model, resolve_device
-from .pairs import generate_fixed_images
+from .pairs import generate_anchor_images, generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
-from .training import Diffusion, LatentBank, NoisyBatch, dreambooth_loss, make_forward, run_hash, state_file
+from .training import (
+    Diffusion,
+    LatentBank,
+    NoisyBatch,
+    dreambooth_loss,
+    make_forward,
+    run_hash,
+    state_file,
+    uninterrupted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,22 @@ class ProtectionData:
     instance_embeds: torch.Tensor  # (1, L, D)
     class_embeds: torch.Tensor  # (1, L, D)
     diffusion: Diffusion  # forward diffusion with the model's training scheduler
+    anchor: AnchorSet | None = None  # images the utility anchor keeps (anchor_weight > 0)
+
+
+@dataclass
+class AnchorSet:
+    """Images of the anchor prompts (one latent bank per prompt) with their prompt embeddings."""
+
+    banks: list[LatentBank]
+    embeds: torch.Tensor  # (prompts, L, D)
+
+    def draw(self, count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One latent of each of ``count`` prompts (all of them when there are fewer) and their embeddings."""
+        n = len(self.banks)
+        which = torch.randperm(n, generator=g)[:count] if n > count else torch.arange(n)
+        latents = torch.cat([self.banks[int(i)].draw(1, g) for i in which])
+        return latents, self.embeds[which.to(self.embeds.device)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,6 +155,18 @@ class L2PTrainer:
         # the backward adds the protection gradient straight into the accumulator, except where a
         # distributed wrapper owns .grad (DDP/FSDP write their averaged gradient there)
         self.alias_grads = not distributed
+        self.persistent = config.resync_every > 1
+        if distributed and (self.persistent or config.anchor_weight > 0):
+            raise InputError(
+                "resync_every > 1 and anchor_weight > 0 run in one process only; launch without accelerate."
+            )
+        if self.in_backward and config.inner_max_grad_norm > 0:
+            raise InputError(
+                "inner_max_grad_norm needs the whole gradient before the step; turn optimizer_in_backward off."
+            )
+        if config.anchor_weight > 0 and config.offload_outer:
+            raise InputError("anchor_weight > 0 trains theta on the compute device; turn offload_outer off.")
+        self.inner_batch = config.inner_batch_size or config.batch_size
         if config.optimizer == "adamw8bit":
             require_bitsandbytes(device)
         self.outer_device = torch.device("cpu") if (config.offload_outer or fsdp) else device
@@ -161,7 +200,8 @@ class L2PTrainer:
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.params_p = [p for p in self.unet_p.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.params_p]
-        self.optimizer = self._adamw(self.params, config.lr_protect)
+        self.protected_params = protected_subset(self.unet, config.protect_layers)
+        self.optimizer = self._adamw(self.protected_params, config.lr_protect)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.forward = make_forward(device, config.mixed_precision)
         self.forward_ref = make_forward(device, config.ref_precision if ref_dtype != torch.float32 else
@@ -173,6 +213,10 @@ class L2PTrainer:
         self._inner: dict | None = None  # per-parameter inner optimizers (optimizer_in_backward)
         self._stepping = False
         self._add_to_accum = False
+        self._alias_checked = False
+        # the simulated attacker's episode (resync_every > 1: it outlives an outer step)
+        self._episode: dict | None = None  # {"opt": inner optimizer, "lr": float, "h": attack steps done}
+        self._episode_at_step_start: dict | None = None  # its state for a resume from the step's start
         if self.in_backward:
             self._accum_of = {p: a for p, a in zip(self.params_p, self.accum)}
             for p in self.params_p:
@@ -215,12 +259,21 @@ class L2PTrainer:
             kw["foreach"] = impl == "foreach"
         return torch.optim.AdamW(params, **kw)
 
-    def _new_inner_optimizer(self):
+    def _new_inner_optimizer(self, lr: float | None = None):
         """A fresh attacker optimizer for theta' (one per parameter with optimizer_in_backward)."""
+        lr = self.cfg.lr_personalize if lr is None else lr
         if self.in_backward:
-            self._inner = {p: self._adamw([p], self.cfg.lr_personalize) for p in self.params_p}
+            self._inner = {p: self._adamw([p], lr) for p in self.params_p}
             return None
-        return self._adamw(self.params_p, self.cfg.lr_personalize)
+        return self._adamw(self.params_p, lr)
+
+    def _episode_lr(self) -> float:
+        """The attacker's learning rate for a new episode: fixed, or log-uniform in the configured range."""
+        lo, hi = self.cfg.lr_personalize, self.cfg.lr_personalize_max
+        if hi <= lo:
+            return lo
+        u = float(torch.rand((), generator=self.generator))
+        return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
 
     def _step_in_backward(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook of theta' (optimizer_in_backward): step this parameter, free its grad."""
@@ -231,6 +284,19 @@ class L2PTrainer:
                 self._accum_of[p].add_(p.grad)
             self._inner[p].step()
         p.grad = None
+
+    def check_accumulation(self) -> None:
+        """Once per run: the backward added into the accumulator in place (a torch that replaced
+        ``.grad`` instead would leave the accumulator silently zero: a protection that does nothing)."""
+        self._alias_checked = True
+        replaced = [i for i, (p, a) in enumerate(zip(self.params_p, self.accum))
+                    if p.grad is not None and p.grad.data_ptr() != a.data_ptr()]  # fmt: skip
+        if replaced:
+            raise RuntimeError(
+                "The protection gradient did not reach the accumulator (torch replaced .grad instead of adding "
+                f"into it, for {len(replaced)} tensors); please report this with your torch version "
+                f"({torch.__version__})."
+            )
 
     def _clear_grads(self) -> None:
         for p in self.params_p:
@@ -250,8 +316,8 @@ class L2PTrainer:
         """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
         d = self.data
         return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, d.instance_embeds, self.generator,
-                               self.cfg.batch_size, d.prior, d.class_embeds, self.cfg.prior_weight,
-                               shard=self.parallel.shard(self.cfg.batch_size))  # fmt: skip
+                               self.inner_batch, d.prior, d.class_embeds, self.cfg.prior_weight,
+                               shard=self.parallel.shard(self.inner_batch))  # fmt: skip
 
     def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO (or naive) loss plus lambda * prior preservation, at the current weights of ``unet``.
@@ -283,6 +349,21 @@ class L2PTrainer:
                 stats["prior"] = float(prior_loss.detach())
                 loss = loss + cfg.prior_weight * prior_loss
             return loss, stats
+        if cfg.loss == "target":  # the attacked model should predict what the original predicts for the class
+            inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g).select(s)
+            n = inst.latents.shape[0]
+            pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
+            as_class = NoisyBatch(inst.latents, inst.timesteps, inst.target, d.class_embeds.expand(n, -1, -1))
+            with torch.no_grad():
+                generic = self.forward_ref(self.run_ref, as_class)
+            loss = target_loss(pred[:n], generic)
+            stats = {"target": float(loss.detach()),
+                     "subject_err": float(noise_prediction_loss(pred[:n].detach(), inst.target))}  # fmt: skip
+            if use_prior:
+                prior_loss = noise_prediction_loss(pred[n:], prior.target)
+                stats["prior"] = float(prior_loss.detach())
+                loss = loss + cfg.prior_weight * prior_loss
+            return loss, stats
         # naive: -L_per + lambda * L_ppl
         inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g).select(s)
         n = inst.latents.shape[0]
@@ -303,8 +384,12 @@ class L2PTrainer:
             for a in self.accum:
                 a.zero_()
 
-    def apply_outer_update(self) -> None:
-        """theta.grad <- the accumulated protection gradient; one outer optimizer step."""
+    def apply_outer_update(self, protect_weight: float = 1.0) -> float | None:
+        """theta.grad <- the accumulated protection gradient (+ the anchor's); one outer optimizer step.
+
+        With a persistent attacker the same change of theta is applied to theta', so theta' stays
+        "theta after the attack steps of this episode". Returns the anchor loss (None without one).
+        """
         if self._grad_buffers is None:  # theta's gradient: the accumulator itself when it lives with theta
             fsdp = self.parallel.active and self.parallel.kind == "fsdp"
             if not fsdp and all(a.device == p.device for a, p in zip(self.accum, self.params)):
@@ -319,29 +404,76 @@ class L2PTrainer:
                 if buf is not a:
                     buf.copy_(full_tensor(a))
                 p.grad = buf
+        anchor = None
+        if self.cfg.anchor_weight > 0 and self.data.anchor is not None:
+            loss = self.anchor_loss()  # backward adds into theta.grad, the accumulated gradient
+            (self.cfg.anchor_weight * max(protect_weight, 1.0) * loss).backward()
+            anchor = self._check(loss, "anchor", f"outer step {self.step + 1}")
+        before = [p.detach().clone() for p in self.params] if self.persistent else None
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:  # also the gradients of layers protect_layers leaves as they are
+            p.grad = None
+        if before is not None:
+            with torch.no_grad():
+                for p_prime, p, b in zip(self.params_p, self.params, before):
+                    p_prime.add_((p - b).to(p_prime.device))
+        return anchor
+
+    def anchor_loss(self) -> torch.Tensor:
+        """Distillation of theta to the frozen original on noised anchor images with their prompts."""
+        d, g = self.data, self.generator
+        z0, embeds = d.anchor.draw(16, g)
+        batch = d.diffusion.noisy(z0, embeds, g)
+        pred = self.forward(self.unet, batch)
+        with torch.no_grad():
+            ref = self.forward_ref(self.run_ref, batch)
+        return noise_prediction_loss(pred, ref)
+
+    def _start_episode(self) -> None:
+        """theta' <- theta and a fresh attacker optimizer (every outer step unless resync_every > 1)."""
+        self.load_theta_into_prime()
+        lr = self._episode_lr()
+        self._episode = {"opt": self._new_inner_optimizer(lr), "lr": lr, "h": 0}
+
+    def _protect_weight(self, h: int) -> float:
+        """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
+        if not self.cfg.late_weighting:
+            return 1.0
+        horizon = self.cfg.resync_every * self.cfg.inner_steps
+        return math.exp(self.cfg.late_weighting * (h - horizon))
 
     def outer_step(self, tracker: Tracker | None = None) -> dict:
         cfg = self.cfg
         self._rng_at_step_start = self.generator.get_state()
         t0 = time.perf_counter()
-        self.load_theta_into_prime()
-        inner_opt = self._new_inner_optimizer()
+        if self._episode is None or self.step % cfg.resync_every == 0:
+            self._start_episode()
+        else:  # the persistent attacker continues where the last outer step left it
+            for a in self.accum:
+                a.zero_()
+        if self.persistent:  # what a resume from this step's start needs
+            self._episode_at_step_start = self.attacker_state()
+        episode = self._episode
+        inner_opt = episode["opt"]
         where = f"outer step {self.step + 1}"
         per_losses, prot_losses, agg = [], [], {}
+        weights = [0.0]
 
-        def protect_grad(where_j: str) -> None:
+        def protect_grad(where_j: str, weight: float = 1.0) -> None:
             loss, stats = self.protection_loss(self.run_p)
             logged = self.parallel.mean({"protect": float(loss.detach()), **stats})
             prot_losses.append(self._check(logged.pop("protect"), "protection", where_j))
+            weighted = loss if weight == 1.0 else loss * weight
+            weights[0] += weight
             if self.alias_grads:  # the backward adds into the accumulator itself
                 for p, a in zip(self.params_p, self.accum):
                     p.grad = a
-                loss.backward()
+                weighted.backward()
+                if not self._alias_checked:
+                    self.check_accumulation()
                 self._clear_grads()
             else:
-                loss.backward()
+                weighted.backward()
                 with torch.no_grad():
                     for a, p in zip(self.accum, self.params_p):
                         if p.grad is not None:
@@ -372,6 +504,8 @@ class L2PTrainer:
                     self._stepping = False
             else:
                 loss_per.backward()
+                if cfg.inner_max_grad_norm > 0:  # as the real attacker clips
+                    torch.nn.utils.clip_grad_norm_(self.params_p, cfg.inner_max_grad_norm)
                 inner_opt.step()
                 if add_per:  # the released code keeps grad L_per(theta'_{j-1}) in the gradient
                     with torch.no_grad():
@@ -379,24 +513,35 @@ class L2PTrainer:
                             if p.grad is not None:
                                 a.add_(p.grad)
             self._clear_grads()
-            protect_grad(where_j)
+            episode["h"] += 1
+            if episode["h"] % cfg.protect_every == 0:
+                protect_grad(where_j, self._protect_weight(episode["h"]))
             if tracker is not None:
-                tracker.update(
-                    losses={"per": per_losses[-1], "protect": prot_losses[-1]},
-                    outer=self.step + 1,
-                    inner=j + 1,
-                )
-        self.apply_outer_update()
-        del inner_opt
-        self._inner = None
-        self.step += 1
+                losses = {"per": per_losses[-1]}
+                if prot_losses:
+                    losses["protect"] = prot_losses[-1]
+                tracker.update(losses=losses, outer=self.step + 1, inner=j + 1)
+        with uninterrupted():  # theta's update and the step counter: one unit for the saver
+            anchor = self.apply_outer_update(weights[0])
+            self.step += 1
+            # from here on the current state IS the start of the next step
+            self._rng_at_step_start = self.generator.get_state()
+            self._episode_at_step_start = None
+        if anchor is not None:
+            agg.setdefault("anchor", []).append(anchor)
+        if not self.persistent:
+            self._episode = None
+            del inner_opt
+            self._inner = None
         entry = {
             "step": self.step,
             "loss_per": sum(per_losses) / len(per_losses) if per_losses else None,
-            "loss_protect": sum(prot_losses) / len(prot_losses),
+            "loss_protect": sum(prot_losses) / len(prot_losses) if prot_losses else None,
             **{k2: sum(v) / len(v) for k2, v in agg.items()},
             "seconds": time.perf_counter() - t0,
         }
+        if self.persistent:
+            entry["attack_lr"] = episode["lr"]
         self.history.append(entry)
         return entry
 
@@ -409,7 +554,7 @@ class L2PTrainer:
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self, at_step_start: bool = False) -> dict:
-        return {
+        state = {
             "version": STATE_VERSION,
             "step": self.step,
             "unet": {k: v.detach().cpu() for k, v in self.unet.state_dict().items()},
@@ -417,6 +562,36 @@ class L2PTrainer:
             "rng": self._rng_at_step_start if at_step_start else self.generator.get_state(),
             "history": self.history,
         }
+        if self.persistent and self._episode is not None:  # the attacker lives on between outer steps
+            start = self._episode_at_step_start if at_step_start else None
+            state["attacker"] = start if start is not None else self.attacker_state()
+        return state
+
+    def attacker_state(self) -> dict:
+        """theta', the attacker's optimizer state, lr and steps done in the episode (CPU copies)."""
+        ep = self._episode
+        if self.in_backward:
+            opt = [copy.deepcopy(self._inner[p].state_dict()) for p in self.params_p]
+        else:
+            opt = copy.deepcopy(ep["opt"].state_dict())
+        return {
+            "theta_prime": [p.detach().cpu().clone() for p in self.params_p],
+            "optimizer": opt,
+            "lr": ep["lr"],
+            "h": ep["h"],
+        }
+
+    def load_attacker_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params_p, state["theta_prime"]):
+                copy_into(p, v)
+        opt = self._new_inner_optimizer(state["lr"])
+        if self.in_backward:
+            for p, sd in zip(self.params_p, state["optimizer"]):
+                self._inner[p].load_state_dict(sd)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        self._episode = {"opt": opt, "lr": state["lr"], "h": state["h"]}
 
     def load_state_dict(self, state: dict) -> None:
         self.unet.load_state_dict(state["unet"])
@@ -425,6 +600,24 @@ class L2PTrainer:
         self._rng_at_step_start = self.generator.get_state()
         self.step = int(state["step"])
         self.history = list(state["history"])
+        if state.get("attacker") is not None and self.step % self.cfg.resync_every:
+            self.load_attacker_state(state["attacker"])
+
+
+PROTECT_LAYERS = {  # protect_layers -> which UNet parameters the protection changes (by name)
+    "all": lambda name: True,
+    "attention": lambda name: ".attn1." in name or ".attn2." in name,
+    "cross_attention": lambda name: ".attn2." in name,
+}
+
+
+def protected_subset(unet, layers: str) -> list[torch.nn.Parameter]:
+    """The trainable parameters of ``unet`` that ``protect_layers=layers`` lets the protection change."""
+    keep = PROTECT_LAYERS[layers]
+    chosen = [p for n, p in unet.named_parameters() if p.requires_grad and keep(n)]
+    if not chosen:
+        raise InputError(f"protect_layers={layers!r} selects no parameter of this UNet; use 'all'.")
+    return chosen
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -522,7 +715,14 @@ def prepare_data(
 ) -> ProtectionData:
     """Generate/load positives and class images, then encode every fixed image and prompt once."""
     positives, class_images = fixed_images(config, model, subjects, size, progress, should_stop)
-    return encode_data(config, model, subjects, positives, class_images, progress, should_stop)
+    data = encode_data(config, model, subjects, positives, class_images, progress, should_stop)
+    anchors = generate_anchor_images(config, model, size, progress, should_stop)
+    if anchors:
+        data.anchor = AnchorSet(
+            [LatentBank(*model.encode_images(images)) for _, images in anchors],
+            model.encode_prompts([prompt for prompt, _ in anchors]),
+        )
+    return data
 
 
 def fixed_images(
@@ -577,6 +777,7 @@ def protect(
     resume: bool = False,
     keep_state: bool = False,
     overwrite: bool = False,
+    restart: bool = False,
 ) -> ProtectResult:
     """Protect ``config.model`` against personalization of the subject in ``config.images``.
 
@@ -587,7 +788,60 @@ def protect(
     (``result.cancelled``; call again with ``resume=True`` to continue). Any other exception
     from a host (an interrupt raised inside ``progress``) also saves the state, then propagates.
     With ``config.output`` set, the protected model is written there (atomically).
+    A state file of an earlier, interrupted run is never ignored: without ``resume`` (continue
+    it) or ``restart`` (start over and replace it) the call refuses with an InputError. On Ctrl-C
+    the state is saved and the KeyboardInterrupt carries its path as ``state_path``.
     """
+    if model is None:
+        return _protect(config, progress, should_stop, model=None, images=images, resume=resume,
+                        keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+    saved = ModelState(model)
+    done = False
+    try:
+        result = _protect(config, progress, should_stop, model=model, images=images, resume=resume,
+                          keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+        done = not result.cancelled
+        return result
+    finally:  # the caller's model as it was (a finished run's result shares its VAE and text encoder)
+        saved.restore(devices_of_shared=not done)
+
+
+class ModelState:
+    """Devices, requires_grad flags and train/eval modes of a model's modules, to put back later."""
+
+    def __init__(self, model: SDModel) -> None:
+        self.modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+        self.devices = {k: _device_of(m) for k, m in self.modules.items()}
+        self.grads = {k: [p.requires_grad for p in m.parameters()] for k, m in self.modules.items()}
+        self.modes = {k: [sub.training for sub in m.modules()] for k, m in self.modules.items()}
+
+    def restore(self, devices_of_shared: bool = True) -> None:
+        for k, m in self.modules.items():
+            if self.devices[k] is not None and (k == "unet" or devices_of_shared):
+                m.to(self.devices[k])
+            for p, flag in zip(m.parameters(), self.grads[k]):
+                p.requires_grad_(flag)
+            for sub, mode in zip(m.modules(), self.modes[k]):
+                sub.training = mode
+
+
+def _device_of(module) -> torch.device | None:
+    return next((p.device for p in module.parameters()), None)
+
+
+def _protect(
+    config: ProtectConfig,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    *,
+    model: SDModel | None = None,
+    images=None,
+    resume: bool = False,
+    keep_state: bool = False,
+    overwrite: bool = False,
+    restart: bool = False,
+) -> ProtectResult:
+    """protect() without the care for a preloaded model's state."""
     config.validate()
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -599,13 +853,26 @@ def protect(
         model = load_model(config.model, device=device, model_type=config.model_type)
     else:
         model.to(device)
+    inputs = input_paths(config, images)
+    state_target = Path(config.state_path) if config.state_path else None
+    if state_target is not None and state_target.is_dir():
+        raise InputError(
+            f"state_path {state_target} is a folder; a state path must be a file name (e.g. run.pt)."
+        )
     if config.output:  # fail before hours of training, not after
-        check_output(config.output, overwrite, model)
+        check_output(config.output, overwrite, model, inputs)
     size = config.resolution or model.native_resolution
     source = images if images is not None else config.images
     subjects = load_subject_images(
         source, size, order=config.pair_order, min_side=None if size >= 256 else size
     )
+    identity = run_identity(config, model, subjects)
+    state_path = default_state_path(config, identity)
+    if state_path.exists() and not resume and not restart:  # never start over silently, then delete it
+        raise InputError(
+            f"{state_path} holds the saved state of an interrupted run of this protection. Continue it "
+            "with --resume (resume=True), or start over with --restart (restart=True), which replaces it."
+        )
     with torch.inference_mode(False), torch.enable_grad():
         try:
             with parallel.main_first():  # the main process fills the pair cache, the others read it
@@ -617,8 +884,6 @@ def protect(
             model.text_encoder.to("cpu")
             torch.cuda.empty_cache()
         trainer = L2PTrainer(config, model, data, device, parallel)
-        identity = run_identity(config, model, subjects)
-        state_path = default_state_path(config, identity)
         if resume and state_path.exists():
             trainer.load_state_dict(load_state(state_path, identity))
             log.info("Resumed from %s at outer step %d", state_path, trainer.step)
@@ -648,6 +913,7 @@ def protect(
             # interrupted step's start; a resumed run redoes that step exactly.
             save_state(state_path, trainer, config, identity, at_step_start=True)
             if not isinstance(exc, Cancelled):
+                exc.state_path = state_path  # the CLI prints it with the --resume command
                 raise
             cancelled = True
         protected = result_model(model, trainer.finish())
@@ -657,7 +923,7 @@ def protect(
     if not cancelled and parallel.is_main:  # one process writes
         if config.output:
             result.output = write_output(
-                protected, config, config.output, overwrite=overwrite, subjects=source
+                protected, config, config.output, overwrite=overwrite, subjects=source, inputs=inputs
             )
         if keep_state:
             result.state_path = save_state(state_path, trainer, config, identity)
@@ -681,17 +947,30 @@ def result_model(model: SDModel, unet) -> SDModel:
     )
 
 
-def check_output(output: str | Path, overwrite: bool, model: SDModel) -> None:
+def input_paths(config: ProtectConfig, images=None) -> tuple[Path, ...]:
+    """The files and folders a run reads (model, subject photos, class images): never an output."""
+    paths = [config.model, config.class_images]
+    if images is None:
+        paths += config.images
+    return tuple(Path(p) for p in paths if p and Path(p).exists())
+
+
+def check_output(output: str | Path, overwrite: bool, model: SDModel, inputs: tuple[Path, ...] = ()) -> None:
     """Raise InputError now if ``write_output`` could not write ``model`` to ``output`` later
     (an existing output without ``overwrite``, the input model itself, a single-file output
     that cannot be made from this source, ...)."""
     from .export import check_export
 
-    check_export(model, output, overwrite)
+    check_export(model, output, overwrite, inputs=inputs)
 
 
 def write_output(
-    model: SDModel, config: ProtectConfig, output: str | Path, overwrite: bool = False, subjects=None
+    model: SDModel,
+    config: ProtectConfig,
+    output: str | Path,
+    overwrite: bool = False,
+    subjects=None,
+    inputs: tuple[Path, ...] = (),
 ) -> Path:
     """Write the protected model: a diffusers folder, or a single .safetensors file (export module).
 
@@ -700,4 +979,19 @@ def write_output(
     """
     from .export import write_model
 
-    return write_model(model, output, config=config, overwrite=overwrite, subjects=subjects)
+    return write_model(model, output, config=config, overwrite=overwrite, subjects=subjects, inputs=inputs)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as ``protect()``.
+
+    ``from apdm_core import protect`` (the README's API) must give the function, but once this
+    submodule is imported Python binds the *module* to ``apdm_core.protect``, over the package's
+    lazy attribute. Calling the module runs the function, so both spellings work.
+    """
+
+    def __call__(self, *args, **kwargs) -> ProtectResult:
+        return protect(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
-import shutil
 import threading
 import time
 import typing
@@ -31,6 +30,7 @@ from typing import Any
 
 from .config import ProtectConfig
 from .errors import APDMError, InputError
+from .fileio import remove_work_dir
 from .progress import ProgressEvent, format_seconds
 
 log = logging.getLogger(__name__)
@@ -551,7 +551,7 @@ class ProtectApp:
                 if not self.host.keep_on_device:
                     protected.model.to("cpu")
             if result.cancelled and result.work_dir is not None:  # a new test starts over: keep nothing
-                shutil.rmtree(result.work_dir, ignore_errors=True)
+                remove_work_dir(result.work_dir)
             return result
 
         from .evaluate.report import ARM_LABELS, ARMS

@@ -63,6 +63,7 @@ class EvalConfig(ConfigIO):
     )
 
     def __post_init__(self) -> None:
+        self.coerce_types()
         self.prompts = [str(p) for p in self.prompts]
         self.metrics = [str(m) for m in self.metrics]
         self.denoise_timesteps = [int(t) for t in self.denoise_timesteps]

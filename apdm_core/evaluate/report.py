@@ -26,7 +26,7 @@ from .. import __version__
 from ..attack import AttackConfig, run_attack
 from ..data import center_square
 from ..errors import InputError
-from ..fileio import atomic_path, check_target
+from ..fileio import atomic_path, check_target, make_work_dir, remove_work_dir
 from ..models import SDModel
 from ..progress import ProgressCallback, StopCheck
 from .config import EvalConfig
@@ -166,8 +166,8 @@ def compare(
         else Path(attack_config.cache_dir or _cache()) / "compare" / identity[:20]
     )
     if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+        remove_work_dir(work)  # only ever a folder this tool made
+    make_work_dir(work)
     arms: dict[str, ArmResult] = {}
     t0 = time.perf_counter()
     for name, model in zip(ARMS, (base, protected)):
@@ -184,7 +184,7 @@ def compare(
     result = CompareResult(report, arms)
     if out is not None:
         result.out_dir = write_report(out, report, refs, arms, protection_history, grid_columns, overwrite)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_work_dir(work)
     return result
 
 

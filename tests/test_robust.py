@@ -1,0 +1,161 @@
+"""The levers of protection that holds (README "Protection that holds"): persistent attacker,
+sparse and late-weighted protection gradients, the target loss, the utility anchor, lr ranges."""
+
+import copy
+import math
+
+import pytest
+import torch
+from test_protect import make_trainer, params_of
+
+from apdm_core.errors import InputError
+from apdm_core.losses import target_loss
+from apdm_core.protect import protect
+
+
+class Spy:
+    """A tracker stand-in: records theta' after every inner step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.prime = trainer, []
+
+    def update(self, **_):
+        self.prime.append(params_of(self.trainer.unet_p))
+
+
+def test_target_loss_on_hand_made_tensors():
+    pred = torch.tensor([[1.0, 2.0], [0.0, -1.0]], requires_grad=True)
+    generic = torch.tensor([[0.0, 2.0], [1.0, 1.0]], requires_grad=True)
+    loss = target_loss(pred, generic)
+    assert float(loss.detach()) == pytest.approx((1 + 0 + 1 + 4) / 4)
+    loss.backward()
+    assert generic.grad is None  # the frozen model's prediction is a fixed target
+    torch.testing.assert_close(pred.grad, torch.tensor([[0.5, 0.0], [-0.5, -1.0]]))
+
+
+def test_persistent_attacker_continues_and_follows_theta(fast_config):
+    trainer = make_trainer(fast_config(resync_every=3, inner_steps=2, outer_steps=5))
+    steps_in_episode = []
+    for k in range(4):
+        theta_before = params_of(trainer.unet)
+        spy = Spy(trainer)
+        trainer.outer_step(spy)
+        steps_in_episode.append(trainer._episode["h"])
+        delta = [a - b for a, b in zip(trainer.unet.parameters(), theta_before)]
+        # theta' after the outer step = theta' after its last attack step + the change of theta
+        for p_prime, last, d in zip(trainer.unet_p.parameters(), spy.prime[-1], delta):
+            torch.testing.assert_close(p_prime.detach(), last + d, rtol=0, atol=1e-7)
+        if k == 0:
+            first_end = params_of(trainer.unet_p)
+    assert steps_in_episode == [2, 4, 6, 2]  # resynced at outer step 4 (3 % resync_every == 0)
+    # in outer step 2 theta' did not restart from theta
+    assert not all(torch.equal(a, b) for a, b in zip(first_end, trainer.unet.parameters()))
+
+
+def reference_weighted_accumulation(trainer):
+    """One outer step's accumulated gradient from the definition: every protect_every-th attack step h
+    of a fresh episode adds exp(w * (h - H)) * grad L_protect(theta'_h), clipping as configured."""
+    cfg = trainer.cfg
+    g0 = trainer.generator.get_state()
+    unet = copy.deepcopy(trainer.unet)
+    params = list(unet.parameters())
+    opt = trainer._adamw(params, cfg.lr_personalize)
+    total = [torch.zeros_like(p) for p in params]
+    horizon = cfg.resync_every * cfg.inner_steps
+    for h in range(1, cfg.inner_steps + 1):
+        opt.zero_grad(set_to_none=True)
+        trainer.personalization_loss(unet).backward()
+        if cfg.inner_max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.inner_max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if h % cfg.protect_every == 0:
+            trainer.protection_loss(unet)[0].backward()
+            w = math.exp(cfg.late_weighting * (h - horizon))
+            for t, p in zip(total, params):
+                t.add_(w * p.grad)
+    trainer.generator.set_state(g0)
+    return total
+
+
+@pytest.mark.parametrize("loss", ["dpo", "target"])
+def test_sparse_late_weighted_accumulation_matches_its_definition(fast_config, loss):
+    trainer = make_trainer(fast_config(loss=loss, inner_steps=4, protect_every=2, late_weighting=0.5,
+                                       resync_every=2, inner_max_grad_norm=0.01, inner_batch_size=2))  # fmt: skip
+    expected = reference_weighted_accumulation(trainer)
+    evaluations = []
+    real = trainer.protection_loss
+    trainer.protection_loss = lambda unet: evaluations.append(1) or real(unet)
+    trainer.outer_step()
+    assert len(evaluations) == 2
+    for a, e in zip(trainer.accum, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)
+
+
+def test_persistent_resume_equals_an_uninterrupted_run(fast_config, tmp_path):
+    settings = dict(outer_steps=5, inner_steps=2, resync_every=3, lr_personalize_max=1e-3, loss="target")
+    full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
+    events = []
+    config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
+    in_protect = lambda: sum(e.stage == "protect" for e in events)  # noqa: E731
+    stopped = protect(
+        config, progress=events.append, should_stop=lambda: in_protect() >= 5
+    )  # mid outer step 3
+    assert stopped.cancelled and stopped.steps_done == 2
+    resumed = protect(config, resume=True)
+    assert resumed.steps_done == 5
+    for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["attack_lr"] for h in full.history] == [h["attack_lr"] for h in resumed.history]
+
+
+def test_attacker_learning_rate_range(fast_config):
+    result = protect(fast_config(outer_steps=6, inner_steps=1, resync_every=2, lr_personalize=1e-4,
+                                 lr_personalize_max=1e-2))  # fmt: skip
+    lrs = [h["attack_lr"] for h in result.history]
+    assert lrs[0] == lrs[1] and lrs[2] == lrs[3] and lrs[4] == lrs[5]  # one lr per episode
+    assert len(set(lrs)) == 3 and all(1e-4 <= v <= 1e-2 for v in lrs)
+
+
+def test_target_loss_is_zero_where_the_prompts_coincide(fast_config):
+    """At theta itself (no simulated attack) with instance prompt == class prompt, the attacked model
+    already predicts what the original predicts for the class: the target loss is exactly 0."""
+    cfg = fast_config(loss="target", inner_steps=0, prior_weight=0, outer_steps=1,
+                      instance_prompt="a photo of dog", class_prompt="a photo of dog")  # fmt: skip
+    assert protect(cfg).history[0]["loss_protect"] < 1e-10  # rounding only; other prompts give ~1e-2
+
+
+def test_anchor_keeps_theta_near_the_original(fast_config, monkeypatch):
+    import apdm_core.pairs as pairs
+
+    calls = []
+    real = pairs.sample_images
+    monkeypatch.setattr(pairs, "sample_images", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    prompts = ["a photo of cat", "a photo of car"]
+    common = dict(outer_steps=4, lr_protect=3e-3, loss="target")
+    free = protect(fast_config(**common))
+    assert not any(p in prompts for p in calls)  # no anchor images without an anchor
+    anchored = protect(fast_config(anchor_weight=50.0, anchor_prompts=prompts, num_anchor_images=2, **common))
+    assert set(prompts) <= set(calls)
+    anchor = [h["anchor"] for h in anchored.history]
+    assert anchor[0] == 0.0 and all(a > 0 for a in anchor[1:])  # theta == the original at the first step
+    base = make_trainer(fast_config()).model.unet
+
+    def distance(unet):
+        return sum(float((a - b).pow(2).sum()) for a, b in zip(unet.parameters(), base.parameters())) ** 0.5
+
+    assert distance(anchored.model.unet) < distance(free.model.unet)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"protect_every": 3, "inner_steps": 2}, "protect_every"),
+        ({"inner_max_grad_norm": 1.0, "optimizer_in_backward": True}, "inner_max_grad_norm"),
+        ({"anchor_weight": 1.0, "offload_outer": True}, "offload_outer"),
+        ({"resync_every": 0}, "resync_every"),
+    ],
+)
+def test_bad_combinations_are_refused(fast_config, overrides, message):
+    with pytest.raises(InputError, match=message):
+        protect(fast_config(**overrides))
