@@ -28,7 +28,35 @@ ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 ATTENTIONS = ("sdpa", "xformers")
 DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
 MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
-PROTECT_LAYERS = ("all", "attention", "cross_attention")  # see apdm_core.checkpoint
+PROTECT_LAYERS = ("all", "attention", "cross_attention")
+# Settings that name files or folders (of every config class). They come only from a host's own
+# widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
+# free-text settings a shared workflow or a web page can carry; see ``untrusted_settings``.
+PATH_FIELDS = frozenset(
+    {"model", "images", "output", "class_images", "cache_dir", "state_path", "dino_model", "clip_model"}
+)
+
+
+def untrusted_settings(data: dict[str, Any], where: str = "these settings") -> dict[str, Any]:
+    """``data`` (settings typed into a host's free-text box) when it names no file or folder.
+
+    A ComfyUI workflow JSON shared by someone else, or a page served to a network, must not be
+    able to make the tool read or write arbitrary paths: path fields are refused, and
+    ``model_type`` may only be one of MODEL_TYPES (a config folder is a path).
+    """
+    bad = sorted(k for k in data if k in PATH_FIELDS)
+    if bad:
+        raise InputError(
+            f"{', '.join(bad)} cannot be set in {where}: files and folders come only from the host's own "
+            "inputs (model and image loaders, the output folder); the cache and state files live in the "
+            "host's folders."
+        )
+    if "model_type" in data and data["model_type"] not in MODEL_TYPES:
+        raise InputError(
+            f"model_type={data['model_type']!r} in {where} must be one of {', '.join(MODEL_TYPES)} "
+            "(a config folder can only be given on the command line or in Python)."
+        )
+    return data  # see apdm_core.checkpoint
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:

@@ -62,8 +62,7 @@ def prepare_image(
     image: Image.Image, size: int, name: str = "image", min_side: int | None = None, crop: bool = True
 ) -> Image.Image:
     """EXIF-orient, convert to RGB, check the short side, then center-crop and resize (unless ``crop=False``)."""
-    image = ImageOps.exif_transpose(image)
-    image = image.convert("RGB")
+    image = to_rgb(ImageOps.exif_transpose(image))
     limit = min(MIN_SIDE, size) if min_side is None else min_side
     if min(image.size) < limit:
         raise InputError(
@@ -73,11 +72,35 @@ def prepare_image(
     return center_square(image, size) if crop else image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit and float grayscale are scaled (PIL's convert would clip
+    them to white), CMYK, palette, gray and alpha images converted."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if arr.max() <= 1 else 255.0
+        else:
+            top = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def open_image(path: Path) -> Image.Image:
+    """The first frame of an image file (an animated GIF/WebP gives its first frame), fully decoded.
+
+    Pillow refuses images of more than 2 x ``Image.MAX_IMAGE_PIXELS`` (about 179 megapixels) as a
+    possible decompression bomb; that, like any unreadable file, is an InputError naming the file.
+    """
     try:
         with Image.open(path) as im:
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except Image.DecompressionBombError as exc:
+        raise InputError(
+            f"{path} is too large to open safely ({exc}); downscale it (e.g. to 2048 px on the long side)."
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise InputError(
             f"{path} cannot be read as an image ({exc.__class__.__name__}); re-save it as PNG or JPEG, or remove it."

@@ -28,7 +28,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ProtectConfig
+from .config import MODEL_TYPES, PATH_FIELDS, ProtectConfig
 from .errors import APDMError, InputError
 from .fileio import remove_work_dir
 from .progress import ProgressEvent, format_seconds
@@ -38,10 +38,16 @@ log = logging.getLogger(__name__)
 TITLE = "Anti-Personalize"
 # Fields shown in the main panel; every other ProtectConfig field is in the Advanced accordion.
 MAIN_FIELDS = ("model", "images", "instance_prompt", "class_prompt", "output")
-ADVANCED_FIELDS = tuple(f.name for f in fields(ProtectConfig) if f.name not in MAIN_FIELDS)
+# Fields that name files (PATH_FIELDS) are never on the page: a page served to a network must not
+# read or write arbitrary paths. The cache and state files live in the host's default places.
+ADVANCED_FIELDS = tuple(
+    f.name for f in fields(ProtectConfig) if f.name not in MAIN_FIELDS and f.name not in PATH_FIELDS
+)
 # AttackConfig fields the page does not show: the models and images are the protection's, the
-# report folder is the app's, the kind has its own dropdown.
-ATTACK_HIDDEN = ("model", "images", "output", "state_path", "kind")
+# report folder is the app's, the kind has its own dropdown; no file paths.
+ATTACK_HIDDEN = ("kind", *PATH_FIELDS)
+EVAL_HIDDEN = tuple(PATH_FIELDS)
+UI_CHOICES = {"model_type": MODEL_TYPES}  # free text elsewhere (a config folder), a choice here
 GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
                 "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
 BASIC_PRESETS = ("quick", "paper", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
@@ -117,7 +123,7 @@ def attack_fields() -> tuple[str, ...]:
 def eval_fields() -> tuple[str, ...]:
     from .evaluate.config import EvalConfig
 
-    return tuple(f.name for f in fields(EvalConfig))
+    return tuple(f.name for f in fields(EvalConfig) if f.name not in EVAL_HIDDEN)
 
 
 def attack_prompts(instance_prompt: str, class_prompt: str) -> dict[str, str]:
@@ -180,11 +186,13 @@ class Host:
         return str(value or "").strip()
 
     def output_path(self, filename: str) -> Path:
+        """Where Save writes: a name (sub-folders allowed) inside the app's output folder, nothing else."""
+        from .fileio import child_path
+
         name = str(filename or "").strip()
         if not name:
             raise InputError("Give the protected model a file name (e.g. protected.safetensors) to save it.")
-        path = Path(name).expanduser()
-        return path if path.is_absolute() else self.output_dir / path
+        return child_path(self.output_dir, name)
 
     def saved(self, path: Path) -> None:
         """Called after a model was written (A1111 refreshes its checkpoint list here)."""
@@ -390,6 +398,18 @@ class ProtectApp:
         self.job: Job | None = None
         self.protected = None  # the last finished ProtectResult (not cancelled)
         self._lock = threading.Lock()
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Ask the running job (if any) to stop and wait until it saved its resumable state.
+
+        Called when the app quits (Ctrl-C on ``apdm ui``): a protection or test stops within one
+        step and keeps its state file, as with Cancel. Returns False when it did not stop in time.
+        """
+        job = self.job
+        if job is None or not job.running:
+            return True
+        job.stop()
+        return job.wait(timeout)
 
     # --- subject images ----------------------------------------------------------------------------
     @staticmethod
@@ -700,7 +720,7 @@ def _field_component(gr, cls, name: str, value: Any, prefix: str = "apdm_", choi
     typ, optional = _base_type(cls, name)
     info = meta["help"] + (" Empty = the default." if optional else "")
     kw = {"label": name, "info": info, "elem_id": f"{prefix}{name}"}
-    choices = choices or meta.get("choices")
+    choices = choices or meta.get("choices") or UI_CHOICES.get(name)
     if choices:
         return gr.Dropdown(choices=list(choices), value=value, **kw)
     if typ is bool:
@@ -903,16 +923,45 @@ def launch(
     output_dir: str | Path = "apdm_out/models",
     config: ProtectConfig | None = None,
     block: bool = True,
+    auth: tuple[str, str] | None = None,
 ):
-    """Serve the app on ``host:port`` (127.0.0.1 by default: this machine only)."""
+    """Serve the app on ``host:port`` (127.0.0.1 by default: this machine only), with Gradio's
+    login when ``auth`` = (user, password). When the server stops (Ctrl-C), a running job is
+    asked to stop and keeps its resumable state."""
     values = config.to_dict() if config is not None else {}
     config_model, config_images = values.pop("model", ""), values.pop("images", [])
     model, images = model or config_model, images or "; ".join(config_images)
     page = Host(model=model, images=images, output_dir=output_dir, config=values)
-    blocks = build_blocks(ProtectApp(page))
+    app = ProtectApp(page)
+    blocks = build_blocks(app)
     blocks.queue()
-    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block)
+    try:
+        blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, auth=auth)
+    finally:
+        if block:  # the server is gone: do not let a daemon thread die mid-step without its state
+            if not app.shutdown():
+                log.warning("The running job did not stop in time; its last saved state is kept.")
     return blocks
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_auth(args) -> tuple[str, str] | None:
+    """(user, password) from --auth USER:PASS; a non-local --host needs --auth or an explicit --no-auth."""
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise InputError(
+                "--auth must be USER:PASSWORD (both non-empty), e.g. --auth alice:correct-horse."
+            )
+        return user, password
+    if args.host not in LOCAL_HOSTS and not args.no_auth:
+        raise InputError(
+            f"--host {args.host} lets anyone who can reach this machine read and write files through the app: "
+            "add --auth USER:PASSWORD (Gradio's login), or --no-auth if the network is yours alone."
+        )
+    return None
 
 
 def cmd_ui(args) -> int:
@@ -920,8 +969,11 @@ def cmd_ui(args) -> int:
         import gradio  # noqa: F401
     except ImportError as exc:
         raise APDMError("The app needs gradio: pip install -c constraints.txt gradio") from exc
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"apdm ui: listening on {args.host}: anyone who can reach this machine can use the app.")
+    auth = parse_auth(args)
+    if args.host not in LOCAL_HOSTS and auth is None:
+        print(
+            f"apdm ui: listening on {args.host} without a login (--no-auth): anyone who can reach it can use it."
+        )
     config = ProtectConfig.load(args.config) if args.config else None
     if args.demo:  # the demo world's model, subject photos and settings (as `apdm demo`)
         from pathlib import Path
@@ -931,7 +983,7 @@ def cmd_ui(args) -> int:
         folder = Path(args.out_dir).parent / "demo"
         config, _, _ = demo_configs(folder, write_subject_photos(folder / "subject"))
         config.output = ""
-    launch(args.host, args.port, args.model or "", args.images or "", args.out_dir, config)
+    launch(args.host, args.port, args.model or "", args.images or "", args.out_dir, config, auth=auth)
     return 0
 
 
@@ -945,6 +997,12 @@ def register_cli(subparsers) -> None:
         help="Interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every interface).",
     )
     p.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
+    p.add_argument("--auth", default="", metavar="USER:PASS", help="Require this login (Gradio's auth).")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="Listen on a non-local --host without a login (trusted networks).",
+    )
     p.add_argument("--model", default="", help="Model to open on: a diffusers folder or a .safetensors file.")
     p.add_argument("--images", default="", help="Folder of subject images to open on.")
     p.add_argument(

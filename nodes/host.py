@@ -173,7 +173,9 @@ def parse_settings(text: str) -> dict:
     for key, fix in HOST_OWNED.items():
         if key in data:
             raise InputError(f"'{key}' cannot be set in the advanced settings: {fix}.")
-    return data
+    from apdm_core.config import untrusted_settings
+
+    return untrusted_settings(data, "the advanced settings")  # a shared workflow names no path
 
 
 def protect_config(pairs, model, widgets: dict, advanced: str = ""):

@@ -164,6 +164,25 @@ def test_advanced_settings(host, graph):
             host.run("APDMProtectModel", advanced=text, **run)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["state_path: /etc/cron.d/x", "cache_dir: /tmp/elsewhere", "class_images: ../../secrets",
+     "model_type: /some/config/folder", "{dino_model: /x}"],
+)  # fmt: skip
+def test_a_workflow_cannot_name_a_path(host, graph, text):
+    """A shared workflow's advanced box (or a posted prompt) must not read or write files."""
+    with pytest.raises(InputError, match="cannot be set in the advanced settings|must be one of"):
+        host.package.nodes.host.parse_settings(text)
+    widgets = {
+        "kind": "dreambooth",
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+    }
+    if "model_type" not in text:
+        with pytest.raises(InputError, match="cannot be set"):
+            host.package.nodes.host.test_configs(widgets, text)
+
+
 # --- inputs -----------------------------------------------------------------------------------
 def test_subject_from_an_image_batch_and_is_changed(host):
     folder = host.folder_paths.get_input_directory() + "/bob"

@@ -84,8 +84,17 @@ def test_blocks_build_with_every_config_field(tmp_path):
     assert {f"apdm_attack_{n}" for n in ui.attack_fields()} | {
         f"apdm_eval_{n}" for n in ui.eval_fields()
     } <= ids
-    # every ProtectConfig field is in the page except the output, which Save names
-    assert set(ui.ADVANCED_FIELDS) | set(ui.MAIN_FIELDS) == {f for f in ProtectConfig().to_dict()}
+    # every ProtectConfig field is in the page except the file paths (the output is named by Save; the
+    # cache, state and class-image folders are the host's): a page on a network names no path
+    from apdm_core.config import PATH_FIELDS
+
+    fields_on_page = set(ui.ADVANCED_FIELDS) | set(ui.MAIN_FIELDS)
+    assert fields_on_page | PATH_FIELDS >= {f for f in ProtectConfig().to_dict()}
+    assert not {f"apdm_{n}" for n in PATH_FIELDS - set(ui.MAIN_FIELDS)} & ids
+    assert (
+        not {f"apdm_attack_{n}" for n in PATH_FIELDS} & ids
+        and not {f"apdm_eval_{n}" for n in PATH_FIELDS} & ids
+    )
 
 
 def test_advanced_fields_follow_the_config_metadata(tmp_path):
@@ -96,7 +105,9 @@ def test_advanced_fields_follow_the_config_metadata(tmp_path):
     assert isinstance(loss, gr.Dropdown) and [c[0] if isinstance(c, tuple) else c for c in loss.choices] == [
         "dpo",
         "naive",
+        "target",
     ]
+    assert isinstance(by_id["apdm_model_type"], gr.Dropdown)  # a choice on the page, never a folder
     assert isinstance(by_id["apdm_outer_steps"], gr.Number) and by_id["apdm_outer_steps"].value == 800
     assert isinstance(by_id["apdm_device"], gr.Textbox)
 
@@ -274,7 +285,7 @@ def test_ui_demo_opens_on_the_demo_world(monkeypatch, tmp_path):
     from apdm_core.world import WORLD_MODEL_DIR
 
     seen = {}
-    monkeypatch.setattr(ui, "launch", lambda *a: seen.update(args=a))
+    monkeypatch.setattr(ui, "launch", lambda *a, **kw: seen.update(args=a, kw=kw))
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["apdm_core.ui"])
     args = cli.build_parser().parse_args(["ui", "--demo", "--out-dir", str(tmp_path / "models")])
     assert ui.cmd_ui(args) == 0
