@@ -259,11 +259,12 @@ def generate_anchor_images(
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
 ) -> list[tuple[str, list[Image.Image]]]:
-    """(prompt, images) for each anchor prompt of ``config`` (the class prompt when none is given),
-    generated with the base model or read from the cache; empty when ``anchor_weight`` is 0."""
+    """(prompt, images) for the class prompt, then each other anchor prompt of ``config``, generated
+    with the base model or read from the cache (the class prompt's are the first class images);
+    empty when ``anchor_weight`` is 0."""
     if config.anchor_weight <= 0:
         return []
-    prompts = list(dict.fromkeys(config.anchor_prompts or [config.class_prompt]))
+    prompts = list(dict.fromkeys([config.class_prompt, *config.anchor_prompts]))
     gen = {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
            "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None,
            "progress": progress, "should_stop": should_stop}  # fmt: skip

@@ -189,13 +189,18 @@ TEXT_DIM = 768  # SD1.x text embedding width (the tiny text encoder of the bench
 
 def bench_model(unet: str = "tiny", seed: int = 0) -> SDModel:
     """An SD-shaped model with random weights: the UNet of ``unet`` ('tiny', 'sd15', 'sd15-small')
-    with the tiny VAE and a tiny 768-wide text encoder (they run once per run in the fast path)."""
+    with the tiny VAE and a tiny 768-wide text encoder (they run once per run in the fast path);
+    'world' is the shipped demo-world model itself (trained weights)."""
     from .tiny import build_tiny_model, tiny_configs
 
     if unet == "tiny":
         return build_tiny_model(seed=seed)
+    if unet == "world":
+        from .world import load_world_model
+
+        return load_world_model()
     if unet not in UNET_CONFIGS:
-        raise InputError(f"Unknown UNet {unet!r}; choose tiny, {', '.join(UNET_CONFIGS)}.")
+        raise InputError(f"Unknown UNet {unet!r}; choose tiny, world, {', '.join(UNET_CONFIGS)}.")
     configs = tiny_configs(latent_size=8, text_dim=TEXT_DIM)
     configs["unet"] = dict(UNET_CONFIGS[unet])
     return build_tiny_model(seed=seed, configs=configs)

@@ -77,17 +77,26 @@ class ProtectionData:
 
 @dataclass
 class AnchorSet:
-    """Images of the anchor prompts (one latent bank per prompt) with their prompt embeddings."""
+    """Images of the anchor prompts (one latent bank per prompt) with their prompt embeddings.
+
+    Bank 0 is the class prompt: the prompt the protection is most likely to disturb (it shares all
+    but the identifier with the instance prompt), so it takes half of every anchor batch; the other
+    half is one image of each of the other prompts (a random subset when there are more).
+    """
 
     banks: list[LatentBank]
     embeds: torch.Tensor  # (prompts, L, D)
 
     def draw(self, count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One latent of each of ``count`` prompts (all of them when there are fewer) and their embeddings."""
-        n = len(self.banks)
-        which = torch.randperm(n, generator=g)[:count] if n > count else torch.arange(n)
-        latents = torch.cat([self.banks[int(i)].draw(1, g) for i in which])
-        return latents, self.embeds[which.to(self.embeds.device)]
+        """``count`` latents (half of the class prompt, the rest one per other prompt) and their embeddings."""
+        others = len(self.banks) - 1
+        n_other = min(others, count // 2)
+        pick = (torch.randperm(others, generator=g)[:n_other] + 1).tolist() if n_other else []
+        which = [0] * (count - n_other) + pick
+        latents = torch.cat(
+            [self.banks[0].draw(count - n_other, g)] + [self.banks[i].draw(1, g) for i in pick]
+        )
+        return latents, self.embeds[torch.tensor(which, device=self.embeds.device)]
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ ProtectConfig) against the straightforward reference (apdm_core.perf.ReferenceL2
     python benchmarks/bench_protect.py --unet sd15 --resolution 512 --inner 20 --outer 3 --preset fast
     python benchmarks/bench_protect.py --sweep                          # every lever, one at a time
     python benchmarks/bench_protect.py --estimate --unet sd15 --resolution 512   # memory/FLOPs, no run
+    python benchmarks/bench_protect.py --unet world --inner 20 --no-reference --threads 1 --set protect_every=2
 
 The UNet is the real architecture with random weights (speed does not need trained weights):
 'sd15' is Stable Diffusion 1.5's UNet (859.5M parameters), 'sd15-small' the same topology at a
-quarter of the width (for CPUs), 'tiny' the test model. The VAE and the text encoder are tiny
+quarter of the width (for CPUs), 'tiny' the test model, 'world' the shipped demo-world model
+(its own VAE and text encoder; the loop the demo world's research runs, see README "Protection
+that holds"). The VAE and the text encoder are tiny
 (they run once per run in the fast path, every inner step in the reference); the subject,
 positive and class images are procedural (their content does not change the speed).
 Each measurement runs in a fresh subprocess so that peak memory (CUDA max allocated, or the
@@ -91,9 +94,13 @@ def make_config(args, sets: list[str]):
 
 
 def procedural_images(n: int, size: int, seed: int):
-    from apdm_core.demo import draw_subject
+    """``n`` photos of demo-world subjects at ``size`` px (their content does not change the speed)."""
+    from PIL import Image
 
-    return [draw_subject(seed + i, size) for i in range(n)]
+    from apdm_core.world import render
+
+    return [render.photos(render.make_subject(seed + i), 1)[0].resize((size, size), Image.Resampling.BICUBIC)
+            for i in range(n)]  # fmt: skip
 
 
 def peak_memory(device) -> tuple[int, str]:
@@ -298,7 +305,7 @@ def estimate(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default="tiny", choices=["tiny", "sd15-small", "sd15"])
+    p.add_argument("--unet", default="tiny", choices=["tiny", "world", "sd15-small", "sd15"])
     p.add_argument(
         "--resolution", type=int, default=0, help="pixels (multiple of 64); 0 = native (64 tiny, 512 sd15)"
     )

@@ -193,3 +193,27 @@ def test_attacks_run_when_called_in_inference_mode(model, subject_dir, attack_co
     with torch.inference_mode():
         result = run_attack(model, subject_dir, attack_config(kind=kind, steps=1))
     assert result.steps_done == 1 and not result.cancelled
+
+
+def test_snapshots_give_the_model_along_the_attack(tiny_model_dir, subject_dir, tmp_path):
+    """One attack run scores every budget of the robustness curve: the model after each listed step."""
+    from apdm_core.attack import AttackConfig, run_attack
+    from apdm_core.models import load_model
+
+    model = load_model(tiny_model_dir)
+    cfg = AttackConfig(steps=3, lr=1e-3, num_class_images=1, sample_steps=2, cache_dir=str(tmp_path),
+                       instance_prompt="a photo of sks dog", class_prompt="a photo of dog", device="cpu",
+                       save_every=0)  # fmt: skip
+    seen = {}
+
+    def snap(step, view):
+        assert not torch.is_grad_enabled()
+        seen[step] = {k: v.clone() for k, v in view.unet.state_dict().items()}
+
+    result = run_attack(model, subject_dir, cfg, snapshot_steps=[0, 1, 3], on_snapshot=snap)
+    assert sorted(seen) == [0, 1, 3]
+    base = model.unet.state_dict()
+    assert all(torch.equal(seen[0][k], base[k]) for k in base)  # step 0: before the first step
+    final = result.model.unet.state_dict()
+    assert all(torch.equal(seen[3][k], final[k]) for k in final)
+    assert not all(torch.equal(seen[1][k], final[k]) for k in final)

@@ -58,3 +58,45 @@ def test_summary_gap_and_quality_of_unprotected_rows():
     assert "| apdm+attack |" in efficacy.markdown_table(efficacy.summarize(cells))
     again = efficacy.cells_from_dicts(efficacy.cells_to_dicts(cells))
     assert again == cells
+
+
+def test_summary_efficiency_utility_and_break_even():
+    """Efficiency against the from-scratch row, utility on another individual, break-even from a curve."""
+    C = efficacy.Cell
+    cells = [
+        C("base", 1, 0, 0.2, 0.2, 0.9, 0.8, gated=0.2, steps=0),
+        C("scratch+attack", 1, 0, 0.3, 0.1, gated=0.1, steps=400),
+        C("base+attack", 1, 0, 0.8, 0.8, gated=0.7, steps=400),
+        C("base+attack", 1, 0, 0.9, 0.9, gated=0.9, steps=800),
+        C("apdm+attack", 1, 0, 0.3, 0.3, 0.85, 0.75, gated=0.25, steps=400),
+        C("apdm+attack", 1, 0, 0.8, 0.8, 0.85, 0.75, gated=0.75, steps=800),
+        C("base+other_subject", 1, 0, 0.2, 0.2, gated=0.2, steps=0),
+        C("base+other_subject", 1, 0, 0.8, 0.8, gated=0.8, steps=400),
+        C("apdm+other_subject", 1, 0, 0.2, 0.2, gated=0.2, steps=0),
+        C("apdm+other_subject", 1, 0, 0.65, 0.65, gated=0.65, steps=400),
+    ]
+    rows = {r["row"]: r for r in efficacy.summarize(cells)}
+    assert rows["apdm+attack"]["efficiency"] == pytest.approx((0.7 - 0.25) / (0.7 - 0.1))
+    assert rows["apdm+attack"]["score"] == pytest.approx(0.25)  # the standard budget's cell, not 800's
+    assert rows["apdm+other_subject"]["utility"] == pytest.approx(0.45 / 0.6)
+    assert efficacy.break_even(cells, "apdm+attack", 400) == [2.0]  # 0.75 >= 0.7 first at 800 steps
+    assert (
+        efficacy.twin("apdm+lora", "scratch") == "scratch+lora"
+        and efficacy.twin("base+lora", "scratch") is None
+    )
+    summary = efficacy.curve_summary(cells, "apdm+attack", 400)
+    assert summary["break_even_min"] == 2.0 and summary["max_excess_over_scratch_2x"] == pytest.approx(0.15)
+
+
+def test_gated_similarity_counts_other_classes_as_zero():
+    from apdm_core.world import load_evaluator, render
+
+    ev = load_evaluator()
+    ball = render.make_subject(8)
+    refs = render.photos(ball, 8, start=efficacy.REFERENCE_PHOTOS)
+    own = ev.subject_scores(render.photos(ball, 8), refs, ball.cls)
+    assert own["gated"] > 0.9 and own["class_rate"] == 1.0
+    box = render.make_subject(3)
+    assert box.cls != ball.cls
+    other = ev.subject_scores(render.photos(box, 8), refs, ball.cls)
+    assert other["class_rate"] == 0.0 and other["gated"] == 0.0 and other["similarity"] > 0

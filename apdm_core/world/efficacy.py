@@ -499,7 +499,7 @@ def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=N
     ``+other_subject`` row = the gain (after - before the attack) it allows on another individual
     of the class, relative to the unprotected model's gain.
     """
-    cells = standard_cells(cells, attack_settings, variants)
+    all_cells, cells = cells, standard_cells(cells, attack_settings, variants)
     by_key = {(c.row, c.subject, c.seed): c for c in cells}
     out = []
     for name in dict.fromkeys(c.row for c in cells):
@@ -546,7 +546,7 @@ def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=N
         if effs:
             entry.update(efficiency=float(np.mean(effs)), efficiency_min=float(np.min(effs)))
         if row.other_subject and base_twin:
-            ratios = utility_ratios(cells, name, base_twin)
+            ratios = utility_ratios(all_cells, name, base_twin)
             if ratios:
                 entry.update(utility=float(np.mean(ratios)), utility_min=float(np.min(ratios)))
         out.append(entry)
