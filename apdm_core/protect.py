@@ -73,6 +73,8 @@ class ProtectionData:
     class_embeds: torch.Tensor  # (1, L, D)
     diffusion: Diffusion  # forward diffusion with the model's training scheduler
     anchor: AnchorSet | None = None  # images the utility anchor keeps (anchor_weight > 0)
+    # the instance prompt with each of extra_identifiers in place of its identifier: (K, L, D)
+    identifier_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -276,6 +278,19 @@ class L2PTrainer:
             return None
         return self._adamw(self.params_p, lr)
 
+    @property
+    def instance_embeds(self) -> torch.Tensor:
+        """The instance prompt of the current attacker episode (its identifier, with extra_identifiers)."""
+        k = self._episode["identifier"] if self._episode is not None else 0
+        if k == 0 or self.data.identifier_embeds is None:
+            return self.data.instance_embeds
+        return self.data.identifier_embeds[k - 1 : k]
+
+    def _episode_identifier(self) -> int:
+        """0 = the instance prompt's own identifier, k = extra_identifiers[k - 1] (drawn per episode)."""
+        n = len(self.cfg.extra_identifiers)
+        return int(torch.randint(0, n + 1, (), generator=self.generator)) if n else 0
+
     def _episode_lr(self) -> float:
         """The attacker's learning rate for a new episode: fixed, or log-uniform in the configured range."""
         lo, hi = self.cfg.lr_personalize, self.cfg.lr_personalize_max
@@ -324,7 +339,7 @@ class L2PTrainer:
     def personalization_loss(self, unet) -> torch.Tensor:
         """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
         d = self.data
-        return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, d.instance_embeds, self.generator,
+        return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, self.instance_embeds, self.generator,
                                self.inner_batch, d.prior, d.class_embeds, self.cfg.prior_weight,
                                shard=self.parallel.shard(self.inner_batch))  # fmt: skip
 
@@ -342,8 +357,8 @@ class L2PTrainer:
             k = torch.randint(0, len(d.subject), (b,), generator=g)
             z_pos, z_neg = d.positive.sample(k, g), d.subject.sample(k, g)
             noise, t = d.diffusion.noise_and_timesteps(z_pos, g)  # the pair shares t and the noise
-            pos = d.diffusion.noisy(z_pos, d.instance_embeds, g, noise, t).select(s)
-            neg = d.diffusion.noisy(z_neg, d.instance_embeds, g, noise, t).select(s)
+            pos = d.diffusion.noisy(z_pos, self.instance_embeds, g, noise, t).select(s)
+            neg = d.diffusion.noisy(z_neg, self.instance_embeds, g, noise, t).select(s)
             n = pos.latents.shape[0]  # samples on this process
             pair = NoisyBatch.cat(pos, neg)
             pred = self.forward(unet, NoisyBatch.cat(pair, prior) if use_prior else pair)
@@ -359,7 +374,7 @@ class L2PTrainer:
                 loss = loss + cfg.prior_weight * prior_loss
             return loss, stats
         if cfg.loss == "target":  # the attacked model should predict what the original predicts for the class
-            inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g).select(s)
+            inst = d.diffusion.noisy(d.subject.draw(b, g), self.instance_embeds, g).select(s)
             n = inst.latents.shape[0]
             pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
             as_class = NoisyBatch(inst.latents, inst.timesteps, inst.target, d.class_embeds.expand(n, -1, -1))
@@ -374,7 +389,7 @@ class L2PTrainer:
                 loss = loss + cfg.prior_weight * prior_loss
             return loss, stats
         # naive: -L_per + lambda * L_ppl
-        inst = d.diffusion.noisy(d.subject.draw(b, g), d.instance_embeds, g).select(s)
+        inst = d.diffusion.noisy(d.subject.draw(b, g), self.instance_embeds, g).select(s)
         n = inst.latents.shape[0]
         pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
         per = noise_prediction_loss(pred[:n], inst.target)
@@ -442,7 +457,8 @@ class L2PTrainer:
         """theta' <- theta and a fresh attacker optimizer (every outer step unless resync_every > 1)."""
         self.load_theta_into_prime()
         lr = self._episode_lr()
-        self._episode = {"opt": self._new_inner_optimizer(lr), "lr": lr, "h": 0}
+        self._episode = {"opt": self._new_inner_optimizer(lr), "lr": lr, "h": 0,
+                         "identifier": self._episode_identifier()}  # fmt: skip
 
     def _protect_weight(self, h: int) -> float:
         """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
@@ -549,8 +565,12 @@ class L2PTrainer:
             **{k2: sum(v) / len(v) for k2, v in agg.items()},
             "seconds": time.perf_counter() - t0,
         }
-        if self.persistent:
+        if self.persistent or cfg.lr_personalize_max > cfg.lr_personalize:
             entry["attack_lr"] = episode["lr"]
+        if cfg.extra_identifiers:
+            entry["identifier"] = ([self.cfg.instance_prompt] + identifier_prompts(cfg))[
+                episode["identifier"]
+            ]
         self.history.append(entry)
         return entry
 
@@ -588,6 +608,7 @@ class L2PTrainer:
             "optimizer": opt,
             "lr": ep["lr"],
             "h": ep["h"],
+            "identifier": ep["identifier"],
         }
 
     def load_attacker_state(self, state: dict) -> None:
@@ -600,7 +621,12 @@ class L2PTrainer:
                 self._inner[p].load_state_dict(sd)
         else:
             opt.load_state_dict(state["optimizer"])
-        self._episode = {"opt": opt, "lr": state["lr"], "h": state["h"]}
+        self._episode = {
+            "opt": opt,
+            "lr": state["lr"],
+            "h": state["h"],
+            "identifier": state.get("identifier", 0),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.unet.load_state_dict(state["unet"])
@@ -769,11 +795,29 @@ def encode_data(
     tracker.update(message="images")
     prior = LatentBank(*model.encode_images(class_images)) if class_images else None
     tracker.update(message="class images")
-    embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
+    variants = identifier_prompts(config)
+    embeds = model.encode_prompts([config.instance_prompt, config.class_prompt, *variants])
     tracker.update(message="prompts")
     return ProtectionData(
-        subject, positive, prior, embeds[:1], embeds[1:], Diffusion(model.noise_scheduler())
-    )
+        subject, positive, prior, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()),
+        identifier_embeds=embeds[2:] if variants else None,
+    )  # fmt: skip
+
+
+def identifier_prompts(config: ProtectConfig) -> list[str]:
+    """The instance prompt with each of ``extra_identifiers`` in place of its identifier (the word
+    of the instance prompt that the class prompt lacks)."""
+    if not config.extra_identifiers:
+        return []
+    class_words = set(config.class_prompt.split())
+    words = config.instance_prompt.split()
+    own = [i for i, w in enumerate(words) if w not in class_words]
+    if len(own) != 1:
+        raise InputError(
+            f"extra_identifiers needs an instance prompt with exactly one word the class prompt lacks "
+            f"(e.g. 'a photo of sks dog' / 'a photo of dog'); {config.instance_prompt!r} has {len(own)}."
+        )
+    return [" ".join(words[: own[0]] + [w] + words[own[0] + 1 :]) for w in config.extra_identifiers]
 
 
 def protect(

@@ -159,3 +159,16 @@ def test_anchor_keeps_theta_near_the_original(fast_config, monkeypatch):
 def test_bad_combinations_are_refused(fast_config, overrides, message):
     with pytest.raises(InputError, match=message):
         protect(fast_config(**overrides))
+
+
+def test_extra_identifiers_take_turns_in_the_attacker_episodes(fast_config):
+    from apdm_core.protect import identifier_prompts
+
+    cfg = fast_config(outer_steps=8, inner_steps=1, extra_identifiers=["zwx", "qpv"],
+                      instance_prompt="a photo of sks dog", class_prompt="a photo of dog")  # fmt: skip
+    assert identifier_prompts(cfg) == ["a photo of zwx dog", "a photo of qpv dog"]
+    used = {h["identifier"] for h in protect(cfg).history}
+    assert used == {"a photo of sks dog", "a photo of zwx dog", "a photo of qpv dog"}
+    with pytest.raises(InputError, match="exactly one word"):
+        protect(fast_config(extra_identifiers=["zwx"], instance_prompt="a photo of sks red dog",
+                            class_prompt="a photo of dog"))  # fmt: skip

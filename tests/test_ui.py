@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,36 @@ def test_a1111_save_goes_to_the_checkpoint_folder_and_refreshes_the_list(a1111, 
     assert any(t.startswith("tiny-apdm.safetensors ") for t in sd_models.checkpoint_tiles())
     recipe = inspect_checkpoint(out, model_type=module.model_type)["apdm"]  # the recipe is in its metadata
     assert recipe["protected"] == "true" and recipe["config"]["outer_steps"] == 2
+
+
+def test_network_host_needs_auth(monkeypatch, tmp_path):
+    """A page served to the network reads and writes files: a login, or an explicit --no-auth."""
+    from apdm_core import cli
+
+    seen = {}
+    monkeypatch.setattr(ui, "launch", lambda *a, **kw: seen.update(kw=kw))
+    parse = cli.build_parser().parse_args
+    with pytest.raises(InputError, match="--auth USER:PASSWORD"):
+        ui.cmd_ui(parse(["ui", "--host", "0.0.0.0"]))
+    with pytest.raises(InputError, match="USER:PASSWORD"):
+        ui.cmd_ui(parse(["ui", "--host", "0.0.0.0", "--auth", "alice"]))
+    assert ui.cmd_ui(parse(["ui", "--host", "0.0.0.0", "--auth", "alice:pw"])) == 0
+    assert seen["kw"]["auth"] == ("alice", "pw")
+    assert ui.cmd_ui(parse(["ui", "--host", "0.0.0.0", "--no-auth"])) == 0 and seen["kw"]["auth"] is None
+    assert ui.cmd_ui(parse(["ui"])) == 0 and seen["kw"]["auth"] is None  # this machine only
+
+
+def test_quitting_the_app_stops_the_running_job(tmp_path):
+    app = ui.ProtectApp(ui.Host(output_dir=tmp_path))
+    started = []
+
+    def work(progress, should_stop):
+        started.append(1)
+        while not should_stop():
+            time.sleep(0.01)
+        return "stopped cleanly"
+
+    app.job = ui.Job("protect", work, app.host).start()
+    while not started:
+        time.sleep(0.01)
+    assert app.shutdown(timeout=10) and app.job.result == "stopped cleanly"
