@@ -50,7 +50,7 @@ EVAL_HIDDEN = tuple(PATH_FIELDS)
 UI_CHOICES = {"model_type": MODEL_TYPES}  # free text elsewhere (a config folder), a choice here
 GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
                 "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
-BASIC_PRESETS = ("quick", "paper", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
+BASIC_PRESETS = ("quick", "paper", "robust", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
 POLL_S = 0.5  # how often a running job's view is refreshed
 CURVE_EVERY_S = 3.0  # how often a follower sends the loss curve image (redrawn only when it changed)
 

@@ -162,7 +162,7 @@ def test_demo_protects_attacks_and_reports_on_the_world_model(tmp_path):
     before = tree_hashes(WORLD_MODEL_DIR)
     events = []
     small = {"num_class_images": 2, "sample_steps": 2, "sample_batch_size": 4}
-    result = run_demo(tmp_path / "demo", progress=events.append, outer_steps=2, inner_steps=1,
+    result = run_demo(tmp_path / "demo", progress=events.append, outer_steps=2, inner_steps=1, protect_every=1,
                       attack_overrides={"steps": 2, **small}, **small)  # fmt: skip
     protection = result.protection
     assert not result.cancelled and (protection.output / "unet").is_dir()

@@ -57,6 +57,11 @@ def register_cli(subparsers) -> None:
     e.add_argument("--photos", type=int, default=3, help="Photos per individual (default: 3).")
     e.add_argument("--steps", type=int, default=2000, help="Training steps (default: 2000).")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--degenerate", type=int, default=3000,
+                   help="Degenerate images (noise, shuffled tiles, random-UNet samples) for the object head "
+                        "(default: 3000; 0 = no object head, the evaluator before it existed).")  # fmt: skip
+    e.add_argument("--model", default="", help="World model for the VAE round trip and the random-UNet samples "
+                                               "(default: the shipped one).")  # fmt: skip
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
     e.set_defaults(func=cmd_train_evaluator)
 
@@ -144,9 +149,15 @@ def cmd_train_evaluator(args: argparse.Namespace) -> int:
     check_target(Path(args.out), args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
+    model = None
+    if args.degenerate:
+        from ..models import load_model
+        from . import load_world_model
+
+        model = load_model(args.model) if args.model else load_world_model()
     evaluator, report = train_evaluator(
         subjects=args.subjects, photos=args.photos, steps=args.steps, seed=args.seed,
-        progress=tqdm_callback("world"),
+        degenerate=args.degenerate, model=model, progress=tqdm_callback("world"),
     )  # fmt: skip
     save_evaluator(evaluator, args.out, overwrite=args.overwrite)
     print(f"evaluator written to {args.out}")

@@ -52,17 +52,51 @@ REFERENCE_PHOTOS = 100  # 8 photos for the similarity score: seen by nobody
 OTHER_SUBJECT = 1000  # another individual of the class: render.make_subject(OTHER_SUBJECT + seed, cls=...)
 SCRATCH_SEED = 10_000  # the random UNet of seed s is initialised with torch seed SCRATCH_SEED + s
 
-# The demo preset of the world (what ``apdm demo`` runs): small, CPU-minutes.
+# Prompts the demo preset's anchor keeps besides the subject's class prompt: every class, plain and
+# with a colour word.
+ANCHOR_PROMPTS = [render.class_prompt(c) for c in render.CLASSES] + [
+    f"a photo of {color} {cls}"
+    for pair in (("red", "blue", "green", "yellow"), ("pink", "cyan", "orange", "purple"))
+    for color, cls in zip(pair, render.CLASSES)
+]
+# The demo preset of the world (what ``apdm demo`` runs), chosen on the tuning subjects 100, 101,
+# 105 (README, Protection that holds): the target loss at the attacked weights, a persistent
+# simulated attacker as strong as the real one (lr, batch 2, clipping) seeing 400 attack steps
+# (resync_every 20 x 20 inner steps), the protection gradient at every 2nd attack step, only the
+# cross-attention layers changed, and the distillation anchor on every class.
 PROTECT_SETTINGS = {
-    "outer_steps": 40,
-    "inner_steps": 10,
-    "lr_protect": 1e-5,
+    "loss": "target",
+    "outer_steps": 100,
+    "inner_steps": 20,
+    "resync_every": 20,
+    "protect_every": 2,
+    "protect_layers": "cross_attention",
+    "lr_protect": 5e-4,
     "lr_personalize": 5e-4,  # the attacker's learning rate
+    "inner_batch_size": 2,
+    "inner_max_grad_norm": 1.0,
+    "anchor_weight": 3.0,
+    "anchor_prompts": ANCHOR_PROMPTS,
     "num_class_images": 50,
     "sample_steps": 25,
     "guidance_scale": 4.0,
     "sample_batch_size": 16,
     "save_every": 0,
+}
+# The demo preset before this one: APDM as published (DPO, a fresh attacker every outer step, the
+# whole UNet, no anchor), 40 x 10 steps; the protection that did not hold.
+PUBLISHED_SETTINGS = {
+    "loss": "dpo",
+    "outer_steps": 40,
+    "inner_steps": 10,
+    "resync_every": 1,
+    "protect_every": 1,
+    "protect_layers": "all",
+    "lr_protect": 1e-5,
+    "inner_batch_size": 0,
+    "inner_max_grad_norm": 0.0,
+    "anchor_weight": 0.0,
+    "anchor_prompts": [],
 }
 # The attacker's DreamBooth in the world (the paper's recipe, scaled to the tiny model).
 ATTACK_SETTINGS = {
@@ -120,15 +154,20 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
     "unseen_photos": ("photos the protection never saw", {}, {"photos": UNSEEN_PHOTOS}),
     "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
 }
-# protection variants of the table: name -> (note, ProtectConfig overrides)
+# protection variants of the table: name -> (note, ProtectConfig overrides on PROTECT_SETTINGS)
 ABLATIONS: dict[str, tuple[str, dict]] = {
-    "dpo_only": ("ablation: DPO without L2P", {"inner_steps": 0}),
-    "naive": ("ablation: naive -L_per + lambda L_ppl", {"loss": "naive"}),
+    "published": ("APDM as published (the earlier demo preset)", PUBLISHED_SETTINGS),
+    "dpo_only": ("published, ablation: DPO without L2P", {**PUBLISHED_SETTINGS, "inner_steps": 0}),
+    "naive": ("published, ablation: naive -L_per + lambda L_ppl", {**PUBLISHED_SETTINGS, "loss": "naive"}),
     "reference_accum": (
-        "ablation: accumulation of the released code",
-        {"accumulation": "protect+personalize"},
+        "published, ablation: accumulation of the released code",
+        {**PUBLISHED_SETTINGS, "accumulation": "protect+personalize"},
     ),
-    "beta10": ("ablation: beta 10", {"beta": 10.0}),
+    "beta10": ("published, ablation: beta 10", {**PUBLISHED_SETTINGS, "beta": 10.0}),
+    "fresh": ("demo preset, lever off: a fresh attacker every outer step", {"resync_every": 1}),
+    "dpo": ("demo preset, lever off: DPO instead of the target loss", {"loss": "dpo", "lr_protect": 1e-4}),
+    "all_layers": ("demo preset, lever off: the whole UNet protected", {"protect_layers": "all"}),
+    "no_anchor": ("demo preset, lever off: no anchor", {"anchor_weight": 0.0}),
 }
 
 
@@ -145,7 +184,7 @@ def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
     if model == "scratch":
         return Row(name, None, overrides, note=f"random UNet, {note}", scratch=True, **extras)
     if model == "apdm":
-        return Row(name, {}, overrides, note=f"APDM (demo preset), {note}", **extras)
+        return Row(name, {}, overrides, note=f"demo preset, {note}", **extras)
     if model in ABLATIONS:
         return Row(
             name, dict(ABLATIONS[model][1]), overrides, note=f"{ABLATIONS[model][0]}, {note}", **extras
@@ -298,6 +337,7 @@ class Runner:
         self.attack_settings = {**ATTACK_SETTINGS, **(attack_settings or {})}
         self.variants = dict(variants or {})
         self.results = ResultCache(results)
+        self.evaluator_id = evaluator_fingerprint(self.evaluator)
         self.grids = Path(grids) if grids else None  # a grid PNG of the scored samples per cell
         self.progress, self.should_stop = progress, should_stop
         self._protected: dict[tuple, tuple] = {}
@@ -378,7 +418,7 @@ class Runner:
         if row.protect is None:  # unprotected rows do not depend on the protection: reuse them
             cache_key = ResultCache.key(
                 "v2", row.attack, row.photos, row.scratch, row.other_subject, self.attack_settings,
-                subject_seed, seed, self.samples, self.model.fingerprint(),
+                subject_seed, seed, self.samples, self.model.fingerprint(), self.evaluator_id,
             )  # fmt: skip
             cached = self.results.get(cache_key) or []
             # one attack run scores every budget on its way: a cached longer curve answers shorter ones
@@ -449,6 +489,15 @@ class Runner:
         run_attack(model, images, config, self.progress, self.should_stop,
                    snapshot_steps=budgets, on_snapshot=on_snapshot)  # fmt: skip
         return cells
+
+
+def evaluator_fingerprint(evaluator) -> str:
+    """sha256 of the evaluator's weights: cached scores are only reused with the same evaluator."""
+    h = hashlib.sha256()
+    for name, t in sorted(evaluator.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def view_prompt_map(view, config) -> dict[str, str]:

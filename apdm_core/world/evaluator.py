@@ -36,11 +36,14 @@ from ..errors import InputError
 from ..progress import ProgressCallback, StopCheck, Tracker
 from . import EVALUATOR_PATH, render
 
+OBJECT = "object"  # the head that tells a photo of an object from a degenerate sample (noise, blobs)
+
 
 class IdentityNet(nn.Module):
-    """Four conv stages (32 -> 4 px), global average pooling, one linear head per attribute."""
+    """Four conv stages (32 -> 4 px), global average pooling, one linear head per attribute
+    (and, with ``object_head``, one that tells an object of the world from a degenerate image)."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, object_head: bool = False) -> None:
         super().__init__()
         w = width
 
@@ -55,6 +58,8 @@ class IdentityNet(nn.Module):
             *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )  # fmt: skip
         self.heads = nn.ModuleDict({a: nn.Linear(4 * w, len(v)) for a, v in render.ATTRIBUTES.items()})
+        if object_head:
+            self.heads[OBJECT] = nn.Linear(4 * w, 2)  # 0 = degenerate, 1 = an object of the world
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(x)
@@ -86,11 +91,15 @@ class Evaluator:
         self.net = net.eval()
         self.metadata = metadata or {}
 
+    @property
+    def has_object_head(self) -> bool:
+        return OBJECT in self.net.heads
+
     @torch.no_grad()
     def predict(self, images, batch: int = 256) -> dict[str, torch.Tensor]:
-        """Probabilities per attribute: {attribute: (N, n_values)}."""
+        """Probabilities per attribute: {attribute: (N, n_values)} (and "object": (N, 2) when trained)."""
         x = images_to_tensor(images)
-        out: dict[str, list[torch.Tensor]] = {a: [] for a in render.ATTRIBUTES}
+        out: dict[str, list[torch.Tensor]] = {a: [] for a in self.net.heads}
         for i in range(0, len(x), batch):
             for a, logits in self.net(x[i : i + batch]).items():
                 out[a].append(logits.softmax(-1))
@@ -123,7 +132,7 @@ class Evaluator:
         """
         probs = self.predict(generated)
         per_image = (identity_embedding(probs) @ self.embed(references).T).mean(1)
-        is_cls = (probs["cls"].argmax(1) == render.CLASSES.index(cls)).float()
+        is_cls = recognised(probs, cls).float()
         return {
             "similarity": float(per_image.mean()),
             "class_rate": float(is_cls.mean()),
@@ -132,9 +141,12 @@ class Evaluator:
 
     def class_recognition(self, images, cls: str) -> dict[str, float]:
         """Fraction recognised as ``cls`` and the mean probability of ``cls``."""
-        p = self.predict(images)["cls"]
+        probs = self.predict(images)
         k = render.CLASSES.index(cls)
-        return {"accuracy": float((p.argmax(1) == k).float().mean()), "prob": float(p[:, k].mean())}
+        return {
+            "accuracy": float(recognised(probs, cls).float().mean()),
+            "prob": float(probs["cls"][:, k].mean()),
+        }
 
     def identity_match(self, images, subject: render.Subject) -> float:
         """Fraction of identity attributes predicted equal to the subject's true values."""
@@ -144,6 +156,14 @@ class Evaluator:
             for a in render.IDENTITY_ATTRIBUTES
         ]
         return float(torch.stack(hits).mean())
+
+
+def recognised(probs: dict[str, torch.Tensor], cls: str) -> torch.Tensor:
+    """Per image: predicted as ``cls`` and (with an object head) as an object, not a degenerate sample."""
+    ok = probs["cls"].argmax(1) == render.CLASSES.index(cls)
+    if OBJECT in probs:
+        ok &= probs[OBJECT][:, 1] >= 0.5
+    return ok
 
 
 def identity_embedding(probs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -164,7 +184,7 @@ def load_evaluator(path: str | Path | None = None) -> Evaluator:
         )
     with safe_open(str(path), "pt") as f:
         metadata = json.loads((f.metadata() or {}).get("apdm", "{}"))
-    net = IdentityNet(int(metadata.get("width", 32)))
+    net = IdentityNet(int(metadata.get("width", 32)), bool(metadata.get("object_head", False)))
     net.load_state_dict(load_file(str(path)))
     return Evaluator(net, metadata)
 
@@ -197,6 +217,66 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1.2, 1.2)
 
 
+def degenerate_images(n: int, seed: int, model=None) -> np.ndarray:
+    """``n`` images that are no object of the world (uint8, N x 32 x 32 x 3): smooth colour noise at
+    random scales, photos cut into shuffled 8 px tiles, and (with the world ``model``) samples of
+    randomly initialised copies of its UNet, what an untrained or destroyed model draws."""
+    rng = np.random.default_rng([7, seed])
+    out = []
+    kinds = 3 if model is not None else 2
+    for i in range(n):
+        kind = i % kinds
+        if kind == 0:  # smooth colour noise
+            cells = int(rng.choice([2, 3, 4, 6, 8, 16]))
+            img = np.stack([render._smooth_field(rng, render.SIZE, cells) for _ in range(3)], -1)
+            img = 127.5 + img * rng.uniform(40, 127) + rng.uniform(-60, 60, 3)
+            out.append(np.clip(img, 0, 255).astype(np.uint8))
+        elif kind == 1:  # shuffled tiles of a photo: its colours, no object
+            subject = render.make_subject(int(rng.integers(1 << 30)), "evaluator")
+            photo = np.asarray(render.render(subject, rng))
+            tiles = [photo[y : y + 8, x : x + 8] for y in range(0, 32, 8) for x in range(0, 32, 8)]
+            order = rng.permutation(len(tiles))
+            rows = [np.concatenate([tiles[order[r * 4 + c]] for c in range(4)], 1) for r in range(4)]
+            out.append(np.concatenate(rows, 0))
+        else:
+            out.append(None)  # filled below, in batches
+    if model is not None:
+        missing = [i for i, im in enumerate(out) if im is None]
+        out_arr = list(out)
+        for start in range(0, len(missing), 64):
+            chunk = missing[start : start + 64]
+            for i, im in zip(chunk, _random_unet_samples(model, len(chunk), seed * 1000 + start)):
+                out_arr[i] = im
+        out = out_arr
+    return np.stack(out)
+
+
+def _random_unet_samples(model, n: int, seed: int) -> list[np.ndarray]:
+    from ..pairs import sample_images
+    from .efficacy import SAMPLING, scratch_model
+
+    random_model = scratch_model(model, 20_000 + seed)  # never the efficacy benchmark's scratch seeds
+    prompts = [
+        render.instance_prompt(render.CLASSES[seed % 4]),
+        render.class_prompt(render.CLASSES[(seed + 1) % 4]),
+    ]
+    images = sample_images(random_model, prompts[seed % 2], list(range(seed, seed + n)), render.SIZE,
+                           batch_size=64, **SAMPLING)  # fmt: skip
+    return [np.asarray(im.convert("RGB")) for im in images]
+
+
+def vae_round_trip(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``images`` encoded and decoded by the world model's VAE (the softness every generated sample has)."""
+    vae = model.vae
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+            out.append(((y.clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def train_evaluator(
     subjects: int = 2000,
     photos: int = 3,
@@ -206,19 +286,32 @@ def train_evaluator(
     width: int = 32,
     seed: int = 0,
     heldout_subjects: int = 200,
+    degenerate: int = 3000,
+    model=None,
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
 ) -> tuple[Evaluator, dict]:
-    """Train an IdentityNet on fresh individuals (namespace 'evaluator'); report held-out accuracy."""
+    """Train an IdentityNet on fresh individuals (namespace 'evaluator'); report held-out accuracy.
+
+    With ``degenerate`` > 0 it also learns the "object" head: the photos (and, with the world
+    ``model``, the same photos after a VAE round trip, so that the softness of generated images is
+    no cue) are objects; ``degenerate_images`` are not. The attribute heads learn from photos only.
+    """
     from .pretrain import render_dataset
 
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     data = render_dataset("evaluator", subjects, photos, seed, progress, should_stop)
-    labels = {a: torch.tensor([data.subjects[o].labels()[a] for o in data.owner]) for a in render.ATTRIBUTES}
-    x_all = images_to_tensor(data.images)
-    net = IdentityNet(width)
+    images = data.images
+    owner = data.owner
+    if degenerate and model is not None:  # every photo once more, as the VAE gives it back
+        images = np.concatenate([images, vae_round_trip(model, data.images)])
+        owner = np.concatenate([owner, owner])
+    labels = {a: torch.tensor([data.subjects[o].labels()[a] for o in owner]) for a in render.ATTRIBUTES}
+    x_all = images_to_tensor(images)
+    x_bad = images_to_tensor(degenerate_images(degenerate, seed, model)) if degenerate else None
+    net = IdentityNet(width, object_head=bool(degenerate))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     tracker = Tracker("evaluator", steps, progress, should_stop)
@@ -226,8 +319,17 @@ def train_evaluator(
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
-        out = net(augment(x_all[idx], g))
-        loss = sum(F.cross_entropy(out[a], labels[a][idx]) for a in render.ATTRIBUTES)
+        if x_bad is None:
+            out = net(augment(x_all[idx], g))
+            loss = sum(F.cross_entropy(out[a], labels[a][idx]) for a in render.ATTRIBUTES)
+        else:  # a quarter of the batch degenerate: only the object head learns from those
+            bad = torch.randint(0, len(x_bad), (batch // 4,), generator=g)
+            out = net(augment(torch.cat([x_all[idx], x_bad[bad]]), g))
+            loss = sum(F.cross_entropy(out[a][:batch], labels[a][idx]) for a in render.ATTRIBUTES)
+            is_object = torch.cat(
+                [torch.ones(batch, dtype=torch.long), torch.zeros(len(bad), dtype=torch.long)]
+            )
+            loss = loss + F.cross_entropy(out[OBJECT], is_object)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -236,13 +338,40 @@ def train_evaluator(
         tracker.update(losses={"loss": losses[-1]})
     evaluator = Evaluator(net.eval())
     report = heldout_report(evaluator, subjects=heldout_subjects, seed=seed)
+    if x_bad is not None:
+        report["object"] = object_report(evaluator, seed, model)
     report.update(
         train={"subjects": subjects, "photos": photos, "steps": steps, "batch": batch, "lr": lr,
-               "width": width, "seed": seed, "final_loss": float(np.mean(losses[-50:]))},
+               "width": width, "seed": seed, "degenerate": degenerate, "vae_round_trip": model is not None,
+               "final_loss": float(np.mean(losses[-50:]))},
         wall_s=round(time.perf_counter() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
     )  # fmt: skip
-    evaluator.metadata = {"width": width, **report}
+    evaluator.metadata = {"width": width, "object_head": bool(degenerate), **report}
     return evaluator, report
+
+
+def object_report(evaluator: Evaluator, seed: int, model=None, n: int = 192) -> dict:
+    """How the object head judges images it never saw: held-out photos (should be objects), fresh
+    degenerate images of another seed (should not) and, with the world model, its class-prompt
+    samples (generated objects: most should pass)."""
+    from .pretrain import render_dataset
+
+    photos = render_dataset("heldout", n // 4, 4, seed + 1).images
+    bad = degenerate_images(n, seed + 12345, model)
+    out = {
+        "photos_accepted": round(float((evaluator.predict(photos)[OBJECT][:, 1] >= 0.5).float().mean()), 4),
+        "degenerate_rejected": round(float((evaluator.predict(bad)[OBJECT][:, 1] < 0.5).float().mean()), 4),
+    }
+    if model is not None:
+        from ..pairs import sample_images
+        from .efficacy import SAMPLING
+
+        samples = [im for c in render.CLASSES for im in sample_images(
+            model, render.class_prompt(c), list(range(5000, 5000 + n // 4)), render.SIZE, batch_size=48, **SAMPLING)]  # fmt: skip
+        out["base_samples_accepted"] = round(
+            float((evaluator.predict(samples)[OBJECT][:, 1] >= 0.5).float().mean()), 4
+        )
+    return out
 
 
 def heldout_report(evaluator: Evaluator, subjects: int = 200, photos: int = 4, seed: int = 0) -> dict:
