@@ -56,14 +56,22 @@ def main() -> None:
     for k in range(1, args.steps + 1):
         t0 = time.process_time()
         opt.zero_grad(set_to_none=True)
-        loss = dreambooth_loss(unet, forward, diffusion, subject, embeds[:1], g, args.batch, prior, embeds[1:], 1.0)
+        loss = dreambooth_loss(
+            unet, forward, diffusion, subject, embeds[:1], g, args.batch, prior, embeds[1:], 1.0
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            change = sum(float((p - t).pow(2).sum()) for p, t in zip(unet.parameters(), theta0)) ** 0.5 / norm0
-        print(f"| {k} | {change:.5f} | {change / unit / k:.2f} | {time.process_time() - t0:.1f} |", flush=True)
-    print(f"\none AdamW step moves at most lr*sqrt(N)/||theta|| = {unit:.5f} relative; k steps at most k times that")
+            change = (
+                sum(float((p - t).pow(2).sum()) for p, t in zip(unet.parameters(), theta0)) ** 0.5 / norm0
+            )
+        print(
+            f"| {k} | {change:.5f} | {change / unit / k:.2f} | {time.process_time() - t0:.1f} |", flush=True
+        )
+    print(
+        f"\none AdamW step moves at most lr*sqrt(N)/||theta|| = {unit:.5f} relative; k steps at most k times that"
+    )
 
 
 if __name__ == "__main__":
