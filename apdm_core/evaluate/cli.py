@@ -100,7 +100,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.save_config:
         cfg.resolved().save(args.save_config)
     model = _load(cfg.model, cfg.device, args)
-    protected = (Path(cfg.model),)
+    protected = tuple(
+        Path(p) for p in (cfg.model, *cfg.images, cfg.class_images) if p
+    )  # inputs, never outputs
     check_target(Path(cfg.output), args.overwrite, protected)
     result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume)
     if result.cancelled:
@@ -139,7 +141,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       prompt_map=prompt_map, heldout=args.heldout, progress=tqdm_callback("evaluate"))  # fmt: skip
     _print_metrics(result.metrics)
     if args.out:
-        with atomic_path(Path(args.out), overwrite=args.overwrite) as tmp:
+        inputs = tuple(
+            Path(p)
+            for p in (args.model, args.attack_output, *(args.images or []), *(args.heldout or []))
+            if p
+        )
+        with atomic_path(Path(args.out), overwrite=args.overwrite, protected=inputs) as tmp:
             (tmp / "samples").mkdir(parents=True)
             for i, im in enumerate(result.samples):
                 im.save(tmp / "samples" / f"{i:03d}.png")

@@ -156,8 +156,16 @@ def compare(
     attack_config.validate()
     eval_config.validate()
     out = Path(out_dir) if out_dir else None
-    if out is not None:
-        check_target(out, overwrite, tuple(Path(m.source) for m in (base, protected) if m.source))
+    if out is not None:  # never over, in or around a model or photo folder it reads
+        files = (
+            [images]
+            if isinstance(images, (str, Path))
+            else [i for i in (images or []) if isinstance(i, (str, Path))]
+        )
+        if isinstance(heldout, (str, Path)):
+            files.append(heldout)
+        sources = tuple(Path(m.source) for m in (base, protected) if m.source) + tuple(map(Path, files))
+        check_target(out, overwrite, sources)
     refs = load_references(images, base.native_resolution)
     identity = compare_identity(base, protected, refs, attack_config, eval_config)
     work = (
