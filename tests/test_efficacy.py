@@ -1,12 +1,14 @@
 """The CPU proof that protection works: on the demo world, with fixed seeds.
 
-A reduced run of ``benchmarks/efficacy.py``: one subject, one seed, the demo preset. The
-unprotected DreamBooth attack must raise the subject similarity by a clear margin over the base
-model (the world is one where personalization works), and the protected model must still draw
-the subject's class. That the same attack on the APDM-protected model gains much less is the
-goal, and it is NOT reached yet in this world (README, Demo world: the protected attack keeps
-89-115% of the unprotected gain): that test is a strict xfail, so the day protection works here
-it fails as XPASS and the marker must go. Takes a few minutes on 2 CPU cores.
+A reduced run of ``benchmarks/efficacy.py``: one subject (8, a ball; not a tuning or a reported
+subject), one seed, the demo preset, the standard 400-step attack, scored by the class-gated
+similarity (a sample that is not recognisable as the subject's class counts 0). The unprotected
+DreamBooth attack must raise it by a clear margin over the base model (the world is one where
+personalization works), the same attack on the APDM-protected model must gain at most half as
+much, and the protected model must still draw other classes. That it also keeps drawing the
+subject's own class is NOT reached on this subject (README, Protection that holds: the demo preset
+trades class quality for protection, 0.94 -> 0.38 here): that test is a strict xfail, so the day it
+holds it fails as XPASS and the marker must go. Takes a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -21,23 +23,35 @@ SUBJECT, SEED = 8, 0
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     runner = efficacy.Runner(samples=16, cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return {name: runner.run(efficacy.ROWS[name], SUBJECT, SEED) for name in efficacy.CORE_ROWS}
+    got = {name: runner.run(efficacy.ROWS[name], SUBJECT, SEED) for name in efficacy.CORE_ROWS}
+    for cell in got.values():  # the numbers behind the README's claims, visible with -s
+        print(cell)
+    return got
 
 
 def test_unprotected_attack_learns_the_subject(cells):
     base, attacked = cells["base"], cells["base+attack"]
-    assert attacked.similarity - base.similarity > efficacy.CI_MIN_ATTACK_GAIN, (base, attacked)
+    assert attacked.gated - base.gated > efficacy.CI_MIN_ATTACK_GAIN, (base, attacked)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="APDM does not yet stop DreamBooth in the demo world (README, Demo world)"
-)
 def test_protected_attack_learns_much_less(cells):
     base, attacked, protected = cells["base"], cells["base+attack"], cells["apdm+attack"]
-    gain, protected_gain = attacked.similarity - base.similarity, protected.similarity - base.similarity
+    gain, protected_gain = attacked.gated - base.gated, protected.gated - base.gated
     assert protected_gain < efficacy.CI_MAX_GAP * gain, (base, attacked, protected)
 
 
+def test_protection_keeps_other_classes(cells):
+    base, protected = cells["base"], cells["apdm+attack"]
+    assert protected.unrelated_quality >= base.unrelated_quality - efficacy.CI_MAX_QUALITY_DROP, (
+        base,
+        protected,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the demo preset costs the subject's own class on subject 8 (README, Protection that holds)",
+)
 def test_protection_keeps_the_class(cells):
     base, protected = cells["base"], cells["apdm+attack"]
     assert protected.class_quality >= base.class_quality - efficacy.CI_MAX_QUALITY_DROP, (base, protected)

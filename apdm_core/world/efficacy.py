@@ -203,9 +203,10 @@ def _rows() -> dict[str, Row]:
 ROWS = _rows()
 CORE_ROWS = ("base", "base+attack", "apdm+attack")
 # Bounds of the CI test (tests/test_efficacy.py), from the measured table in the README.
-CI_MIN_ATTACK_GAIN = 0.2  # the unprotected attack must raise similarity at least this much
-CI_MAX_GAP = 0.5  # the protected attack should gain at most this fraction of it (not reached yet)
-CI_MAX_QUALITY_DROP = 0.25  # the protected model must still draw its class
+# All on the class-gated similarity (Cell.gated).
+CI_MIN_ATTACK_GAIN = 0.2  # the unprotected attack must raise the gated similarity at least this much
+CI_MAX_GAP = 0.5  # the protected attack may gain at most this fraction of the unprotected gain
+CI_MAX_QUALITY_DROP = 0.25  # the protected model must still draw its class / other classes
 
 
 def instance_prompt(cls: str, attack: dict | None) -> str:
