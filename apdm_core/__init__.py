@@ -7,8 +7,22 @@ Imports no host module (ComfyUI, A1111). Heavy submodules load lazily so that
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drop transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    ...Pil" notices: diffusers' pipeline imports trigger them, the engine never uses those image
+    processors, and there is no CPU torchvision for the pinned torch, so a user can do nothing about
+    them. Every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
 _LAZY = {
     "ProtectConfig": "config",

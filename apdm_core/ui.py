@@ -814,10 +814,11 @@ def build_blocks(app: ProtectApp | None = None):
                 )
                 preset = gr.Radio(
                     choices=list(host.presets),
-                    value=host.preset,
+                    value=host.preset or None,  # none selected: the page opened on its own settings
                     label="Preset",
                     elem_id="apdm_preset",
                     info="quick: a first look (100 x 10 steps); paper: the paper's settings (800 x 20); "
+                    "robust: the levers that held in the demo world (README, Protection that holds); "
                     "thorough: 1200 x 20. Fills the Advanced settings.",
                 )
                 with gr.Accordion("Advanced", open=False):
@@ -915,6 +916,17 @@ def build_blocks(app: ProtectApp | None = None):
 # ------------------------------------------------------------------------------------------
 # the standalone app: `apdm ui`
 # ------------------------------------------------------------------------------------------
+def page_host(model: str, images: str, output_dir: str | Path, config: ProtectConfig | None) -> Host:
+    """The standalone page: the `quick` preset selected, or, when the page opens on settings
+    (`apdm ui --config FILE`, `--demo`), those settings and no preset selected."""
+    values = config.to_dict() if config is not None else {}
+    config_model, config_images = values.pop("model", ""), values.pop("images", [])
+    model, images = model or config_model, images or "; ".join(config_images)
+    return Host(
+        model=model, images=images, output_dir=output_dir, preset="" if values else "quick", config=values
+    )
+
+
 def launch(
     host: str = "127.0.0.1",
     port: int | None = None,
@@ -928,11 +940,7 @@ def launch(
     """Serve the app on ``host:port`` (127.0.0.1 by default: this machine only), with Gradio's
     login when ``auth`` = (user, password). When the server stops (Ctrl-C), a running job is
     asked to stop and keeps its resumable state."""
-    values = config.to_dict() if config is not None else {}
-    config_model, config_images = values.pop("model", ""), values.pop("images", [])
-    model, images = model or config_model, images or "; ".join(config_images)
-    page = Host(model=model, images=images, output_dir=output_dir, config=values)
-    app = ProtectApp(page)
+    app = ProtectApp(page_host(model, images, output_dir, config))
     blocks = build_blocks(app)
     blocks.queue()
     try:

@@ -1,4 +1,6 @@
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +74,19 @@ def test_engine_imports_no_host_module():
 
     code = "import apdm_core.protect, apdm_core.cli, sys; bad=[m for m in ('comfy','folder_paths','modules','gradio') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_no_torchvision_fallback_notice_from_the_engine():
+    """Building a pipeline makes transformers warn that its image processors fall back to PIL when
+    torchvision is missing (there is none for the pinned CPU torch): apdm_core drops exactly that notice."""
+    code = (
+        "import apdm_core, logging\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        "log = logging.getLogger('transformers.utils.import_utils')\n"
+        "log.warning('`XImageProcessor` requires torchvision (not installed); falling back to `XPil` ...')\n"
+        "log.warning('another transformers warning')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "requires torchvision" not in out.stderr and "another transformers warning" in out.stderr

@@ -413,3 +413,23 @@ def test_quitting_the_app_stops_the_running_job(tmp_path):
     while not started:
         time.sleep(0.01)
     assert app.shutdown(timeout=10) and app.job.result == "stopped cleanly"
+
+
+def test_a_page_opened_on_settings_selects_no_preset(tmp_path):
+    """`apdm ui --demo` / `--config`: the page shows those settings and no preset radio selected."""
+    from apdm_core.world import efficacy
+
+    plain = ui.page_host("", "", tmp_path, None)
+    assert plain.preset == "quick"
+    config = ProtectConfig(model="m", images=["a.png"], device="cpu", **efficacy.PROTECT_SETTINGS)
+    page = ui.page_host("", "", tmp_path, config)
+    assert page.preset == "" and page.model == "m" and page.images == "a.png"
+    first = ui.ProtectApp(page).initial_values()
+    assert (
+        first["outer_steps"] == 100
+        and first["loss"] == "target"
+        and first["protect_layers"] == "cross_attention"
+    )
+    blocks = ui.build_blocks(ui.ProtectApp(page))
+    radio = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "apdm_preset")
+    assert radio.value is None and "robust" in radio.choices[2]
