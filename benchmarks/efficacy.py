@@ -51,6 +51,19 @@ def parse_variants(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def print_frontier(cells, attack_settings, variants, path: str) -> None:
+    points = efficacy.frontier(cells, attack_settings, variants)
+    if len(points) < 2:
+        return
+    print("\n| protected row | efficiency | class quality drop | unrelated quality drop | protect s |")
+    print("|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['row']} | {p['efficiency']:.2f} | {p['class_drop']:.2f} | {p['unrelated_drop']:.2f} | "
+              f"{p['protect_s']:.0f} |")  # fmt: skip
+    if path:
+        efficacy.plot_frontier(points, path)
+
+
 def print_curves(cells, rows, standard: int) -> None:
     budgets = sorted({c.steps for c in cells if c.steps is not None})
     if len(budgets) < 2:
@@ -102,6 +115,8 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write the cells and the summary here")
     ap.add_argument("--grids", default="", help="write a PNG grid of the scored samples of every cell here")
     ap.add_argument("--plot", default="", help="draw the robustness curve of the rows into this PNG")
+    ap.add_argument("--frontier", default="",
+                    help="draw efficiency vs quality drop and vs protection cost of the protected rows into this PNG")  # fmt: skip
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="print one table from the cells of earlier --json files (parallel runs); runs nothing")  # fmt: skip
     args = ap.parse_args()
@@ -123,6 +138,7 @@ def main() -> None:
         print_curves(cells, rows, standard)
         if args.plot:
             efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
+        print_frontier(cells, attack_settings, variants, args.frontier)
         return
 
     import torch
@@ -174,6 +190,7 @@ def main() -> None:
           f"wall {wall:.0f} s, CPU {cpu:.0f} s, torch threads {torch.get_num_threads()}")  # fmt: skip
     if args.plot:
         efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
+    print_frontier(cells, runner.attack_settings, variants, args.frontier)
     if args.json:
         write_json(args.json, args, variants, cells, summary, wall, cpu)
 

@@ -114,3 +114,21 @@ def test_gated_similarity_counts_other_classes_as_zero():
     assert box.cls != ball.cls
     other = ev.subject_scores(render.photos(box, 8), refs, ball.cls)
     assert other["class_rate"] == 0.0 and other["gated"] == 0.0 and other["similarity"] > 0
+
+
+def test_frontier_points_and_plot(tmp_path):
+    """Efficiency with the quality drop against base on the same subject and seed, per protected row."""
+    C = efficacy.Cell
+    cells = [
+        C("base", 1, 0, 0.2, 0.2, 0.9, 0.8, gated=0.2, steps=0),
+        C("scratch+attack", 1, 0, 0.3, 0.1, gated=0.1, steps=400),
+        C("base+attack", 1, 0, 0.8, 0.8, gated=0.7, steps=400),
+        C("apdm+attack", 1, 0, 0.3, 0.3, 0.6, 0.75, 120.0, 40.0, gated=0.4, steps=400),
+        C("apdm+lora", 1, 0, 0.3, 0.3, 0.6, 0.75, 120.0, 40.0, gated=0.4, steps=400),  # not an +attack row
+    ]
+    (point,) = efficacy.frontier(cells)
+    assert point["row"] == "apdm+attack" and point["efficiency"] == pytest.approx(0.5)
+    assert point["class_drop"] == pytest.approx(0.3) and point["unrelated_drop"] == pytest.approx(0.05)
+    assert point["protect_s"] == 120.0
+    out = efficacy.plot_frontier([point, {**point, "row": "other+attack"}], tmp_path / "f.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

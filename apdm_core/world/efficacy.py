@@ -728,6 +728,57 @@ def plot_curves(cells: list[Cell], rows: list[str], path: str | Path, title: str
     return path
 
 
+def frontier(cells: list[Cell], attack_settings: dict | None = None, variants=None) -> list[dict]:
+    """Per protected ``+attack`` row: mean efficiency at the standard budget, the class and unrelated
+    quality *drop* against the base model on the same subjects and seeds, and the protection seconds
+    (the protection-vs-quality-vs-cost frontier of the README)."""
+    summary = {e["row"]: e for e in summarize(cells, attack_settings, variants)}
+    std = standard_cells(cells, attack_settings, variants)
+    base = {(c.subject, c.seed): c for c in std if c.row == "base"}
+    out = []
+    for name, entry in summary.items():
+        row = row_of(name, variants)
+        if row.protect is None or name.split("+", 1)[1] != "attack" or "efficiency" not in entry:
+            continue
+        mine = [(c, base[(c.subject, c.seed)]) for c in std if c.row == name and (c.subject, c.seed) in base]
+        if not mine:
+            continue
+        out.append({
+            "row": name,
+            "efficiency": entry["efficiency"],
+            "class_drop": float(np.mean([b.class_quality - c.class_quality for c, b in mine])),
+            "unrelated_drop": float(np.mean([b.unrelated_quality - c.unrelated_quality for c, b in mine])),
+            "protect_s": entry["protect_s"],
+        })  # fmt: skip
+    return out
+
+
+def plot_frontier(points: list[dict], path: str | Path, title: str = "") -> Path:
+    """Efficiency against class-quality drop and against protection seconds, one labelled point per row."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.4), dpi=100)
+    for i, (key, label) in enumerate([("class_drop", "class quality drop vs base (own class)"),
+                                      ("protect_s", "protection CPU-seconds (one core)")]):  # fmt: skip
+        ax = fig.add_subplot(1, 2, i + 1)
+        for p in points:
+            ax.scatter(p[key], p["efficiency"], s=18)
+            ax.annotate(p["row"].split("+", 1)[0], (p[key], p["efficiency"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("efficiency at the standard budget")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "protection vs quality vs cost (mean over subjects x seeds)", fontsize="small")
+    fig.tight_layout()
+    from ..fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def cells_to_dicts(cells: list[Cell]) -> list[dict]:
     return [dataclasses.asdict(c) for c in cells]
 
