@@ -85,6 +85,33 @@ def test_package_loads_like_comfyui_with_its_web_extension(host):
                                "APDMToComfyModel", "APDMSampleImages"}  # fmt: skip
 
 
+def test_package_leaves_sys_path_as_it_found_it(tmp_path):
+    """Loaded from another folder, as ComfyUI does: the nodes register, sys.path is unchanged (so this
+    folder's `nodes`, `scripts`, `tests` never shadow ComfyUI's modules) and the engine is the one next
+    to the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, sys\n"
+        f"root = {str(ROOT)!r}\n"
+        "sys.path[:] = [p for p in sys.path if p not in ('', root)]\n"
+        "before = list(sys.path)\n"
+        "spec = importlib.util.spec_from_file_location('custom_nodes_APDM', root + '/__init__.py')\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[spec.name] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "assert sys.path == before, (sys.path, before)\n"
+        "assert 'APDMProtectModel' in module.NODE_CLASS_MAPPINGS\n"
+        "import apdm_core\n"
+        "assert apdm_core.__file__.startswith(root), apdm_core.__file__\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+
+
 # --- the graph on the tiny model ---------------------------------------------------------------
 def test_whole_graph_runs_and_reports_progress(host, graph):
     assert graph["subject"] == [host.folder_paths.get_input_directory() + "/alice"]
