@@ -20,20 +20,12 @@ DEFAULT_WORDS = ("a", "photo", "of", "sks", "person", "dog", "cat", "portrait", 
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode map."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2/CLIP reversible byte -> printable unicode map (transformers' own)."""
+    try:  # transformers >= 4.4x, 5.x
+        from transformers.convert_slow_tokenizer import bytes_to_unicode as table
+    except ImportError:  # older transformers (e.g. A1111's 4.30)
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode as table
+    return table()
 
 
 def write_clip_tokenizer(folder: str | Path, words=DEFAULT_WORDS, max_length: int = 77) -> Path:
