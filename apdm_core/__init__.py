@@ -29,7 +29,7 @@ _LAZY = {
     "PRESETS": "config",
     "protect": "protect",
     "ProtectResult": "protect",
-    "load_model": "models",
+    "load_model": "loading",
     "SDModel": "models",
     "ProgressEvent": "progress",
     "APDMError": "errors",

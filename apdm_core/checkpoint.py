@@ -67,6 +67,15 @@ SAFETENSORS_DTYPES = {
 # ------------------------------------------------------------------------------------------
 # the CLIP tokenizer (shipped once for SD1.x and SD2.x)
 # ------------------------------------------------------------------------------------------
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode map (transformers' own)."""
+    try:  # transformers >= 4.4x, 5.x
+        from transformers.convert_slow_tokenizer import bytes_to_unicode as table
+    except ImportError:  # older transformers (e.g. A1111's 4.30)
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode as table
+    return table()
+
+
 @functools.lru_cache(maxsize=1)
 def clip_vocab() -> tuple[dict[str, int], tuple[str, ...]]:
     """CLIP's BPE vocabulary (token -> id, 49408 entries) and merges, built as CLIP's SimpleTokenizer does.
@@ -74,8 +83,6 @@ def clip_vocab() -> tuple[dict[str, int], tuple[str, ...]]:
     Ids: the 256 byte symbols, the same with ``</w>``, one token per merge in merge order,
     then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
     """
-    from .tiny import bytes_to_unicode
-
     merges = tuple(gzip.decompress((CONFIG_ROOT / "clip_merges.txt.gz").read_bytes()).decode().splitlines())
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]

@@ -477,7 +477,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from .loading import load_model
     from .progress import tqdm_callback
 
     model = load_model(args.model, model_type=args.model_type, allow_pickle=args.allow_pickle)

@@ -198,33 +198,6 @@ def load_diffusers_folder(folder: str | Path, dtype: torch.dtype = torch.float32
     return SDModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(folder), kind=kind)
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kw
-) -> SDModel:
-    """Load a model from a diffusers folder or (when apdm_core.checkpoint supports it) a single file."""
-    path = Path(path)
-    if not str(path):
-        raise InputError("No model given: pass --model with a diffusers folder or a .safetensors checkpoint.")
-    if not path.exists():
-        raise InputError(
-            f"Model {path} does not exist; pass a diffusers folder or a .safetensors checkpoint."
-        )
-    if path.is_dir():
-        model = load_diffusers_folder(path, dtype=dtype)
-    else:
-        try:
-            from . import checkpoint
-        except ImportError as exc:
-            raise InputError(
-                f"{path}: single-file checkpoints are not supported by this build; use a diffusers folder."
-            ) from exc
-        model = checkpoint.load_single_file(path, dtype=dtype, **kw)
-    for m in (model.unet, model.vae, model.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
-    return model.to(device)
-
-
 def save_diffusers(
     model: SDModel,
     out_dir: str | Path,

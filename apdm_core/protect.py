@@ -38,8 +38,9 @@ from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
 from .errors import Cancelled, InputError, TrainingDiverged
 from .fileio import atomic_path
+from .loading import load_model
 from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
-from .models import SDModel, load_model, resolve_device
+from .models import SDModel, resolve_device
 from .pairs import generate_anchor_images, generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker

@@ -13,19 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import bytes_to_unicode
 from .models import SDModel
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_WORDS = ("a", "photo", "of", "sks", "person", "dog", "cat", "portrait", "the", "in")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode map (transformers' own)."""
-    try:  # transformers >= 4.4x, 5.x
-        from transformers.convert_slow_tokenizer import bytes_to_unicode as table
-    except ImportError:  # older transformers (e.g. A1111's 4.30)
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode as table
-    return table()
 
 
 def write_clip_tokenizer(folder: str | Path, words=DEFAULT_WORDS, max_length: int = 77) -> Path:

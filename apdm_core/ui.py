@@ -557,7 +557,8 @@ class ProtectApp:
 
         def work(progress, should_stop):
             from .evaluate.report import compare
-            from .models import load_model, resolve_device
+            from .loading import load_model
+            from .models import resolve_device
 
             source = protected.config
             base = load_model(

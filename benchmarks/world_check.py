@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from apdm_core.config import ProtectConfig
-from apdm_core.models import SDModel, load_model
+from apdm_core.loading import load_model
+from apdm_core.models import SDModel
 from apdm_core.pairs import ensure_class_images, sample_images
 from apdm_core.progress import Tracker
 from apdm_core.training import Diffusion, LatentBank, dreambooth_loss, make_forward

@@ -72,7 +72,7 @@ def load_model(name: str, model_type: str = "auto"):
     Loaded outside inference mode: ComfyUI runs nodes under ``torch.inference_mode()``, and
     inference tensors could not be trained later.
     """
-    from apdm_core.models import load_model as load
+    from apdm_core.loading import load_model as load
 
     with torch.inference_mode(False):
         if name == DEMO_MODEL:

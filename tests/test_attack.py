@@ -8,7 +8,7 @@ from helpers import draw_photo
 
 from apdm_core.attack import AttackConfig, AugmentedBank, load_attack_output, run_attack
 from apdm_core.errors import InputError
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 from apdm_core.training import Diffusion, LatentBank, dreambooth_loss, make_forward
 
 
@@ -198,7 +198,7 @@ def test_attacks_run_when_called_in_inference_mode(model, subject_dir, attack_co
 def test_snapshots_give_the_model_along_the_attack(tiny_model_dir, subject_dir, tmp_path):
     """One attack run scores every budget of the robustness curve: the model after each listed step."""
     from apdm_core.attack import AttackConfig, run_attack
-    from apdm_core.models import load_model
+    from apdm_core.loading import load_model
 
     model = load_model(tiny_model_dir)
     cfg = AttackConfig(steps=3, lr=1e-3, num_class_images=1, sample_steps=2, cache_dir=str(tmp_path),

@@ -25,7 +25,7 @@ from apdm_core.checkpoint import (
 )
 from apdm_core.errors import APDMError, InputError
 from apdm_core.export import check_export, export_single_file, match_subjects, unet_key_map
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 
 UNET = "model.diffusion_model."
 

@@ -332,7 +332,7 @@ def test_save_single_file_into_checkpoints(host, tmp_path, subject_dir):
     from safetensors import safe_open
 
     from apdm_core.config import ProtectConfig
-    from apdm_core.models import load_model
+    from apdm_core.loading import load_model
 
     ckpt_dir = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
     source = make_checkpoint(ckpt_dir / "tiny-sd1.safetensors", "sd1")

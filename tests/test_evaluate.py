@@ -20,7 +20,7 @@ from apdm_core.evaluate import (
 )
 from apdm_core.evaluate import metrics as M
 from apdm_core.evaluate.prompts import LIVE, OBJECT
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 
 from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 from apdm_core.parallel import setup_parallel
 from apdm_core.protect import protect
 

@@ -8,7 +8,7 @@ from helpers import tree_hashes
 
 from apdm_core.data import load_subject_images
 from apdm_core.errors import InputError, TrainingDiverged
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 from apdm_core.protect import L2PTrainer, prepare_data, protect
 
 

@@ -15,7 +15,7 @@ from helpers import tree_hashes
 from apdm_core import fileio
 from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
-from apdm_core.models import load_model
+from apdm_core.loading import load_model
 from apdm_core.protect import L2PTrainer, protect
 from apdm_core.training import uninterrupted
 

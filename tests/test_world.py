@@ -127,7 +127,7 @@ def test_world_subject_command(tmp_path, capsys):
 
 
 def test_pretrain_recipe_writes_a_loadable_model(tmp_path, capsys):
-    from apdm_core.models import load_model
+    from apdm_core.loading import load_model
 
     out = tmp_path / "world"
     argv = ["world", "pretrain", "--out", str(out), "--subjects", "4", "--photos", "1", "--vae-steps", "2",

@@ -42,37 +42,16 @@ from ..training import (
     uninterrupted,
 )
 from .config import AttackConfig
+from .registry import get_attack, register_attack, registered_attacks  # noqa: F401  (their home; re-exported)
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator: make an Attack subclass available as ``AttackConfig(kind=name)``."""
-
-    def wrap(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        _ATTACKS[name] = cls
-        return cls
-
-    return wrap
-
-
-def registered_attacks() -> tuple[str, ...]:
-    return tuple(_ATTACKS)
 
 
 def replace_word(text: str, word: str, repl: str) -> str:
     """Replace ``word`` where it stands as a whole whitespace-separated word."""
     return re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", lambda _: repl, text)
-
-
-def get_attack(name: str) -> type[Attack]:
-    if name not in _ATTACKS:
-        raise InputError(f"Unknown attack {name!r}; choose one of {', '.join(_ATTACKS)}.")
-    return _ATTACKS[name]
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import PRECISIONS, ConfigIO, _f
 from ..errors import InputError
+from .registry import get_attack, registered_attacks
 
 # Fields that do not change what an attack computes (a resumed attack may differ in them).
 RUN_IDENTITY_EXCLUDE = {
@@ -125,8 +126,6 @@ class AttackConfig(ConfigIO):
     # ------------------------------------------------------------------------------------
     def validate(self) -> AttackConfig:
         """Raise InputError naming the field and the fix when a value is out of range."""
-        from .base import registered_attacks
-
         self.check_choices()
         if self.kind not in registered_attacks():
             raise InputError(
@@ -169,8 +168,6 @@ class AttackConfig(ConfigIO):
 
     def resolved(self) -> AttackConfig:
         """A copy with the attack's defaults filled in for steps, lr and prior_weight left at None."""
-        from .base import get_attack
-
         defaults = get_attack(self.kind).defaults
         changes = {
             f.name: defaults[f.name]

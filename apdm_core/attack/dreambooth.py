@@ -34,6 +34,6 @@ class DreamBoothAttack(Attack):
     @classmethod
     def load(cls, model: SDModel, folder: Path, cfg: AttackConfig) -> tuple[SDModel, dict[str, str]]:
         """The fine-tuned model saved in ``folder`` (a complete diffusers folder)."""
-        from ..models import load_model
+        from ..loading import load_model
 
         return load_model(folder, device=model.device), {}

@@ -74,7 +74,8 @@ def register_cli(sub) -> None:
 
 def _load(path: str, device: str, args: argparse.Namespace):
     """The model at ``path``, a single file read as ``--model-type`` says (as `apdm protect` does)."""
-    from ..models import load_model, resolve_device
+    from ..loading import load_model
+    from ..models import resolve_device
 
     return load_model(
         path, device=resolve_device(device), model_type=args.model_type, allow_pickle=args.allow_pickle

@@ -35,7 +35,7 @@ _LAZY = {
 def load_world_model(device: str = "cpu"):
     """The shipped world model through the same ``load_model`` path as any SD folder."""
     from ..errors import InputError
-    from ..models import load_model
+    from ..loading import load_model
 
     if not (WORLD_MODEL_DIR / "model_index.json").exists():
         raise InputError(

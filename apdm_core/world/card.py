@@ -25,11 +25,9 @@ def _reuse_note(record: dict) -> str:
     )
 
 
-def model_card(record: dict) -> str:
-    from dataclasses import asdict
-
-    from .pretrain import PretrainConfig
-
+def model_card(record: dict, defaults: dict) -> str:
+    """The model card of a pretraining ``record``; ``defaults`` = the recipe's default settings
+    (the command shown names only what differs)."""
     cfg = record["config"]
     vae_log, unet_log = record["vae"]["log"], record["unet"]["log"]
     timing = record["timing"]
@@ -56,7 +54,7 @@ can be run and *measured* on a CPU in minutes; it knows nothing but this world.
 ## Reproduce
 
 ```bash
-{_command(cfg, asdict(PretrainConfig()))}
+{_command(cfg, defaults)}
 ```
 
 {_reuse_note(record)}

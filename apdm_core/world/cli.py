@@ -109,7 +109,7 @@ def _save_png(image, path: Path, overwrite: bool) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from ..fileio import check_target
-    from ..models import load_model
+    from ..loading import load_model
     from ..pairs import sample_images
     from . import WORLD_MODEL_DIR, load_world_model
     from .render import grid
@@ -151,7 +151,7 @@ def cmd_train_evaluator(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = None
     if args.degenerate:
-        from ..models import load_model
+        from ..loading import load_model
         from . import load_world_model
 
         model = load_model(args.model) if args.model else load_world_model()

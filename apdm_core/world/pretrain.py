@@ -1,7 +1,7 @@
 """Pretrain the demo world's tiny text-to-image model: the VAE first, then the UNet + text encoder.
 
 The result is an ordinary diffusers Stable Diffusion folder (unet/, vae/, text_encoder/,
-tokenizer/, scheduler/) that ``apdm_core.models.load_model`` loads exactly as it loads a
+tokenizer/, scheduler/) that ``apdm_core.loading.load_model`` loads exactly as it loads a
 real SD checkpoint, plus ``apdm_world.json`` (the settings, losses and timings of the run)
 and ``MODEL_CARD.md``.
 
@@ -369,7 +369,7 @@ def save_world_model(model: SDModel, out: Path, record: dict, overwrite: bool = 
             json.dumps({"note": "the APDM demo world model; see MODEL_CARD.md"}), encoding="utf-8"
         )
         (tmp / "apdm_world.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-        (tmp / "MODEL_CARD.md").write_text(model_card(record), encoding="utf-8")
+        (tmp / "MODEL_CARD.md").write_text(model_card(record, asdict(PretrainConfig())), encoding="utf-8")
     return out
 
 
