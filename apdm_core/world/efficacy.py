@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import PRESETS
 from ..progress import ProgressCallback, StopCheck
 from . import render
 
@@ -65,17 +66,10 @@ ANCHOR_PROMPTS = [render.class_prompt(c) for c in render.CLASSES] + [
 # (resync_every 20 x 20 inner steps), the protection gradient at every 2nd attack step, only the
 # cross-attention layers changed, and the distillation anchor on every class.
 PROTECT_SETTINGS = {
-    "loss": "target",
-    "outer_steps": 100,
-    "inner_steps": 20,
-    "resync_every": 20,
-    "protect_every": 2,
-    "protect_layers": "cross_attention",
+    **PRESETS["robust"],  # the same levers as the `robust` preset for real models, at the world's lr:
     "lr_protect": 5e-4,
     "lr_personalize": 5e-4,  # the attacker's learning rate
     "inner_batch_size": 2,
-    "inner_max_grad_norm": 1.0,
-    "anchor_weight": 3.0,
     "anchor_prompts": ANCHOR_PROMPTS,
     "num_class_images": 50,
     "sample_steps": 25,
@@ -719,9 +713,14 @@ def plot_curves(cells: list[Cell], rows: list[str], path: str | Path, title: str
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title(title or "robustness curve (mean over subjects x seeds; band = min-max)", fontsize="small")
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically (a benchmark's plot may replace its last one)."""
     from ..fileio import atomic_path
 
+    fig.tight_layout()
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png")
@@ -770,13 +769,7 @@ def plot_frontier(points: list[dict], path: str | Path, title: str = "") -> Path
         ax.set_ylabel("efficiency at the standard budget")
         ax.grid(alpha=0.3)
     fig.suptitle(title or "protection vs quality vs cost (mean over subjects x seeds)", fontsize="small")
-    fig.tight_layout()
-    from ..fileio import atomic_path
-
-    path = Path(path)
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def cells_to_dicts(cells: list[Cell]) -> list[dict]:
