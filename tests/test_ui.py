@@ -26,7 +26,7 @@ FAST = dict(outer_steps=2, inner_steps=2, num_class_images=2, sample_steps=2, gu
 
 @pytest.fixture(autouse=True)
 def fast_polling(monkeypatch):
-    monkeypatch.setattr(ui, "POLL_S", 0.02)
+    monkeypatch.setattr(ui.app, "POLL_S", 0.02)
 
 
 def advanced_values(app, cache_dir, **overrides):
@@ -286,7 +286,7 @@ def test_ui_demo_opens_on_the_demo_world(monkeypatch, tmp_path):
     from apdm_core.world import WORLD_MODEL_DIR
 
     seen = {}
-    monkeypatch.setattr(ui, "launch", lambda *a, **kw: seen.update(args=a, kw=kw))
+    monkeypatch.setattr(ui.cli, "launch", lambda *a, **kw: seen.update(args=a, kw=kw))
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["apdm_core.ui"])
     args = cli.build_parser().parse_args(["ui", "--demo", "--out-dir", str(tmp_path / "models")])
     assert ui.cmd_ui(args) == 0
@@ -387,7 +387,7 @@ def test_network_host_needs_auth(monkeypatch, tmp_path):
     from apdm_core import cli
 
     seen = {}
-    monkeypatch.setattr(ui, "launch", lambda *a, **kw: seen.update(kw=kw))
+    monkeypatch.setattr(ui.cli, "launch", lambda *a, **kw: seen.update(kw=kw))
     parse = cli.build_parser().parse_args
     with pytest.raises(InputError, match="--auth USER:PASSWORD"):
         ui.cmd_ui(parse(["ui", "--host", "0.0.0.0"]))
