@@ -319,42 +319,23 @@ def save_grid(
     return path
 
 
-def _smooth(values: list[float], window: int) -> np.ndarray:
-    if window <= 1 or len(values) < window:
-        return np.asarray(values, dtype=float)
-    return np.convolve(values, np.ones(window) / window, mode="valid")
-
-
 def save_loss_plot(path: Path, arms: dict[str, ArmResult], protection_history: list[dict] | None) -> Path:
     """Protection losses per outer step (when given) and the attack loss per step for both arms."""
-    panels = 2 if protection_history else 1
-    fig = _figure(6.0 * panels, 4.0)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    from ..plots import Panel, Series, plot_losses, protection_panel
+
+    panels = []
     if protection_history:
-        ax = axes[0]
-        for key in ("loss_protect", "loss_per", "dpo", "prior"):
-            pts = [(h["step"], h[key]) for h in protection_history if h.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key)
-        ax.set_title("protection (per outer step)")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("loss")
-        ax.legend()
-    ax = axes[-1]
+        keys = {k: k for k in ("loss_protect", "loss_per", "dpo", "prior")}
+        panels.append(protection_panel(protection_history, keys=keys))
+    attack = Panel("attack loss (per step, moving average)", "attack step")
     for name in ARMS:
-        if name not in arms or not arms[name].history:
-            continue
-        losses = [h["loss"] for h in arms[name].history]
-        window = max(1, len(losses) // 20)
-        line = ax.plot(range(1, len(losses) + 1), losses, alpha=0.25)[0]
-        smooth = _smooth(losses, window)
-        ax.plot(np.arange(len(smooth)) + window, smooth, color=line.get_color(), label=ARM_LABELS[name])
-    ax.set_title("attack loss (per step, moving average)")
-    ax.set_xlabel("attack step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+        if name in arms and arms[name].history:
+            losses = [h["loss"] for h in arms[name].history]
+            attack.series.append(
+                Series(ARM_LABELS[name], list(range(1, len(losses) + 1)), losses, smooth=True)
+            )
+    panels.append(attack)
+    plot_losses(panels, (600 * len(panels), 400)).save(path, format="png")
     return path
 
 
