@@ -1,6 +1,6 @@
 """Benchmark the L2P protection loop: seconds per outer step, inner steps/s, peak memory, and the
 projected time of the paper's 800 x 20 steps; the fast path (the engine, with the levers of
-ProtectConfig) against the straightforward reference (apdm_core.perf.ReferenceL2P) in one run.
+ProtectConfig) against the straightforward reference (perf_tools.ReferenceL2P) in one run.
 
     python benchmarks/bench_protect.py                                  # tiny UNet, fast vs reference
     python benchmarks/bench_protect.py --unet sd15-small --resolution 256 --inner 2 --outer 2
@@ -114,10 +114,10 @@ def peak_memory(device) -> tuple[int, str]:
 
 def measure(args, mode: str, sets: list[str]) -> dict:
     import torch
+    from perf_tools import ReferenceL2P, bench_model, count_parameters
 
     from apdm_core.data import SubjectImage
     from apdm_core.models import resolve_device
-    from apdm_core.perf import ReferenceL2P, bench_model, count_parameters
     from apdm_core.protect import L2PTrainer, encode_data
 
     config = make_config(args, sets)
@@ -260,12 +260,10 @@ def header(args, rows: list[dict]) -> str:
 
 
 def estimate(args) -> None:
-    """Memory by the formula of apdm_core.perf.estimate_memory (activations measured on the meta
+    """Memory by the formula of perf_tools.estimate_memory (activations measured on the meta
     device) and FLOPs counted on the meta device, for every preset; nothing is run."""
     import torch
-
-    from apdm_core.config import ProtectConfig
-    from apdm_core.perf import (
+    from perf_tools import (
         UNET_CONFIGS,
         count_parameters,
         estimate_memory,
@@ -273,11 +271,13 @@ def estimate(args) -> None:
         saved_activation_bytes,
     )
 
+    from apdm_core.config import ProtectConfig
+
     if args.unet not in UNET_CONFIGS:
         raise SystemExit("--estimate needs --unet sd15 or sd15-small")
     cfg_unet = UNET_CONFIGS[args.unet]
     res = args.resolution or 512
-    from apdm_core.perf import _meta_unet
+    from perf_tools import _meta_unet
 
     n = count_parameters(_meta_unet(cfg_unet, torch.float32))
     print(f"UNet {args.unet}: {n / 1e6:.1f}M parameters, {res} px, batch_size 1 (estimate, GiB)")

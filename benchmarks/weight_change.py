@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from perf_tools import bench_model
 
-    from apdm_core.perf import bench_model
     from apdm_core.training import Diffusion, LatentBank, dreambooth_loss, make_forward
 
     model = bench_model(args.unet)

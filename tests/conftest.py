@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray download must fail loudly, not hang
+# benchmark code the tests check (benchmarks/perf_tools.py: the reference L2P, the memory formula)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from helpers import draw_photo  # noqa: E402
 

@@ -1,7 +1,7 @@
 """One outer L2P step recomputed from first principles, independently of the engine's building blocks.
 
 ``test_protect.py`` rebuilds the accumulated gradient with the trainer's own losses, and
-``apdm_core.perf.ReferenceL2P`` reuses ``Diffusion``, ``LatentBank``, ``NoisyBatch`` and
+``ReferenceL2P`` (benchmarks/perf_tools.py) reuses ``Diffusion``, ``LatentBank``, ``NoisyBatch`` and
 ``dpo_loss``: a bug in those would pass both. Here the only things taken from the run are the
 inputs the UNets actually received (recorded by forward hooks); everything else is written out:
 the noise recovered from x_t with alpha_bar computed from the scheduler's betas by hand, the
@@ -98,8 +98,9 @@ def test_one_outer_step_from_first_principles(fast_config):
         for acc, g in zip(total, grads):
             acc.add_(g)
         assert math.isfinite(float(dpo))
-    for acc, mine in zip(total, trainer.accum):
-        torch.testing.assert_close(mine, acc, rtol=1e-3, atol=1e-6)
+    for acc, mine in zip(total, trainer.accum):  # float32 rounding (it differs with the thread count) on
+        # the scale of each gradient: a wrong sign, term or step is off by the order of the gradient itself
+        torch.testing.assert_close(mine, acc, rtol=1e-3, atol=1e-4 * float(acc.abs().max()) + 1e-9)
     # theta moved by one AdamW step on that sum
     outer = copy.deepcopy(theta0)
     opt = torch.optim.AdamW(outer.parameters(), lr=cfg.lr_protect, eps=1e-8, weight_decay=0.0)

@@ -8,17 +8,17 @@ import logging
 import pytest
 import torch
 from helpers import draw_photo
-
-from apdm_core.config import PRESETS, ProtectConfig
-from apdm_core.data import SubjectImage
-from apdm_core.errors import InputError
-from apdm_core.perf import (
+from perf_tools import (  # benchmarks/, on the path by conftest.py
     UNET_CONFIGS,
     ReferenceL2P,
     count_unet_flops,
     estimate_memory,
     saved_activation_bytes,
 )
+
+from apdm_core.config import PRESETS, ProtectConfig
+from apdm_core.data import SubjectImage
+from apdm_core.errors import InputError
 from apdm_core.protect import L2PTrainer, encode_data
 from apdm_core.tiny import build_tiny_model
 

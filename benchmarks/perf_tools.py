@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ProtectConfig
-from .errors import InputError
-from .losses import dpo_loss, noise_prediction_loss
-from .models import SDModel
-from .training import Diffusion, LatentBank, NoisyBatch
+from apdm_core.config import ProtectConfig
+from apdm_core.errors import InputError
+from apdm_core.losses import dpo_loss, noise_prediction_loss
+from apdm_core.models import SDModel
+from apdm_core.training import Diffusion, LatentBank, NoisyBatch
 
 # ------------------------------------------------------------------------------------------
 # the straightforward implementation
@@ -191,12 +191,12 @@ def bench_model(unet: str = "tiny", seed: int = 0) -> SDModel:
     """An SD-shaped model with random weights: the UNet of ``unet`` ('tiny', 'sd15', 'sd15-small')
     with the tiny VAE and a tiny 768-wide text encoder (they run once per run in the fast path);
     'world' is the shipped demo-world model itself (trained weights)."""
-    from .tiny import build_tiny_model, tiny_configs
+    from apdm_core.tiny import build_tiny_model, tiny_configs
 
     if unet == "tiny":
         return build_tiny_model(seed=seed)
     if unet == "world":
-        from .world import load_world_model
+        from apdm_core.world import load_world_model
 
         return load_world_model()
     if unet not in UNET_CONFIGS:
