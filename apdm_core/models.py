@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -136,22 +135,17 @@ class SDModel:
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> float tensor (N, 3, H, W) in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    """PIL RGB images -> float tensor (N, 3, H, W) in [-1, 1] (diffusers' VaeImageProcessor steps)."""
+    from diffusers.image_processor import VaeImageProcessor as P
+
+    return P.normalize(P.numpy_to_pt(P.pil_to_numpy([im.convert("RGB") for im in images])))
 
 
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """Float tensor (N, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = (
-        ((x.detach().float().clamp(-1, 1) + 1) * 127.5)
-        .round()
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)
-        .cpu()
-        .numpy()
-    )
-    return [Image.fromarray(a) for a in arr]
+    """Float tensor (N, 3, H, W) in [-1, 1] -> PIL images (diffusers' VaeImageProcessor steps)."""
+    from diffusers.image_processor import VaeImageProcessor as P
+
+    return P.numpy_to_pil(P.pt_to_numpy(P.denormalize(x.detach().float().cpu())))
 
 
 def _load_scheduler(folder: Path):
