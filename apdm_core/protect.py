@@ -37,7 +37,6 @@ import torch
 from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
 from .errors import Cancelled, InputError, TrainingDiverged
-from .fileio import atomic_path
 from .loading import load_model
 from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
 from .models import SDModel, resolve_device
@@ -50,9 +49,11 @@ from .training import (
     NoisyBatch,
     dreambooth_loss,
     make_forward,
+    read_state,
     run_hash,
     state_file,
     uninterrupted,
+    write_state,
 )
 
 log = logging.getLogger(__name__)
@@ -717,25 +718,11 @@ def save_state(
 ) -> Path:
     if not trainer.parallel.is_main:  # the processes hold the same theta: one writes
         return path
-    state = trainer.state_dict(at_step_start)
-    state["identity"] = identity
-    state["config"] = config.to_dict()
-    with atomic_path(path, overwrite=True) as tmp:
-        torch.save(state, tmp)
-    return path
+    return write_state(path, trainer.state_dict(at_step_start), identity, config.to_dict())
 
 
 def load_state(path: Path, identity: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"State file {path} cannot be read ({exc}); delete it to start over.") from exc
-    if state.get("version") != STATE_VERSION or state.get("identity") != identity:
-        raise InputError(
-            f"State file {path} belongs to a different run (other model, images or settings). "
-            "Resume with exactly the same settings (only outer_steps may grow), or delete the file to start over."
-        )
-    return state
+    return read_state(path, identity, STATE_VERSION)
 
 
 # ------------------------------------------------------------------------------------------

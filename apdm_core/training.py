@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .losses import noise_prediction_loss, training_target
 
 
@@ -187,3 +188,32 @@ def state_file(state_path: str, output: str, cache_dir: str, identity: str, suff
     from .pairs import default_cache_dir
 
     return Path(cache_dir or default_cache_dir()) / folder / f"{identity[:20]}.pt"
+
+
+def write_state(path: Path, state: dict, identity: str, config: dict) -> Path:
+    """A run's resumable state with its identity and settings, written atomically (a stop while
+    writing leaves the previous state, never half a file)."""
+    from .fileio import atomic_path
+
+    state = {**state, "identity": identity, "config": config}
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def read_state(
+    path: Path, identity: str, version: int, what: str = "run", grows: str = "outer_steps"
+) -> dict:
+    """The state of an interrupted run, refused when it cannot be read or belongs to another run
+    (other model, images or settings); ``what`` names the run, ``grows`` the setting that may change."""
+    label = "State file" if what == "run" else f"{what.capitalize()} state file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{label} {path} cannot be read ({exc}); delete it to start over.") from exc
+    if state.get("version") != version or state.get("identity") != identity:
+        raise InputError(
+            f"{label} {path} belongs to a different {what} (other model, images or settings). Resume with "
+            f"exactly the same settings (only {grows} may grow), or delete the file to start over."
+        )
+    return state

@@ -37,9 +37,11 @@ from ..training import (
     LatentBank,
     dreambooth_loss,
     make_forward,
+    read_state,
     run_hash,
     state_file,
     uninterrupted,
+    write_state,
 )
 from .config import AttackConfig
 from .registry import get_attack, register_attack, registered_attacks  # noqa: F401  (their home; re-exported)
@@ -301,27 +303,11 @@ class AttackTrainer:
 
 
 def save_state(path: Path, trainer: AttackTrainer, identity: str) -> Path:
-    state = trainer.state_dict()
-    state["identity"] = identity
-    state["config"] = trainer.cfg.to_dict()
-    with atomic_path(path, overwrite=True) as tmp:
-        torch.save(state, tmp)
-    return path
+    return write_state(path, trainer.state_dict(), identity, trainer.cfg.to_dict())
 
 
 def load_state(path: Path, identity: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(
-            f"Attack state file {path} cannot be read ({exc}); delete it to start over."
-        ) from exc
-    if state.get("version") != STATE_VERSION or state.get("identity") != identity:
-        raise InputError(
-            f"Attack state file {path} belongs to a different attack (other model, images or settings). "
-            "Resume with the same settings (only steps may grow), or delete the file to start over."
-        )
-    return state
+    return read_state(path, identity, STATE_VERSION, what="attack", grows="steps")
 
 
 # ------------------------------------------------------------------------------------------
