@@ -5,6 +5,7 @@ and the host's matplotlib backend is left alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,10 +69,8 @@ def plot_losses(
             xs, ys = binned(s.xs, s.ys, bins) if bins else (s.xs, s.ys)
             if s.smooth:
                 line = ax.plot(xs, ys, alpha=0.25, linewidth=1)[0]
-                window = max(1, len(ys) // 20)
-                avg = moving_average(ys, window)
-                ax.plot(np.arange(len(avg)) + (xs[0] if xs else 0) + window - 1, avg, color=line.get_color(),
-                        label=s.label)  # fmt: skip
+                window = max(1, len(ys) // 20)  # each average drawn at the last x of its window
+                ax.plot(xs[window - 1 :], moving_average(ys, window), color=line.get_color(), label=s.label)
             else:
                 ax.plot(
                     xs, ys, label=s.label, linewidth=1, marker="o" if len(xs) < 20 else None, markersize=3
@@ -107,3 +106,14 @@ def loss_curve(
 ) -> Image.Image:
     """Per-outer-step losses of a protection run (``ProtectResult.history``) as an RGB image."""
     return plot_losses([protection_panel(history, title)], size)
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically (a benchmark's plot may replace its last one)."""
+    from .fileio import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

@@ -24,12 +24,13 @@ def write_clip_tokenizer(folder: str | Path, words=DEFAULT_WORDS, max_length: in
     """Write vocab.json/merges.txt/tokenizer_config.json for a small CLIP BPE vocabulary."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    byte_chars = list(bytes_to_unicode().values())
+    table = bytes_to_unicode()
+    byte_chars = list(table.values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
     known = set(vocab_list)
     for word in dict.fromkeys(w.lower() for w in words):
-        symbols = [bytes_to_unicode()[b] for b in word.encode("utf-8")]
+        symbols = [table[b] for b in word.encode("utf-8")]
         symbols[-1] += "</w>"
         while len(symbols) > 1:  # merge left to right: ((a b) c) ...
             pair = (symbols[0], symbols[1])

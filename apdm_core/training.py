@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .fileio import atomic_path
 from .losses import noise_prediction_loss, training_target
 
 
@@ -193,8 +194,6 @@ def state_file(state_path: str, output: str, cache_dir: str, identity: str, suff
 def write_state(path: Path, state: dict, identity: str, config: dict) -> Path:
     """A run's resumable state with its identity and settings, written atomically (a stop while
     writing leaves the previous state, never half a file)."""
-    from .fileio import atomic_path
-
     state = {**state, "identity": identity, "config": config}
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)

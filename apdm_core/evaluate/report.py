@@ -28,6 +28,7 @@ from ..data import center_square
 from ..errors import InputError
 from ..fileio import atomic_path, check_target, make_work_dir, remove_work_dir
 from ..models import SDModel
+from ..plots import save_figure
 from ..progress import ProgressCallback, StopCheck
 from .config import EvalConfig
 from .core import evaluate, load_references
@@ -314,9 +315,7 @@ def save_grid(
             if c == 0:
                 ax.set_ylabel(label, fontsize=11)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def save_loss_plot(path: Path, arms: dict[str, ArmResult], protection_history: list[dict] | None) -> Path:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PRESETS
+from ..plots import save_figure
 from ..progress import ProgressCallback, StopCheck
 from . import render
 
@@ -714,17 +715,6 @@ def plot_curves(cells: list[Cell], rows: list[str], path: str | Path, title: str
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title(title or "robustness curve (mean over subjects x seeds; band = min-max)", fontsize="small")
     return save_figure(fig, path)
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure as a PNG, atomically (a benchmark's plot may replace its last one)."""
-    from ..fileio import atomic_path
-
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
 
 
 def frontier(cells: list[Cell], attack_settings: dict | None = None, variants=None) -> list[dict]:
