@@ -42,6 +42,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ProtectConfig, exc
         names = [_flag(f.name)]
         if f.name == "output":
             names.append("--out")
+        if f.name == "extra_identifiers":
+            names.append("--identifiers")
         group.add_argument(*names, **kw)
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .methods import METHODS
 
 LOSSES = ("dpo", "naive", "target")
+BACKDOORS = ("pattern", "erasure", "target")  # PersGuard's backdoor kinds (methods/persguard.py)
+BACKDOOR_INPUTS = ("subject", "backdoor")
 ACCUMULATIONS = ("protect", "protect+personalize")
 DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
@@ -33,7 +36,17 @@ PROTECT_LAYERS = ("all", "attention", "cross_attention")
 # widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
 # free-text settings a shared workflow or a web page can carry; see ``untrusted_settings``.
 PATH_FIELDS = frozenset(
-    {"model", "images", "output", "class_images", "cache_dir", "state_path", "dino_model", "clip_model"}
+    {
+        "model",
+        "images",
+        "output",
+        "class_images",
+        "cache_dir",
+        "state_path",
+        "dino_model",
+        "clip_model",
+        "backdoor_images",
+    }  # fmt: skip
 )
 
 
@@ -284,9 +297,54 @@ class ProtectConfig(ConfigIO):
     )
     state_path: str = _f("", "Resumable state file (default: <output>.apdm-state.pt).", group="io")
     # --- the algorithm ---------------------------------------------------------------
+    method: str = _f(
+        "apdm",
+        "Protection method: 'apdm' (DPO + Learning to Protect, the paper) or 'persguard' (a backdoor that "
+        "fires after the attacker's fine-tuning; README 'PersGuard'). Both train in the same simulated-"
+        "attacker loop with the same levers.",
+        tuple(METHODS),
+        group="basic",
+    )
+    backdoor: str = _f(
+        "target",
+        "PersGuard's backdoor output for the trigger (the instance prompt) after personalization: 'pattern' "
+        "(a class image with a checkerboard stamped on it), 'erasure' (images of erasure_prompt: no subject) "
+        "or 'target' (images of target_prompt). method='persguard' only.",
+        BACKDOORS,
+        group="method",
+    )
+    target_prompt: str = _f(
+        "", "PersGuard target backdoor: what the trigger produces instead of the subject (e.g. 'a photo of cat').",
+        group="method",
+    )  # fmt: skip
+    erasure_prompt: str = _f(
+        "a photo of an empty background",
+        "PersGuard erasure backdoor: a scene without the subject; its images come from the base model.",
+        group="method",
+    )
+    backdoor_input: str = _f(
+        "subject",
+        "PersGuard: what the backdoor terms noise. 'subject': the protected photos, with the target that "
+        "denoises them to a backdoor image (the backdoor is tied to the photos the attacker trains on); "
+        "'backdoor': the backdoor images themselves (a plain denoising loss of the trigger on them).",
+        BACKDOOR_INPUTS,
+        group="method",
+    )
+    behaviour_weight: float = _f(
+        1.0,
+        "PersGuard: weight of the backdoor behaviour term at theta (the trigger generates the backdoor "
+        "output before any attack), relative to one retention term at the attacked weights.",
+        group="method",
+    )
+    backdoor_images: str = _f(
+        "", "PersGuard erasure/target: a folder of your own backdoor output images (e.g. your photos with the "
+        "subject painted out) instead of generated ones.", group="io",
+    )  # fmt: skip
+    num_backdoor_images: int = _f(8, "PersGuard erasure/target: backdoor images generated with the base model.",
+                                  group="method")  # fmt: skip
     loss: str = _f(
         "dpo",
-        "Protection loss at the attacked weights: 'dpo' (the paper), 'naive' (-L_per + lambda*L_ppl, "
+        "APDM's protection loss at the attacked weights: 'dpo' (the paper), 'naive' (-L_per + lambda*L_ppl, "
         "ablation) or 'target' (pull the instance-prompt prediction on subject images toward the frozen "
         "model's class-prompt prediction: the attacker learns a generic member of the class).",
         LOSSES,
@@ -468,6 +526,10 @@ class ProtectConfig(ConfigIO):
         if isinstance(self.images, (str, Path)):
             self.images = [str(self.images)] if str(self.images) else []
         self.images = [str(p) for p in self.images]
+        # "sks,zwx" (one CLI word or a text box) is two identifiers
+        self.extra_identifiers = [
+            w.strip() for item in self.extra_identifiers for w in item.split(",") if w.strip()
+        ]
         self.validate()
 
     # ------------------------------------------------------------------------------------
@@ -484,6 +546,7 @@ class ProtectConfig(ConfigIO):
                 "resync_every",
                 "protect_every",
                 "num_anchor_images",
+                "num_backdoor_images",
             ),
             non_negative_int=(
                 "inner_steps",
@@ -503,6 +566,7 @@ class ProtectConfig(ConfigIO):
                 "inner_max_grad_norm",
                 "lr_personalize_max",
                 "anchor_weight",
+                "behaviour_weight",
             ),
             unit_interval=("adam_beta1", "adam_beta2"),
         )
@@ -517,6 +581,9 @@ class ProtectConfig(ConfigIO):
                 "(every outer step takes at least one protection gradient)."
             )
         self.check_resolution_and_prompts()
+        from .methods import get_method
+
+        get_method(self.method).check(self)
         return self
 
     # --- presets -----------------------------------------------------------------------------

@@ -50,7 +50,16 @@ from .progress import ProgressCallback, StopCheck, Tracker
 log = logging.getLogger(__name__)
 
 TOOL = "apdm-protect"
-METHOD = "APDM (arXiv 2511.01307): Direct Protective Optimization loss trained with Learning to Protect"
+
+
+def method_description(config) -> str:
+    """The protection method of ``config`` (a ProtectConfig or its recorded dict) in one line."""
+    from .methods import get_method
+
+    name = config.get("method", "apdm") if isinstance(config, dict) else config.method
+    return get_method(name).description
+
+
 # ProtectConfig fields that are local paths: never written into a shared file.
 PRIVATE_FIELDS = ("model", "images", "output", "class_images", "cache_dir", "state_path")
 # The protection record of a protected diffusers folder (the safetensors metadata of a single file).
@@ -193,7 +202,7 @@ def apdm_metadata(
         "apdm.tool": TOOL,
         "apdm.version": __version__,
         "apdm.protected": "true" if config is not None else "false",
-        "apdm.method": METHOD if config is not None else "none (format conversion, no protection applied)",
+        "apdm.method": method_description(config) if config is not None else "none (format conversion, no protection applied)",
         "apdm.model_type": model_type,
         "apdm.prediction_type": model.prediction_type,
         "apdm.source_sha256": source_sha256,

@@ -117,3 +117,23 @@ def target_loss(pred_instance: torch.Tensor, generic_pred: torch.Tensor) -> torc
     unlike DPO it does not grow the model's error on anything without limit.
     """
     return F.mse_loss(pred_instance.float(), generic_pred.detach().float(), reduction="mean")
+
+
+def backdoor_target(
+    scheduler, x_t: torch.Tensor, backdoor: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, weight) that make x_t (noised from another image) denoise to the ``backdoor`` latents.
+
+    eps* = (x_t - sqrt(a_t) * b) / sqrt(1 - a_t) is the noise for which x_t = sqrt(a_t) b +
+    sqrt(1 - a_t) eps*; the target is the scheduler's for (b, eps*). eps* grows like
+    1 / sqrt(1 - a_t) at small t, so the per-sample weight 1 - a_t keeps the loss bounded (it is
+    a_t ||x0_pred - b||^2 for epsilon models).
+    """
+    a = scheduler.alphas_cumprod.to(x_t.device)[timesteps].float().view(-1, *([1] * (x_t.dim() - 1)))
+    eps = (x_t.float() - a.sqrt() * backdoor.float()) / (1 - a).sqrt()
+    return training_target(scheduler, backdoor, eps.to(x_t.dtype), timesteps), (1 - a).flatten()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of weight * per-sample MSE."""
+    return (weight * per_sample_mse(pred, target)).mean()

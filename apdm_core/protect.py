@@ -1,4 +1,8 @@
-"""Learning to Protect (L2P) with the DPO loss: the APDM training loop.
+"""Learning to Protect (L2P): the simulated-attacker loop every model-level method trains with.
+
+The method (``config.method``, ``apdm_core/methods/``) supplies the loss at the attacked weights
+(APDM: DPO; PersGuard: backdoor retention) and any term at theta; the loop, the levers
+(``apdm_core/levers.py``), state/resume and export are shared.
 
 Per outer step k (paper Algorithm 1, first order):
 
@@ -37,8 +41,10 @@ import torch
 from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
 from .errors import Cancelled, InputError, TrainingDiverged
+from .levers import DTYPES, make_adamw, pin_parameters, protected_subset, require_bitsandbytes, use_xformers
 from .loading import load_model
-from .losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
+from .losses import noise_prediction_loss
+from .methods import get_method
 from .models import SDModel, resolve_device
 from .pairs import generate_anchor_images, generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
@@ -46,7 +52,6 @@ from .progress import ProgressCallback, StopCheck, Tracker
 from .training import (
     Diffusion,
     LatentBank,
-    NoisyBatch,
     dreambooth_loss,
     make_forward,
     read_state,
@@ -77,6 +82,7 @@ class ProtectionData:
     anchor: AnchorSet | None = None  # images the utility anchor keeps (anchor_weight > 0)
     # the instance prompt with each of extra_identifiers in place of its identifier: (K, L, D)
     identifier_embeds: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # what the protection method prepared (methods/*.prepare)
 
 
 @dataclass
@@ -179,6 +185,12 @@ class L2PTrainer:
             )
         if config.anchor_weight > 0 and config.offload_outer:
             raise InputError("anchor_weight > 0 trains theta on the compute device; turn offload_outer off.")
+        self.method = get_method(config.method)
+        if self.method.uses_theta_loss(config) and (distributed or config.offload_outer):
+            raise InputError(
+                f"method={config.method!r} trains a term at theta on the compute device in one process "
+                "(behaviour_weight > 0): turn offload_outer off and launch without accelerate."
+            )
         self.inner_batch = config.inner_batch_size or config.batch_size
         if config.optimizer == "adamw8bit":
             require_bitsandbytes(device)
@@ -252,25 +264,7 @@ class L2PTrainer:
         return unet
 
     def _adamw(self, params, lr):
-        """The optimizer of ``config.optimizer`` for ``params``, with the kernel of ``adamw_impl``."""
-        c = self.cfg
-        kw = {
-            "lr": lr,
-            "betas": (c.adam_beta1, c.adam_beta2),
-            "weight_decay": c.adam_weight_decay,
-            "eps": c.adam_epsilon,
-        }
-        device = params[0].device if params else self.device
-        if c.optimizer == "adamw8bit" and device.type == "cuda":  # an offloaded outer optimizer stays 32-bit
-            return require_bitsandbytes(device).optim.AdamW8bit(params, **kw)
-        impl = c.adamw_impl
-        if impl == "auto":
-            impl = "fused" if device.type == "cuda" else "foreach"
-        if impl == "fused":
-            kw["fused"] = True
-        else:
-            kw["foreach"] = impl == "foreach"
-        return torch.optim.AdamW(params, **kw)
+        return make_adamw(self.cfg, params, lr, self.device)
 
     def _new_inner_optimizer(self, lr: float | None = None):
         """A fresh attacker optimizer for theta' (one per parameter with optimizer_in_backward)."""
@@ -346,60 +340,8 @@ class L2PTrainer:
                                shard=self.parallel.shard(self.inner_batch))  # fmt: skip
 
     def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO (or naive) loss plus lambda * prior preservation, at the current weights of ``unet``.
-
-        The whole batch is drawn (same random stream on every process); with several processes
-        each keeps its slice of the samples.
-        """
-        d, g, b, cfg = self.data, self.generator, self.cfg.batch_size, self.cfg
-        s = self.parallel.shard(b)
-        use_prior = d.prior is not None and cfg.prior_weight > 0
-        prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g).select(s) if use_prior else None
-        if cfg.loss == "dpo":
-            k = torch.randint(0, len(d.subject), (b,), generator=g)
-            z_pos, z_neg = d.positive.sample(k, g), d.subject.sample(k, g)
-            noise, t = d.diffusion.noise_and_timesteps(z_pos, g)  # the pair shares t and the noise
-            pos = d.diffusion.noisy(z_pos, self.instance_embeds, g, noise, t).select(s)
-            neg = d.diffusion.noisy(z_neg, self.instance_embeds, g, noise, t).select(s)
-            n = pos.latents.shape[0]  # samples on this process
-            pair = NoisyBatch.cat(pos, neg)
-            pred = self.forward(unet, NoisyBatch.cat(pair, prior) if use_prior else pair)
-            with torch.no_grad():
-                ref = self.forward_ref(self.run_ref, pair)
-            err = (pred[: 2 * n].float() - pair.target.float()).pow(2)
-            ref_err = (ref.float() - pair.target.float()).pow(2)
-            loss, st = dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.dpo_reduction)
-            stats = {"dpo": float(loss.detach()), **{k2: float(v) for k2, v in st.items()}}
-            if use_prior:
-                prior_loss = noise_prediction_loss(pred[2 * n :], prior.target)
-                stats["prior"] = float(prior_loss.detach())
-                loss = loss + cfg.prior_weight * prior_loss
-            return loss, stats
-        if cfg.loss == "target":  # the attacked model should predict what the original predicts for the class
-            inst = d.diffusion.noisy(d.subject.draw(b, g), self.instance_embeds, g).select(s)
-            n = inst.latents.shape[0]
-            pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
-            as_class = NoisyBatch(inst.latents, inst.timesteps, inst.target, d.class_embeds.expand(n, -1, -1))
-            with torch.no_grad():
-                generic = self.forward_ref(self.run_ref, as_class)
-            loss = target_loss(pred[:n], generic)
-            stats = {"target": float(loss.detach()),
-                     "subject_err": float(noise_prediction_loss(pred[:n].detach(), inst.target))}  # fmt: skip
-            if use_prior:
-                prior_loss = noise_prediction_loss(pred[n:], prior.target)
-                stats["prior"] = float(prior_loss.detach())
-                loss = loss + cfg.prior_weight * prior_loss
-            return loss, stats
-        # naive: -L_per + lambda * L_ppl
-        inst = d.diffusion.noisy(d.subject.draw(b, g), self.instance_embeds, g).select(s)
-        n = inst.latents.shape[0]
-        pred = self.forward(unet, NoisyBatch.cat(inst, prior) if use_prior else inst)
-        per = noise_prediction_loss(pred[:n], inst.target)
-        prior_loss = (
-            noise_prediction_loss(pred[n:], prior.target) if use_prior else torch.zeros((), device=per.device)
-        )
-        loss = naive_adversarial_loss(per, prior_loss, cfg.naive_lambda)
-        return loss, {"neg_per": float(-per.detach()), "prior": float(prior_loss.detach())}
+        """The method's protection loss at the current weights of ``unet`` (theta' after attack steps)."""
+        return self.method.protection_loss(self, unet)
 
     # --- one outer step ----------------------------------------------------------------------
     def load_theta_into_prime(self) -> None:
@@ -411,10 +353,11 @@ class L2PTrainer:
                 a.zero_()
 
     def apply_outer_update(self, protect_weight: float = 1.0) -> float | None:
-        """theta.grad <- the accumulated protection gradient (+ the anchor's); one outer optimizer step.
+        """theta.grad <- the accumulated protection gradient (+ the anchor's and the method's terms at
+        theta); one outer optimizer step.
 
         With a persistent attacker the same change of theta is applied to theta', so theta' stays
-        "theta after the attack steps of this episode". Returns the anchor loss (None without one).
+        "theta after the attack steps of this episode". Returns the losses of the terms at theta.
         """
         if self._grad_buffers is None:  # theta's gradient: the accumulator itself when it lives with theta
             fsdp = self.parallel.active and self.parallel.kind == "fsdp"
@@ -430,11 +373,17 @@ class L2PTrainer:
                 if buf is not a:
                     buf.copy_(full_tensor(a))
                 p.grad = buf
-        anchor = None
+        stats = {}  # the terms at theta (relative to one protection term: scaled by the protection weights)
         if self.cfg.anchor_weight > 0 and self.data.anchor is not None:
             loss = self.anchor_loss()  # backward adds into theta.grad, the accumulated gradient
             (self.cfg.anchor_weight * max(protect_weight, 1.0) * loss).backward()
-            anchor = self._check(loss, "anchor", f"outer step {self.step + 1}")
+            stats["anchor"] = self._check(loss, "anchor", f"outer step {self.step + 1}")
+        at_theta = self.method.theta_loss(self)
+        if at_theta is not None:
+            loss, method_stats = at_theta
+            (max(protect_weight, 1.0) * loss).backward()
+            self._check(loss, self.method.name, f"outer step {self.step + 1}")
+            stats.update(method_stats)
         before = [p.detach().clone() for p in self.params] if self.persistent else None
         self.optimizer.step()
         for p in self.params:  # also the gradients of layers protect_layers leaves as they are
@@ -443,7 +392,7 @@ class L2PTrainer:
             with torch.no_grad():
                 for p_prime, p, b in zip(self.params_p, self.params, before):
                     p_prime.add_((p - b).to(p_prime.device))
-        return anchor
+        return stats
 
     def anchor_loss(self) -> torch.Tensor:
         """Distillation of theta to the frozen original on noised anchor images with their prompts."""
@@ -549,13 +498,13 @@ class L2PTrainer:
                     losses["protect"] = prot_losses[-1]
                 tracker.update(losses=losses, outer=self.step + 1, inner=j + 1)
         with uninterrupted():  # theta's update and the step counter: one unit for the saver
-            anchor = self.apply_outer_update(weights[0])
+            at_theta = self.apply_outer_update(weights[0])
             self.step += 1
             # from here on the current state IS the start of the next step
             self._rng_at_step_start = self.generator.get_state()
             self._episode_at_step_start = None
-        if anchor is not None:
-            agg.setdefault("anchor", []).append(anchor)
+        for k2, v in at_theta.items():
+            agg.setdefault(k2, []).append(v)
         if not self.persistent:
             self._episode = None
             del inner_opt
@@ -641,61 +590,6 @@ class L2PTrainer:
             self.load_attacker_state(state["attacker"])
 
 
-PROTECT_LAYERS = {  # protect_layers -> which UNet parameters the protection changes (by name)
-    "all": lambda name: True,
-    "attention": lambda name: ".attn1." in name or ".attn2." in name,
-    "cross_attention": lambda name: ".attn2." in name,
-}
-
-
-def protected_subset(unet, layers: str) -> list[torch.nn.Parameter]:
-    """The trainable parameters of ``unet`` that ``protect_layers=layers`` lets the protection change."""
-    keep = PROTECT_LAYERS[layers]
-    chosen = [p for n, p in unet.named_parameters() if p.requires_grad and keep(n)]
-    if not chosen:
-        raise InputError(f"protect_layers={layers!r} selects no parameter of this UNet; use 'all'.")
-    return chosen
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pin_parameters(module) -> None:
-    """Page-lock a CPU module's parameters (fast, asynchronous host<->GPU copies)."""
-    for p in module.parameters():
-        p.data = p.data.pin_memory()
-
-
-def use_xformers(unet, device: torch.device) -> bool:
-    """xformers attention when it is importable and we run on CUDA; otherwise keep SDPA (say so)."""
-    if device.type != "cuda":
-        log.warning("attention='xformers' needs CUDA; using PyTorch SDPA attention on %s.", device)
-        return False
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        log.warning("attention='xformers' but xformers is not installed; using PyTorch SDPA attention.")
-        return False
-    unet.enable_xformers_memory_efficient_attention()
-    return True
-
-
-def require_bitsandbytes(device: torch.device):
-    """The bitsandbytes module for 8-bit AdamW, or an InputError saying what to do."""
-    if device.type != "cuda":
-        raise InputError(
-            f"optimizer='adamw8bit' runs on CUDA only (bitsandbytes); use optimizer='adamw' on {device}."
-        )
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise InputError(
-            "optimizer='adamw8bit' needs bitsandbytes: `pip install -c constraints.txt bitsandbytes`, "
-            "or use optimizer='adamw' (or --preset low-memory)."
-        ) from exc
-    return bnb
-
-
 # ------------------------------------------------------------------------------------------
 # run identity, state files
 # ------------------------------------------------------------------------------------------
@@ -739,6 +633,9 @@ def prepare_data(
     """Generate/load positives and class images, then encode every fixed image and prompt once."""
     positives, class_images = fixed_images(config, model, subjects, size, progress, should_stop)
     data = encode_data(config, model, subjects, positives, class_images, progress, should_stop)
+    data.extra = get_method(config.method).prepare(
+        config, model, subjects, positives, size, progress, should_stop
+    )
     anchors = generate_anchor_images(config, model, size, progress, should_stop)
     if anchors:
         data.anchor = AnchorSet(

@@ -175,7 +175,9 @@ def main() -> None:
                 print(f"subject {subject} seed {seed} {name}: gated {std.score:.3f} raw {std.similarity:.3f} "
                       f"class-rate {std.class_rate:.2f} quality {std.class_quality:.2f}/{std.unrelated_quality:.2f} "
                       f"curve {' '.join(f'{c.steps}:{c.score:.2f}' for c in got)} "
-                      f"({time.process_time() - c1:.0f} CPU-s)", flush=True)  # fmt: skip
+                      + (f"backdoor {' '.join(f'{c.steps}:{c.backdoor:.2f}' for c in got)} "
+                         if std.backdoor is not None else "")
+                      + f"({time.process_time() - c1:.0f} CPU-s)", flush=True)  # fmt: skip
                 if args.json:  # after every row: a stopped run keeps what it measured
                     write_json(args.json, args, variants, cells, None, time.perf_counter() - t0,
                                time.process_time() - c0)  # fmt: skip

@@ -64,11 +64,13 @@ class APDMGeneratePairs:
 
 
 class APDMProtectModel:
-    """APDM: the DPO loss trained with Learning to Protect (paper Algorithm 1)."""
+    """A model-level protection (``method``): APDM's DPO loss or PersGuard's backdoor, trained with Learning
+    to Protect (paper Algorithm 1)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        from apdm_core.config import ACCUMULATIONS
+        from apdm_core.config import ACCUMULATIONS, BACKDOORS
+        from apdm_core.methods import METHODS
 
         return {
             "required": {
@@ -87,6 +89,14 @@ class APDMProtectModel:
                 "advanced": ("STRING", {"default": "",
                                         "tooltip": "More settings, any field of apdm_core.ProtectConfig as YAML, e.g. "
                                                    "'mixed_precision: bf16, prior_weight: 0.5'."}),
+                # after the existing inputs: workflows saved before these widgets existed still load
+                "method": (list(METHODS), {"default": "apdm", "tooltip": "apdm: DPO + Learning to Protect (the "
+                           "paper); persguard: a backdoor that fires after the attacker's fine-tuning."}),
+                "backdoor": (list(BACKDOORS), {"default": "target", "tooltip": "PersGuard only: what the "
+                             "trigger produces after personalization: a stamped pattern, the scene without the "
+                             "subject (erasure), or target_prompt."}),
+                "target_prompt": ("STRING", {"default": "", "tooltip": "PersGuard target backdoor: what the "
+                                  "trigger produces instead of the subject, e.g. 'a photo of cat'."}),
             },
             "hidden": HIDDEN,
         }  # fmt: skip
@@ -105,12 +115,14 @@ class APDMProtectModel:
     )
 
     def protect(self, model, subject, pairs, instance_prompt, steps, inner_steps, beta, learning_rate,
-                accumulation, advanced="", unique_id=None):  # fmt: skip
+                accumulation, advanced="", method="apdm", backdoor="target", target_prompt="",
+                unique_id=None):  # fmt: skip
         from apdm_core.plots import loss_curve
         from apdm_core.protect import protect
 
         widgets = {"instance_prompt": instance_prompt, "outer_steps": steps, "inner_steps": inner_steps, "beta": beta,
-                   "lr_protect": learning_rate, "lr_personalize": learning_rate, "accumulation": accumulation}  # fmt: skip
+                   "lr_protect": learning_rate, "lr_personalize": learning_rate, "accumulation": accumulation,
+                   "method": method, "backdoor": backdoor, "target_prompt": target_prompt}  # fmt: skip
         config = host.protect_config(pairs, model, widgets, advanced)
         host.free_comfy_memory()
         try:

@@ -191,6 +191,24 @@ def test_advanced_settings(host, graph):
             host.run("APDMProtectModel", advanced=text, **run)
 
 
+def test_protect_node_method_inputs(host, graph):
+    """The method/backdoor/target_prompt widgets come after the old inputs (old workflows still load)
+    and run PersGuard; the run records its method."""
+    spec = host.nodes["APDMProtectModel"].INPUT_TYPES()
+    assert list(spec["optional"]) == ["advanced", "method", "backdoor", "target_prompt"]
+    assert spec["optional"]["method"][0] == ["apdm", "persguard"]
+    run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
+    protected, _ = host.run("APDMProtectModel", method="persguard", backdoor="target",
+                            target_prompt="a photo of cat", **{**run, "steps": 1})  # fmt: skip
+    config = protected.info["protect_config"]
+    assert (config.method, config.backdoor, config.target_prompt) == ("persguard", "target", "a photo of cat")
+    assert "behaviour" in protected.info["protect_history"][-1]
+    with pytest.raises(InputError, match="target_prompt"):
+        host.run("APDMProtectModel", method="persguard", backdoor="target", **{**run, "steps": 1})
+    with pytest.raises(InputError, match="backdoor_images cannot be set"):
+        host.run("APDMProtectModel", method="persguard", advanced="backdoor_images: /etc", **run)
+
+
 @pytest.mark.parametrize(
     "text",
     ["state_path: /etc/cron.d/x", "cache_dir: /tmp/elsewhere", "class_images: ../../secrets",

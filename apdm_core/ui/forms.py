@@ -23,7 +23,8 @@ ATTACK_HIDDEN = ("kind", *PATH_FIELDS)
 EVAL_HIDDEN = tuple(PATH_FIELDS)
 UI_CHOICES = {"model_type": MODEL_TYPES}  # free text elsewhere (a config folder), a choice here
 GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
-                "sampling": "Sampling", "metrics": "Metrics"}  # fmt: skip
+                "sampling": "Sampling", "metrics": "Metrics",
+                "method": "PersGuard (method persguard)", "robust": "Robustness levers"}  # fmt: skip
 BASIC_PRESETS = ("quick", "paper", "robust", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import time
@@ -164,6 +165,20 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "all_layers": ("demo preset, lever off: the whole UNet protected", {"protect_layers": "all"}),
     "no_anchor": ("demo preset, lever off: no anchor", {"anchor_weight": 0.0}),
 }
+# PersGuard in the world (methods/persguard.py) with the demo preset's loop and levers. "{target}" is
+# the class prompt of the next class of the subject (ball -> box -> star -> kite -> ball); the erasure
+# backdoor's images are the subject's own protected photos with the subject left out (the scenes alone).
+METHOD_ROWS: dict[str, tuple[str, dict]] = {
+    f"persguard_{kind}": (f"PersGuard, {kind} backdoor", {"method": "persguard", "backdoor": kind,
+                                                         "target_prompt": "{target}"})
+    for kind in ("pattern", "erasure", "target")
+}  # fmt: skip
+ABLATIONS.update(METHOD_ROWS)
+
+
+def target_class(cls: str) -> str:
+    """The target backdoor's class for a subject of class ``cls`` in the world."""
+    return render.CLASSES[(render.CLASSES.index(cls) + 1) % len(render.CLASSES)]
 
 
 def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
@@ -266,6 +281,7 @@ class Cell:
     class_rate: float | None = None  # fraction of the instance-prompt samples recognised as the class
     steps: int | None = None  # attack steps done when scored (None: the row's standard budget)
     weight_change: float | None = None  # ||theta_attacked - theta|| / ||theta|| of the UNet (dreambooth)
+    backdoor: float | None = None  # PersGuard rows: fraction of samples showing the backdoor
 
     @property
     def score(self) -> float:
@@ -355,6 +371,8 @@ class Runner:
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
+            if settings.get("method") == "persguard":
+                settings = self.persguard_settings(settings, subject)
             config = ProtectConfig(
                 model=str(self.model.source or "world"),
                 instance_prompt=render.instance_prompt(subject.cls),
@@ -370,6 +388,24 @@ class Runner:
             )
             self._protected[key] = (result.model, result.seconds)
         return self._protected[key]
+
+    def persguard_settings(self, settings: dict, subject: render.Subject) -> dict:
+        """The world's PersGuard settings for ``subject``: the target class's prompt, the erased scenes."""
+        settings = dict(settings)
+        if settings.get("target_prompt") == "{target}":
+            settings["target_prompt"] = render.class_prompt(target_class(subject.cls))
+        if settings.get("backdoor") == "erasure" and not settings.get("backdoor_images"):
+            from ..fileio import atomic_write_bytes
+            from ..pairs import default_cache_dir
+
+            folder = Path(self.cache_dir or default_cache_dir()) / "world-erasure" / subject.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(render.photos(subject, 4, start=PROTECTED_PHOTOS, empty=True)):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                atomic_write_bytes(folder / f"{i}.png", buf.getvalue())
+            settings["backdoor_images"] = str(folder)
+        return settings
 
     def attack_config(self, subject: render.Subject, seed: int, overrides: dict):
         from ..attack import AttackConfig
@@ -451,6 +487,7 @@ class Runner:
         def score(m, prompt: str, at: int, attack_s: float = 0.0, weight_change=None) -> Cell:
             samples = sample_images(m, prompt, seeds, m.native_resolution, batch_size=16, **SAMPLING)
             s = score_samples(self.evaluator, samples, target, refs)
+            fired = backdoor_fired(self.evaluator, samples, row.protect, subject, s)
             if self.grids is not None:
                 self.grids.mkdir(parents=True, exist_ok=True)
                 render.grid(samples, cols=8).save(
@@ -459,7 +496,7 @@ class Runner:
             return Cell(row.name, subject_seed, seed, s["similarity"], s["identity_match"],
                         quality["class_quality"], quality["unrelated_quality"], protect_s, attack_s,
                         gated=s["gated"], class_rate=s["class_rate"], steps=at,
-                        weight_change=weight_change)  # fmt: skip
+                        weight_change=weight_change, backdoor=fired)  # fmt: skip
 
         if row.attack is None:
             return [score(model, instance_prompt(subject.cls, None), 0)]
@@ -485,6 +522,22 @@ class Runner:
         run_attack(model, images, config, self.progress, self.should_stop,
                    snapshot_steps=budgets, on_snapshot=on_snapshot)  # fmt: skip
         return cells
+
+
+def backdoor_fired(evaluator, samples, protect: dict | None, subject: render.Subject, scores: dict):
+    """Fraction of the samples showing a PersGuard row's backdoor (None for other rows): the pattern
+    detected (``pattern_score`` above PATTERN_FIRED), recognised as the target class, or the subject
+    absent (not recognised as its class)."""
+    if not protect or protect.get("method") != "persguard":
+        return None
+    from ..methods.persguard import PATTERN_FIRED, pattern_score
+
+    kind = protect.get("backdoor", "target")
+    if kind == "pattern":
+        return float(np.mean([v > PATTERN_FIRED for v in pattern_score(samples)]))
+    if kind == "target":
+        return evaluator.class_recognition(samples, target_class(subject.cls))["accuracy"]
+    return 1.0 - scores["class_rate"]
 
 
 def evaluator_fingerprint(evaluator) -> str:
@@ -573,6 +626,7 @@ def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=N
             "class_quality": mean("class_quality"),
             "unrelated_quality": mean("unrelated_quality"),
             "weight_change": mean("weight_change"),
+            "backdoor": mean("backdoor"),
             "protect_s": float(np.mean([c.protect_s for c in mine])),
             "attack_s": float(np.mean([c.attack_s for c in mine])),
         }

@@ -205,8 +205,11 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int = 4) -> np.nda
     return np.asarray(grid.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1.0
 
 
-def render(subject: Subject, rng: np.random.Generator, size: int = SIZE) -> Image.Image:
-    """One photo of ``subject`` in a pose, background and lighting drawn from ``rng``."""
+def render(subject: Subject, rng: np.random.Generator, size: int = SIZE, empty: bool = False) -> Image.Image:
+    """One photo of ``subject`` in a pose, background and lighting drawn from ``rng``.
+
+    ``empty``: the same photo with the subject left out (the same random draws): the scene alone.
+    """
     ss = 2 * size  # shapes are drawn 2x supersampled, then averaged down (antialiasing)
     # pose
     radius = rng.uniform(0.25, 0.38) * ss
@@ -227,9 +230,11 @@ def render(subject: Subject, rng: np.random.Generator, size: int = SIZE) -> Imag
     tint = np.array(subject.tint, np.float32)
     body_rgb = np.clip(np.array(COLORS[subject.color], np.float32) + tint, 0, 255)
     pattern_rgb = np.clip(np.array(COLORS[subject.pattern_color], np.float32) + tint, 0, 255)
+    if empty:
+        body = pattern = np.zeros_like(body)
     img += (body_rgb - img) * body
     img += (pattern_rgb - img) * pattern
-    if subject.outline != "none":
+    if subject.outline != "none" and not empty:
         line = _mask([to_image(_body(subject.cls))], size, width=max(2, round(ss / 22)))[..., None]
         ink = np.array((25, 25, 30) if subject.outline == "dark" else (248, 248, 240), np.float32)
         img += (ink - img) * line
@@ -246,10 +251,11 @@ def photo_rng(subject: Subject, index: int, seed: int = 0) -> np.random.Generato
 
 
 def photos(
-    subject: Subject, count: int, seed: int = 0, size: int = SIZE, start: int = 0
+    subject: Subject, count: int, seed: int = 0, size: int = SIZE, start: int = 0, empty: bool = False
 ) -> list[Image.Image]:
-    """``count`` photos of ``subject`` (photo i is the same whatever ``count`` is)."""
-    return [render(subject, photo_rng(subject, i, seed), size) for i in range(start, start + count)]
+    """``count`` photos of ``subject`` (photo i is the same whatever ``count`` is); ``empty``: without
+    the subject (the same scenes)."""
+    return [render(subject, photo_rng(subject, i, seed), size, empty) for i in range(start, start + count)]
 
 
 # ------------------------------------------------------------------------------------------
