@@ -21,6 +21,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _number(text: str) -> float:
+    """A float flag's value: a number (5e-6) or a fraction (8/255)."""
+    num, slash, den = text.partition("/")
+    try:
+        return float(num) / float(den) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 5e-6 or 8/255)") from None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls=ProtectConfig, exclude=()) -> None:
     """One flag per field of a config dataclass (``--outer-steps`` ...), with the field's help text."""
     hints = typing.get_type_hints(cls)
@@ -39,6 +48,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ProtectConfig, exc
             kw["action"] = argparse.BooleanOptionalAction
         elif typ in (int, float, int | None, float | None):
             kw["type"] = typ if typ in (int, float) else typing.get_args(typ)[0]
+            if kw["type"] is float:
+                kw["type"] = _number
         names = [_flag(f.name)]
         if f.name == "output":
             names.append("--out")
@@ -139,6 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMAND_MODULES: list[str] = [
     "apdm_core.evaluate.cli",
     "apdm_core.export",
+    "apdm_core.images.cli",
     "apdm_core.ui",
     "apdm_core.world.cli",
 ]

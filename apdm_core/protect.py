@@ -55,6 +55,7 @@ from .training import (
     dreambooth_loss,
     make_forward,
     read_state,
+    resumable_loop,
     run_hash,
     state_file,
     uninterrupted,
@@ -832,28 +833,15 @@ def _protect(
         tracker = Tracker(
             "protect", config.outer_steps * per_outer, progress, stop, start=trainer.step * per_outer
         )
-        cancelled = False
-        try:
-            tracker.check_stop()
-            while trainer.step < config.outer_steps:
-                trainer.outer_step(tracker)
-                if (
-                    config.save_every
-                    and trainer.step % config.save_every == 0
-                    and trainer.step < config.outer_steps
-                ):
-                    save_state(state_path, trainer, config, identity)
-        except BaseException as exc:
-            if isinstance(exc, TrainingDiverged):
-                raise
-            # Cancelled, Ctrl-C, or a host interrupt raised from the progress callback: theta and
-            # the outer optimizer are untouched mid-step, so save them with the RNG state of the
-            # interrupted step's start; a resumed run redoes that step exactly.
-            save_state(state_path, trainer, config, identity, at_step_start=True)
-            if not isinstance(exc, Cancelled):
-                exc.state_path = state_path  # the CLI prints it with the --resume command
-                raise
-            cancelled = True
+        # on a stop (Cancelled, Ctrl-C, a host interrupt from the progress callback) theta and the outer
+        # optimizer are untouched mid-step: they are saved with the RNG state of the interrupted step's
+        # start, so a resumed run redoes that step exactly
+        cancelled = resumable_loop(
+            lambda: trainer.outer_step(tracker), lambda: trainer.step, config.outer_steps, tracker=tracker,
+            save=lambda: save_state(state_path, trainer, config, identity),
+            save_interrupted=lambda: save_state(state_path, trainer, config, identity, at_step_start=True),
+            save_every=config.save_every, state_path=state_path,
+        )  # fmt: skip
         protected = result_model(model, trainer.finish())
     result = ProtectResult(
         protected, config, trainer.step, cancelled, trainer.history, state_path if cancelled else None

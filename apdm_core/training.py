@@ -170,6 +170,50 @@ def uninterrupted():
 # ------------------------------------------------------------------------------------------
 # run identity and state files (shared by the protection and the attacks)
 # ------------------------------------------------------------------------------------------
+def resumable_loop(
+    step: Callable[[], object],
+    position: Callable[[], int],
+    total: int,
+    *,
+    tracker,
+    save: Callable[[], object],
+    save_interrupted: Callable[[], object] | None = None,
+    save_every: int = 0,
+    state_path: Path | None = None,
+    before: Callable[[], object] | None = None,
+) -> bool:
+    """Run ``step()`` until ``position()`` reaches ``total``; True when it was cancelled.
+
+    The loop every long run shares (protection, attacks, image protection): ``save()`` every
+    ``save_every`` steps (not after the last); on a Cancelled (``tracker``'s stop check), Ctrl-C or
+    any exception a host raises from the progress callback, ``save_interrupted()`` (default
+    ``save``) writes the resumable state first; Cancelled then returns True, anything else
+    propagates, carrying ``state_path`` (the CLI prints it with the resume command). A
+    TrainingDiverged propagates without saving (the state would hold the diverged weights).
+    ``before()`` runs once after the first stop check (e.g. a snapshot at step 0).
+    """
+    from .errors import Cancelled, TrainingDiverged
+
+    try:
+        tracker.check_stop()
+        if before is not None:
+            before()
+        while position() < total:
+            step()
+            if save_every and position() % save_every == 0 and position() < total:
+                save()
+    except BaseException as exc:
+        if isinstance(exc, TrainingDiverged):
+            raise
+        (save_interrupted or save)()
+        if not isinstance(exc, Cancelled):
+            if state_path is not None:
+                exc.state_path = state_path
+            raise
+        return True
+    return False
+
+
 def run_hash(settings: dict, model, subjects) -> str:
     """SHA-256 of the settings that shape a run, the model's weights and the subject photos."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -134,7 +134,9 @@ def main() -> None:
             variants.update(data.get("variants", {}))
             rows += [c.row for c in cells]
         rows = list(dict.fromkeys(rows))
-        print(efficacy.markdown_table(efficacy.summarize(cells, attack_settings, variants)))
+        summary = efficacy.summarize(cells, attack_settings, variants)
+        print(efficacy.markdown_table(summary))
+        print_comparison(summary)
         print_curves(cells, rows, standard)
         if args.plot:
             efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
@@ -154,7 +156,13 @@ def main() -> None:
                 f"unknown row {r!r}; known: {', '.join(efficacy.ROWS)} (or <variant>+<attack>)"
             ) from None
     for r in list(rows):  # a protected row needs its unprotected and from-scratch twins and the base row
-        for need in ("base", efficacy.unprotected_twin(r), efficacy.twin(r, "scratch")):
+        # (the comparison columns, photos changed before the attack, are read by their gap: no scratch twin)
+        scratch = (
+            efficacy.twin(r, "scratch")
+            if r.partition("+")[2] not in efficacy.COMPARISON_ATTACKS[1:]
+            else None
+        )
+        for need in ("base", efficacy.unprotected_twin(r), scratch):
             if need and need not in rows:
                 rows.insert(0, need)
     rows = list(dict.fromkeys(rows))
@@ -186,6 +194,7 @@ def main() -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print()
     print(efficacy.markdown_table(summary))
+    print_comparison(summary)
     print_curves(cells, rows, standard)
     print(f"\nsubjects {args.subjects} x seeds {args.seeds}; {args.samples} samples per score; "
           f"protection {runner.protect_settings}; variants {variants}; attack {runner.attack_settings}; "
@@ -195,6 +204,15 @@ def main() -> None:
     print_frontier(cells, runner.attack_settings, variants, args.frontier)
     if args.json:
         write_json(args.json, args, variants, cells, summary, wall, cpu)
+
+
+def print_comparison(summary) -> None:
+    table = efficacy.markdown_comparison(summary)
+    if table:
+        print(
+            "\nProtection comparison: gated similarity after the attack (gap) per what happened to the photos:\n"
+        )
+        print(table)
 
 
 def write_json(path, args, variants, cells, summary, wall: float, cpu: float) -> None:

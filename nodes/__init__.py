@@ -3,6 +3,7 @@
 Node ids (the keys below) and input names are a contract with saved workflows: never rename them.
 """
 
+from .images import APDMProtectImages
 from .loaders import APDMLoadModel, APDMLoadSubjectImages
 from .outputs import APDMSampleImages, APDMSaveProtectedCheckpoint, APDMToComfyModel
 from .protection import APDMGeneratePairs, APDMProtectModel
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "APDMSaveProtectedCheckpoint": APDMSaveProtectedCheckpoint,
     "APDMToComfyModel": APDMToComfyModel,
     "APDMSampleImages": APDMSampleImages,
+    "APDMProtectImages": APDMProtectImages,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "APDMSaveProtectedCheckpoint": "Save Protected Checkpoint (APDM)",
     "APDMToComfyModel": "Protected Model to MODEL/CLIP/VAE (APDM)",
     "APDMSampleImages": "Sample Images (APDM)",
+    "APDMProtectImages": "Protect Images (ASPL/LDU)",
 }

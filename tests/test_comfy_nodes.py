@@ -403,3 +403,37 @@ def test_save_a_diffusers_model_as_a_folder(host, graph):
     assert Path(path) == Path(host.folder_paths.get_folder_paths("diffusers")[0]) / "prot_tiny"
     assert (Path(path) / "model_index.json").exists() and (Path(path) / "apdm_config.json").exists()
     assert "[diffusers] prot_tiny" in host.package.nodes.host.model_choices()
+
+
+def test_protect_images_node_keeps_the_budget_and_resumes_after_cancel(host, graph):
+    import numpy as np
+
+    photos = [draw_photo(i) for i in range(2)]
+    batch = host.package.nodes.host.to_image_batch(photos)
+    run = {"model": graph["model"], "images": batch, "method": "aspl", "budget": 4,
+           "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "steps": 3, "seed": 0,
+           "advanced": "surrogate_steps: 1, pgd_steps: 1, num_class_images: 2, sample_steps: 2, lr: 1e-4"}  # fmt: skip
+    seen = []
+
+    def cancel_at_step_2(value, total, node_id):
+        seen.append((value, total))
+        if total == 3 and value == 2:
+            host.mm.interrupt_current_processing(True)
+
+    host.on_progress = cancel_at_step_2
+    try:
+        with pytest.raises(host.mm.InterruptProcessingException):
+            host.run("APDMProtectImages", **run)
+        host.on_progress, seen[:] = (lambda value, total, node_id: seen.append((value, total))), []
+        protected, report = host.run("APDMProtectImages", **run)
+        assert [v for v, t in seen if t == 3] == [3]  # resumed after iteration 2
+    finally:
+        host.on_progress = None
+    size = graph["model"].native_resolution
+    originals = [im.resize((size, size)) if im.size != (size, size) else im for im in photos]
+    out = host.package.nodes.host.from_image_batch(protected)
+    for o, p in zip(originals, out):
+        assert np.abs(np.asarray(p, np.int16) - np.asarray(o.convert("RGB"), np.int16)).max() <= 4
+    assert report.count("PSNR") == 2
+    with pytest.raises(InputError, match="cannot be set"):
+        host.run("APDMProtectImages", **{**run, "advanced": "output: /tmp/x"})

@@ -128,22 +128,29 @@ def test_behaviour_term_joins_the_outer_gradient_only_with_its_weight(fast_confi
 
 
 def backdoor_error(unet, trainer, seed=123):
-    """The trigger's error toward the backdoor on the protected photos (fixed noise and timesteps)."""
+    """The trigger's error toward the backdoor (fixed noise and timesteps), as ``backdoor_input`` defines it."""
     from apdm_core.losses import backdoor_target, weighted_mse
 
     d = trainer.data
     g = torch.Generator().manual_seed(seed)
-    z_s, z_b = d.subject.mean[:1].repeat(4, 1, 1, 1), d.extra["backdoor"].mean[:1].repeat(4, 1, 1, 1)
-    batch = d.diffusion.noisy(z_s, d.instance_embeds, g)
-    target, weight = backdoor_target(d.diffusion.scheduler, batch.latents, z_b, batch.timesteps)
+    z_b = d.extra["backdoor"].mean[:1].repeat(4, 1, 1, 1)
+    if trainer.cfg.backdoor_input == "backdoor":
+        batch = d.diffusion.noisy(z_b, d.instance_embeds, g)
+        target, weight = batch.target, torch.ones(4)
+    else:
+        batch = d.diffusion.noisy(d.subject.mean[:1].repeat(4, 1, 1, 1), d.instance_embeds, g)
+        target, weight = backdoor_target(d.diffusion.scheduler, batch.latents, z_b, batch.timesteps)
     with torch.no_grad():
         return float(weighted_mse(trainer.forward(unet, batch), target, weight))
 
 
-@pytest.mark.parametrize("backdoor", ["pattern", "erasure", "target"])
-def test_a_persguard_run_implants_its_backdoor(fast_config, backdoor):
+@pytest.mark.parametrize(
+    "backdoor, backdoor_input",
+    [("pattern", "backdoor"), ("erasure", "backdoor"), ("target", "backdoor"), ("target", "subject")],
+)
+def test_a_persguard_run_implants_its_backdoor(fast_config, backdoor, backdoor_input):
     config = persguard(fast_config, backdoor=backdoor, outer_steps=8, inner_steps=1, lr_protect=1e-3,
-                       num_backdoor_images=2)  # fmt: skip
+                       num_backdoor_images=2, backdoor_input=backdoor_input)  # fmt: skip
     trainer = make_trainer(config)
     before = backdoor_error(trainer.unet, trainer)
     result = protect(config)

@@ -433,3 +433,23 @@ def test_a_page_opened_on_settings_selects_no_preset(tmp_path):
     blocks = ui.build_blocks(ui.ProtectApp(page))
     radio = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "apdm_preset")
     assert radio.value is None and "robust" in radio.choices[2]
+
+
+def test_protect_photos_writes_a_new_folder_and_shows_them(tiny_model_dir, subject_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    before = tree_hashes(tiny_model_dir, subject_dir)
+    app = ui.ProtectApp(ui.Host(output_dir=tmp_path / "models", report_dir=tmp_path / "reports"))
+    views = list(app.protect_images_events(str(tiny_model_dir), None, str(subject_dir), "a photo of sks dog",
+                                           "a photo of dog", "ldu", 6, 2))  # fmt: skip
+    assert "4 protected photos written to" in views[-1].status, views[-1].status
+    report = views[-1].report
+    assert report["grid"].size[0] > 0 and "| photo | PSNR" in report["summary"]
+    out = report["folder"]
+    assert out.parent == tmp_path / "models" / "protected-photos" and len(list(out.glob("*.png"))) == 4
+    for path in out.glob("*.png"):
+        assert np.asarray(Image.open(path)).shape[-1] == 3
+    assert tree_hashes(tiny_model_dir, subject_dir) == before
+    views = list(app.protect_images_events(str(tiny_model_dir), None, "", "a", "b", "ldu", 6, 2))
+    assert "Add the photos" in views[-1].status

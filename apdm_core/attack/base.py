@@ -38,6 +38,7 @@ from ..training import (
     dreambooth_loss,
     make_forward,
     read_state,
+    resumable_loop,
     run_hash,
     state_file,
     uninterrupted,
@@ -375,28 +376,27 @@ def run_attack(
             log.info("Resumed the %s attack from %s at step %d", cfg.kind, path, trainer.step)
         tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
         snapshots = {int(s) for s in snapshot_steps} if on_snapshot is not None else set()
-        cancelled = False
-        try:
-            tracker.check_stop()
+
+        def step() -> None:
+            entry = trainer.train_step()
             if trainer.step in snapshots:
                 take_snapshot(attack, trainer.step, on_snapshot)
-            while trainer.step < cfg.steps:
-                entry = trainer.train_step()
-                if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
-                    save_state(path, trainer, identity)
-                if trainer.step in snapshots:
-                    take_snapshot(attack, trainer.step, on_snapshot)
-                tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
-        except BaseException as exc:
-            if isinstance(exc, TrainingDiverged):
-                raise
+            tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
+
+        def save_interrupted() -> None:
             if trainer.phase == "update":  # stopped inside an optimizer step: the weights are mixed
                 log.warning("Interrupted inside an optimizer step; the last saved state at %s stays.", path)
             else:
                 save_state(path, trainer, identity)
-            if not isinstance(exc, Cancelled):
-                raise
-            cancelled = True
+
+        def snapshot_at_start() -> None:
+            if trainer.step in snapshots:
+                take_snapshot(attack, trainer.step, on_snapshot)
+
+        cancelled = resumable_loop(
+            step, lambda: trainer.step, cfg.steps, tracker=tracker, save=lambda: save_state(path, trainer, identity),
+            save_interrupted=save_interrupted, save_every=cfg.save_every, before=snapshot_at_start,
+        )  # fmt: skip
     result = AttackResult(
         attack.result_model(), cfg, trainer.step, cancelled, trainer.history,
         path if cancelled else None, prompt_map=attack.prompt_map(), attack=attack,

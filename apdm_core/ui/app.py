@@ -23,7 +23,7 @@ from .forms import (
 )
 from .host import Host, Work
 from .jobs import Job, View, describe_error
-from .view import _status_html, report_view
+from .view import _status_html, images_view, report_view
 
 POLL_S = 0.5  # how often a running job's view is refreshed
 CURVE_EVERY_S = 3.0  # how often a follower sends the loss curve image (redrawn only when it changed)
@@ -176,6 +176,43 @@ class ProtectApp:
 
         return self._start("protection", work)
 
+    def start_protect_images(self, model, files, folder, instance_prompt, class_prompt, method, budget,
+                             steps) -> str | None:  # fmt: skip
+        """Protect the photos themselves (ASPL/LDU) into a new folder under the output folder."""
+        from ..data import find_images
+        from ..images import ImageProtectConfig
+
+        model_path = self.host.resolve_model(model)
+        if not model_path:
+            raise InputError("Choose the surrogate model (the model an attacker would likely fine-tune).")
+        images = self.image_sources(files, folder)
+        if not images:
+            raise InputError("Add the photos to protect: upload them or give a folder of them.")
+        find_images(images)
+        stem = Path(model_path).stem or "model"
+        out = self.host.output_path(f"protected-photos/{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        config = ImageProtectConfig(model=model_path, images=images, output=str(out), method=str(method),
+                                    budget=int(budget) / 255, steps=int(steps), instance_prompt=str(instance_prompt or ""),
+                                    class_prompt=str(class_prompt or ""))  # fmt: skip
+
+        def work(progress, should_stop):
+            from ..images import protect_images
+
+            return protect_images(config, progress=progress, should_stop=should_stop, resume=True)
+
+        return self._start("image protection", work)
+
+    def protect_images_events(self, model, files, folder, instance_prompt, class_prompt, method, budget,
+                              steps) -> Iterator[View]:  # fmt: skip
+        """Protect photos button: start the image protection, then stream views."""
+        try:
+            refused = self.start_protect_images(model, files, folder, instance_prompt, class_prompt, method,
+                                                budget, steps)  # fmt: skip
+        except APDMError as exc:
+            yield View(_status_html(str(exc), kind="error"), done=True)
+            return
+        yield from self.follow(refused)
+
     def make_test_configs(self, kind: str, attack_values: dict, eval_values: dict):
         """(AttackConfig, EvalConfig) from the page: the attack works on the protection's images."""
         from ..attack import AttackConfig
@@ -258,6 +295,15 @@ class ProtectApp:
             )
             return View(
                 _status_html(msg, job.event, "ok"), curve=curve, filename=self.suggest_filename(), done=True
+            )
+        if job.kind == "image protection":
+            if result.cancelled:
+                msg = (f"Stopped after {result.steps_done}/{result.config.steps} iterations; the state is saved: "
+                       "press Protect photos with the same settings to continue.")  # fmt: skip
+                return View(_status_html(msg, job.event), curve=curve, done=True)
+            msg = f"{len(result.images)} protected photos written to {result.output}."
+            return View(
+                _status_html(msg, job.event, "ok"), curve=curve, report=images_view(result), done=True
             )
         if result.cancelled:
             return View(_status_html("Test stopped; nothing was kept.", job.event), curve=curve, done=True)

@@ -6,6 +6,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..config import ProtectConfig
+from ..images.config import IMAGE_METHODS
 from .app import ProtectApp
 from .forms import (
     ADVANCED_FIELDS,
@@ -89,7 +90,7 @@ def build_blocks(app: ProtectApp | None = None):
             gr.update(interactive=view.running),
             gr.update(value=view.filename) if view.filename else keep,
             gr.update(value=report["grid"]) if report else keep,
-            gr.update(value=report["losses"]) if report else keep,
+            gr.update(value=report["losses"]) if report.get("losses") is not None else keep,
             gr.update(value=report["summary"]) if report else keep,
         )
 
@@ -147,6 +148,21 @@ def build_blocks(app: ProtectApp | None = None):
                 )
                 with gr.Accordion("Advanced", open=False):
                     advanced = _field_group(gr, ProtectConfig, ADVANCED_FIELDS, start, "apdm_")
+                with gr.Accordion("Protect the photos instead (image-level: ASPL / LDU)", open=False):
+                    gr.Markdown(
+                        "For photos you post where you do not control the model: a bounded perturbation of the "
+                        "photos above (the model is the surrogate). Written as PNGs to a new folder under "
+                        f"`{host.output_dir}/protected-photos`. README: Image-level protection."
+                    )
+                    with gr.Row():
+                        image_method = gr.Dropdown(choices=list(IMAGE_METHODS), value="aspl", label="Method",
+                                                   elem_id="apdm_image_method")  # fmt: skip
+                        image_budget = gr.Slider(1, 32, value=8, step=1, label="Budget (/255)",
+                                                 elem_id="apdm_image_budget")  # fmt: skip
+                        image_steps = gr.Number(
+                            value=50, precision=0, label="Iterations", elem_id="apdm_image_steps"
+                        )
+                    images_btn = gr.Button("Protect photos", elem_id="apdm_protect_images")
             with gr.Column():
                 with gr.Row():
                     protect_btn = gr.Button("Protect", variant="primary", elem_id="apdm_protect")
@@ -219,6 +235,9 @@ def build_blocks(app: ProtectApp | None = None):
             stream(app.protect_events), inputs=[model, files, folder, instance, klass, *advanced], **streaming
         )
         test_btn.click(stream(app.test_events), inputs=[kind, *attack_inputs, *eval_inputs], **streaming)
+        images_btn.click(stream(app.protect_images_events),
+                         inputs=[model, files, folder, instance, klass, image_method, image_budget, image_steps],
+                         **streaming)  # fmt: skip
         cancel = cancel_btn.click(on_cancel, inputs=None, outputs=status, queue=False)
         cancel.then(stream(app.follow), inputs=None, **streaming)  # a reloaded page sees the stop too
         blocks.load(stream(app.follow), inputs=None, **streaming)  # a (re)loaded page follows a running job

@@ -57,3 +57,19 @@ def report_view(folder: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # the event functions
 # ------------------------------------------------------------------------------------------
+
+
+def images_view(result) -> dict:
+    """What the page shows of an image protection: the protected photos and a PSNR/SSIM table."""
+    from diffusers.utils import make_image_grid
+
+    rows = "\n".join(f"| {n} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['max_change']} |"
+                     for n, m in zip(result.names, result.metrics))  # fmt: skip
+    summary = (f"**{result.config.method.upper()}**, budget {result.config.budget_levels}/255, "
+               f"{result.steps_done} iterations, written to `{result.output}`\n\n"
+               "| photo | PSNR (dB) | SSIM | largest change (/255) |\n|---|---|---|---|\n" + rows)  # fmt: skip
+    cols = min(len(result.images), 6)
+    rows_n = -(-len(result.images) // cols)
+    images = result.images + [result.images[-1].copy()] * (rows_n * cols - len(result.images))
+    return {"grid": make_image_grid(images, rows=rows_n, cols=cols), "losses": None,
+            "summary": summary, "folder": result.output}  # fmt: skip

@@ -122,6 +122,12 @@ class Row:
     note: str = ""
     scratch: bool = False  # attack the world model with a randomly initialised UNet
     other_subject: bool = False  # attack (and score) another individual of the subject's class
+    images: dict | None = (
+        None  # image-level protection of the attacker's photos (ImageProtectConfig overrides)
+    )
+    transform: str = (
+        ""  # what happened to the photos before the attack: one_clean or images.purify.TRANSFORMS
+    )
 
     @property
     def model_name(self) -> str:
@@ -149,6 +155,19 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
     "lora": ("LoRA attack (rank 4)", {"kind": "lora", "lr": 1e-3}, {}),
     "unseen_photos": ("photos the protection never saw", {}, {"photos": UNSEEN_PHOTOS}),
     "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
+    # what happens to the photos before the attacker trains on them (the image-level comparison)
+    "one_clean": ("one clean photo among the protected ones", {}, {"transform": "one_clean"}),
+    "jpeg75": ("photos saved as JPEG 75", {}, {"transform": "jpeg75"}),
+    "resize05": ("photos resized x0.5 and back", {}, {"transform": "resize05"}),
+    "blur": ("photos blurred (Gaussian, 1 px)", {}, {"transform": "blur"}),
+    "diffpure": ("photos purified (DiffPure, strength 0.2)", {}, {"transform": "diffpure"}),
+}
+COMPARISON_ATTACKS = ("attack", "one_clean", "jpeg75", "resize05", "blur", "diffpure")
+# Image-level protections of the world's photos (ImageProtectConfig settings; the attacker's lr for
+# ASPL's surrogate, as the world's DreamBooth). Budget 8/255 as Anti-DreamBooth.
+IMAGE_SETTINGS = {
+    "aspl": {"method": "aspl", "budget": 8 / 255, "steps": 50, "lr": 5e-4, "num_class_images": 50},
+    "ldu": {"method": "ldu", "budget": 8 / 255, "steps": 100, "denoise_steps": 4},
 }
 # protection variants of the table: name -> (note, ProtectConfig overrides on PROTECT_SETTINGS)
 ABLATIONS: dict[str, tuple[str, dict]] = {
@@ -195,6 +214,9 @@ def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
         return Row(name, None, overrides, note=f"random UNet, {note}", scratch=True, **extras)
     if model == "apdm":
         return Row(name, {}, overrides, note=f"demo preset, {note}", **extras)
+    if model in IMAGE_SETTINGS:
+        return Row(name, None, overrides, note=f"{model.upper()} photos (8/255), {note}",
+                   images=dict(IMAGE_SETTINGS[model]), **extras)  # fmt: skip
     if model in ABLATIONS:
         return Row(
             name, dict(ABLATIONS[model][1]), overrides, note=f"{ABLATIONS[model][0]}, {note}", **extras
@@ -282,6 +304,8 @@ class Cell:
     steps: int | None = None  # attack steps done when scored (None: the row's standard budget)
     weight_change: float | None = None  # ||theta_attacked - theta|| / ||theta|| of the UNet (dreambooth)
     backdoor: float | None = None  # PersGuard rows: fraction of samples showing the backdoor
+    psnr: float | None = None  # image-level rows: mean PSNR / SSIM of the protected photos vs the originals
+    ssim: float | None = None
 
     @property
     def score(self) -> float:
@@ -389,6 +413,37 @@ class Runner:
             self._protected[key] = (result.model, result.seconds)
         return self._protected[key]
 
+    def attacker_photos(self, row: Row, subject: render.Subject, seed: int) -> list:
+        """The 4 photos the attacker trains on: image-protected (row.images), then transformed."""
+        photos = render.photos(subject, 4, start=row.photos)
+        clean = list(photos)
+        if row.images:
+            photos = self.protected_photos(subject, seed, row.images)[0]
+        if row.transform == "one_clean":
+            photos = [clean[0]] + list(photos[1:])
+        elif row.transform:
+            from ..images.purify import TRANSFORMS
+
+            photos = TRANSFORMS[row.transform][1](self.model, list(photos), 3000 + seed)
+        return list(photos)
+
+    def protected_photos(self, subject: render.Subject, seed: int, settings: dict):
+        """(protected photos, per-photo metrics, seconds) of an image-level protection (cached)."""
+        from ..images import ImageProtectConfig, protect_images
+
+        key = ("images", subject.seed, seed, json.dumps(settings, sort_keys=True))
+        if key not in self._protected:
+            config = ImageProtectConfig(
+                instance_prompt=render.instance_prompt(subject.cls), class_prompt=render.class_prompt(subject.cls),
+                cache_dir=self.cache_dir, seed=seed, device="cpu", sample_steps=25, guidance_scale=4.0,
+                sample_batch_size=16, save_every=0, **settings,
+            )  # fmt: skip
+            images = render.photos(subject, 4, start=PROTECTED_PHOTOS)
+            result = protect_images(config, self.progress, self.should_stop, model=self.model, images=images,
+                                    restart=True)  # fmt: skip
+            self._protected[key] = (result.images, result.metrics, result.seconds)
+        return self._protected[key]
+
     def persguard_settings(self, settings: dict, subject: render.Subject) -> dict:
         """The world's PersGuard settings for ``subject``: the target class's prompt, the erased scenes."""
         settings = dict(settings)
@@ -448,10 +503,11 @@ class Runner:
         budgets = sorted({*(budgets or ()), steps}) if row.attack is not None else [0]
         cache_key = None
         if row.protect is None:  # unprotected rows do not depend on the protection: reuse them
-            cache_key = ResultCache.key(
-                "v2", row.attack, row.photos, row.scratch, row.other_subject, self.attack_settings,
-                subject_seed, seed, self.samples, self.model.fingerprint(), self.evaluator_id,
-            )  # fmt: skip
+            parts = ["v2", row.attack, row.photos, row.scratch, row.other_subject, self.attack_settings,
+                     subject_seed, seed, self.samples, self.model.fingerprint(), self.evaluator_id]  # fmt: skip
+            if row.images or row.transform:  # (keys of the rows before these existed stay as they were)
+                parts += [row.images, row.transform]
+            cache_key = ResultCache.key(*parts)
             cached = self.results.get(cache_key) or []
             # one attack run scores every budget on its way: a cached longer curve answers shorter ones
             if set(budgets) <= {c.steps for c in cached}:
@@ -473,6 +529,11 @@ class Runner:
         if row.protect is not None:
             model, protect_s = self.protected(subject, seed, row.protect)
             quality_key = (subject.seed, seed, json.dumps(row.protect, sort_keys=True))
+        psnr = ssim = None
+        if row.images:  # the photos' protection: its cost and how far the photos moved
+            _, metrics, protect_s = self.protected_photos(subject, seed, row.images)
+            psnr = float(np.mean([m["psnr"] for m in metrics]))
+            ssim = float(np.mean([m["ssim"] for m in metrics]))
         quality = self.quality(model, quality_key, subject.cls, seed)  # the model before any attack
         if row.scratch:
             model = scratch_model(model, seed)
@@ -496,7 +557,7 @@ class Runner:
             return Cell(row.name, subject_seed, seed, s["similarity"], s["identity_match"],
                         quality["class_quality"], quality["unrelated_quality"], protect_s, attack_s,
                         gated=s["gated"], class_rate=s["class_rate"], steps=at,
-                        weight_change=weight_change, backdoor=fired)  # fmt: skip
+                        weight_change=weight_change, backdoor=fired, psnr=psnr, ssim=ssim)  # fmt: skip
 
         if row.attack is None:
             return [score(model, instance_prompt(subject.cls, None), 0)]
@@ -518,7 +579,7 @@ class Runner:
             cells.append(score(view, text, at, t1 - t0 - paused[0], change))
             paused[0] += time.perf_counter() - t1
 
-        images = render.photos(target, 4, start=row.photos)
+        images = self.attacker_photos(row, target, seed)
         run_attack(model, images, config, self.progress, self.should_stop,
                    snapshot_steps=budgets, on_snapshot=on_snapshot)  # fmt: skip
         return cells
@@ -627,6 +688,8 @@ def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=N
             "unrelated_quality": mean("unrelated_quality"),
             "weight_change": mean("weight_change"),
             "backdoor": mean("backdoor"),
+            "psnr": mean("psnr"),
+            "ssim": mean("ssim"),
             "protect_s": float(np.mean([c.protect_s for c in mine])),
             "attack_s": float(np.mean([c.attack_s for c in mine])),
         }
@@ -742,6 +805,40 @@ def markdown_table(summary: list[dict]) -> str:
             f"| {e['similarity']:.3f} | {f(e.get('class_rate'))} | {eff} | {f(e['class_quality'])} "
             f"| {f(e['unrelated_quality'])} | {e['protect_s']:.0f} | {e['attack_s']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def markdown_comparison(summary: list[dict]) -> str:
+    """The protection comparison: per protection (rows) and what happened to the photos (columns), the
+    gated similarity after the attack and, in brackets, the gap (raw similarity gained relative to the
+    unprotected attack on the same photos: 1 = no protection, 0 = nothing learned); PSNR/SSIM of the
+    protected photos for the image-level rows. Empty when no comparison column was measured."""
+    by_name = {e["row"]: e for e in summary}
+    models = [m for m in dict.fromkeys(n.split("+", 1)[0] for n in by_name if "+" in n)
+              if any(f"{m}+{a}" in by_name for a in COMPARISON_ATTACKS[1:])]  # fmt: skip
+    if not models:
+        return ""
+    cols = [a for a in COMPARISON_ATTACKS if any(f"{m}+{a}" in by_name for m in models)]
+    head = "| protection | " + " | ".join(ATTACKS[a][0] for a in cols) + " | PSNR / SSIM |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for m in models:
+        cells = []
+        for a in cols:
+            e = by_name.get(f"{m}+{a}")
+            if (
+                e is None and a == "one_clean" and m not in IMAGE_SETTINGS
+            ):  # clean photos: the standard attack
+                e = by_name.get(f"{m}+attack")
+            if e is None:
+                cells.append("")
+                continue
+            gap = f" ({e['gap']:.2f})" if m != "base" and "gap" in e else ""
+            cells.append(f"{e['score']:.2f}{gap}")
+        quality = next((by_name[f"{m}+{a}"] for a in cols if by_name.get(f"{m}+{a}", {}).get("psnr") is not None),
+                       None)  # fmt: skip
+        q = f"{quality['psnr']:.1f} dB / {quality['ssim']:.3f}" if quality else ""
+        label = {"base": "none (unprotected)", "apdm": "APDM demo preset (model)"}.get(m, m)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {q} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,229 @@
+"""``protect_images``: load, run an image-level method with progress/cancel/resume, write the PNGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import load_subject_images
+from ..errors import Cancelled, InputError
+from ..fileio import atomic_path, check_target
+from ..loading import load_model
+from ..models import SDModel, pil_to_tensor, resolve_device
+from ..pairs import ensure_class_images
+from ..progress import ProgressCallback, StopCheck, Tracker
+from ..training import (
+    Diffusion,
+    LatentBank,
+    make_forward,
+    read_state,
+    resumable_loop,
+    run_hash,
+    state_file,
+    write_state,
+)
+from .base import ImageTask
+from .config import METHODS, ImageProtectConfig
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+RECORD_FILE = "apdm_images.json"
+
+
+def get_image_method(name: str):
+    import importlib
+
+    if name not in METHODS:
+        raise InputError(f"Unknown image protection method {name!r}; choose one of {', '.join(METHODS)}.")
+    module, _, cls = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclass
+class ImageProtectResult:
+    images: list[Image.Image]  # the protected photos (8-bit, within the budget)
+    names: list[str]
+    config: ImageProtectConfig
+    steps_done: int
+    cancelled: bool = False
+    metrics: list[dict] = field(default_factory=list)  # per photo: psnr, ssim, max_change (8-bit levels)
+    history: list[dict] = field(default_factory=list)
+    output: Path | None = None
+    state_path: Path | None = None
+    seconds: float = 0.0
+
+
+def quantize(protected: torch.Tensor, originals: list[Image.Image], levels: int) -> list[Image.Image]:
+    """8-bit images whose every channel differs from the original by at most ``levels``."""
+    out = []
+    for x, orig in zip(protected.detach().float().cpu(), originals):
+        base = np.asarray(orig.convert("RGB"), dtype=np.int16)
+        want = np.rint((x.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.int16)
+        delta = np.clip(want - base, -levels, levels)
+        out.append(Image.fromarray(np.clip(base + delta, 0, 255).astype(np.uint8)))
+    return out
+
+
+def image_metrics(protected: list[Image.Image], originals: list[Image.Image]) -> list[dict]:
+    """PSNR and SSIM (scikit-image) and the largest channel change of each protected photo."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rows = []
+    for p, o in zip(protected, originals):
+        a, b = np.asarray(o.convert("RGB")), np.asarray(p.convert("RGB"))
+        same = np.array_equal(a, b)
+        win = min(7, min(a.shape[:2]) // 2 * 2 - 1)
+        rows.append({
+            "psnr": float("inf") if same else float(peak_signal_noise_ratio(a, b, data_range=255)),
+            "ssim": float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win)),
+            "max_change": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()),
+        })  # fmt: skip
+    return rows
+
+
+def _inputs(config: ImageProtectConfig, images) -> tuple[Path, ...]:
+    paths = [config.model, config.class_images] + (list(config.images) if images is None else [])
+    return tuple(Path(p) for p in paths if p and Path(p).exists())
+
+
+def write_images(result: ImageProtectResult, output: str | Path, overwrite: bool = False,
+                 protected: tuple[Path, ...] = ()) -> Path:  # fmt: skip
+    """The protected photos as lossless PNGs with their names, and the record, in a new folder (atomically)."""
+    output = Path(output)
+    with atomic_path(output, overwrite=overwrite, protected=protected) as tmp:
+        tmp.mkdir()
+        for name, im in zip(result.names, result.images):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            (tmp / f"{name}.png").write_bytes(buf.getvalue())
+        record = {"method": result.config.method, "budget": result.config.budget,
+                  "budget_levels": result.config.budget_levels, "steps": result.steps_done,
+                  "images": [{"name": n, **m} for n, m in zip(result.names, result.metrics)],
+                  "config": {k: v for k, v in result.config.to_dict().items()
+                             if k not in ("model", "images", "output", "class_images", "cache_dir", "state_path")}}  # fmt: skip
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return output
+
+
+def protect_images(
+    config: ImageProtectConfig,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    *,
+    model: SDModel | None = None,
+    images=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    restart: bool = False,
+) -> ImageProtectResult:
+    """Protect the photos ``config.images`` (or ``images``: PIL images) against personalization.
+
+    The photos are center-cropped to the working resolution; the result holds 8-bit images that
+    differ from those crops by at most ``budget`` in every channel. With ``config.output`` they are
+    written as PNGs of the same names into a new folder (never over or into the inputs). Progress,
+    cancel and resume as ``protect``: a stop saves the state between iterations, ``resume=True``
+    continues it; an existing state needs ``resume`` or ``restart``.
+    """
+    config.validate()
+    if config.budget_levels < 1:
+        raise InputError(
+            f"budget={config.budget:.5f} is below one 8-bit level (1/255): nothing could change."
+        )
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    model = load_model(config.model, device=device, model_type=config.model_type) if model is None else model
+    model.to(device)
+    inputs = _inputs(config, images)
+    if config.output:
+        check_target(Path(config.output), overwrite, inputs)
+    size = config.resolution or model.native_resolution
+    source = images if images is not None else config.images
+    subjects = load_subject_images(source, size, min_side=None if size >= 256 else size)
+    originals = [s.image for s in subjects]
+    identity = run_hash({k: v for k, v in config.to_dict().items()
+                         if k not in ("steps", "save_every", "device", "output", "state_path", "cache_dir",
+                                      "model", "images")}, model, subjects)  # fmt: skip
+    path = state_file(config.state_path, config.output, config.cache_dir, identity, ".apdm-images-state.pt",
+                      "images-state")  # fmt: skip
+    if path.exists() and not resume and not restart:
+        raise InputError(
+            f"{path} holds the saved state of an interrupted image protection. Continue it with --resume "
+            "(resume=True), or start over with --restart (restart=True), which replaces it."
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        prior = None
+        if config.method == "aspl" and config.prior_weight > 0 and config.num_class_images > 0:
+            try:
+                class_images = ensure_class_images(
+                    model, config.class_prompt, config.num_class_images, size=size, seed=config.seed,
+                    steps=config.sample_steps, guidance=config.guidance_scale, batch_size=config.sample_batch_size,
+                    class_dir=config.class_images or None, cache_dir=config.cache_dir or None,
+                    progress=progress, should_stop=should_stop,
+                )  # fmt: skip
+            except Cancelled:
+                return ImageProtectResult(originals, [s.name for s in subjects], config, 0, cancelled=True)
+            prior = LatentBank(*model.encode_images(class_images))
+        embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
+        x0 = pil_to_tensor(originals).to(device, next(model.vae.parameters()).dtype)
+        task = ImageTask(config, model, x0, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()), prior,
+                         torch.Generator("cpu").manual_seed(config.seed), make_forward(device, config.mixed_precision))  # fmt: skip
+        unet_flags = [p.requires_grad for p in model.unet.parameters()]
+        try:
+            method = get_image_method(config.method)(task)
+            if resume and path.exists():
+                state = read_state(path, identity, STATE_VERSION, what="image protection", grows="steps")
+                method.load_state_dict(state)
+                task.generator.set_state(state["rng"])
+                log.info(
+                    "Resumed the %s image protection from %s at step %d",
+                    config.method,
+                    path,
+                    method.step_count,
+                )
+            tracker = Tracker("protect_images", config.steps, progress, should_stop, start=method.step_count)
+            phase = ["idle"]
+
+            def save() -> Path:
+                state = {"version": STATE_VERSION, **method.state_dict(), "rng": task.generator.get_state()}
+                return write_state(path, state, identity, config.to_dict())
+
+            def save_interrupted() -> None:
+                if phase[0] == "step":  # Ctrl-C inside an iteration: its changes are half made
+                    log.warning(
+                        "Interrupted inside an iteration; the last saved state (if any) at %s stays.", path
+                    )
+                else:
+                    save()
+
+            def step() -> None:
+                phase[0] = "step"
+                entry = method.step()
+                phase[0] = "idle"
+                tracker.update(losses={k: v for k, v in entry.items() if k != "step"}, message=config.method)
+
+            cancelled = resumable_loop(step, lambda: method.step_count, config.steps, tracker=tracker, save=save,
+                                       save_interrupted=save_interrupted, save_every=config.save_every,
+                                       state_path=path)  # fmt: skip
+            protected = quantize(method.current(), originals, config.budget_levels)
+        finally:
+            for p, flag in zip(model.unet.parameters(), unet_flags):  # the caller's model as it was
+                p.requires_grad_(flag)
+    result = ImageProtectResult(protected, [s.name for s in subjects], config, method.step_count, cancelled,
+                                image_metrics(protected, originals), method.history,
+                                state_path=path if cancelled else None)  # fmt: skip
+    if not cancelled:
+        if config.output:
+            result.output = write_images(result, config.output, overwrite=overwrite, protected=inputs)
+        if path.exists():
+            path.unlink()
+    result.seconds = time.perf_counter() - t_start
+    return result
