@@ -30,6 +30,8 @@ _LAZY = {
     "protect": "protect",
     "ProtectResult": "protect",
     "load_model": "loading",
+    "ImageProtectConfig": "images",
+    "protect_images": "images",
     "SDModel": "models",
     "ProgressEvent": "progress",
     "APDMError": "errors",

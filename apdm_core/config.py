@@ -157,6 +157,12 @@ class ConfigIO:
                 ) from None
             setattr(self, f.name, value)
 
+    def normalize_images(self) -> None:
+        """``images`` as a list of path strings (one path, or none for an empty one, becomes a list)."""
+        if isinstance(self.images, (str, Path)):
+            self.images = [str(self.images)] if str(self.images) else []
+        self.images = [str(p) for p in self.images]
+
     def check_choices(self) -> None:
         """Raise InputError for a field whose value is not one of its ``choices`` metadata."""
         for f in fields(self):
@@ -524,9 +530,7 @@ class ProtectConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         self.coerce_types()
-        if isinstance(self.images, (str, Path)):
-            self.images = [str(self.images)] if str(self.images) else []
-        self.images = [str(p) for p in self.images]
+        self.normalize_images()
         # "sks,zwx" (one CLI word or a text box) is two identifiers
         self.extra_identifiers = [
             w.strip() for item in self.extra_identifiers for w in item.split(",") if w.strip()

@@ -51,6 +51,7 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch):
     from apdm_core import checkpoint
     from apdm_core.attack import AttackConfig
     from apdm_core.evaluate import EvalConfig
+    from apdm_core.images import ImageProtectConfig
     from apdm_core.world import WORLD_MODEL_DIR, render
 
     shutil.copytree(WORLD_MODEL_DIR, tmp_path / "sd15")
@@ -62,7 +63,7 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "config_dir", lambda model_type: tiny_sd1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("APDM_CACHE_DIR", str(tmp_path / "cache"))
-    for cls in (ProtectConfig, AttackConfig, EvalConfig):
+    for cls in (ProtectConfig, AttackConfig, EvalConfig, ImageProtectConfig):
         real = cls.__post_init__
         names = {f.name for f in dataclasses.fields(cls)}
 
@@ -80,3 +81,4 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch):
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
     assert (tmp_path / "protected").is_dir() and (tmp_path / "protected.safetensors").is_file()
     assert (tmp_path / "report" / "report.json").is_file()
+    assert len(list((tmp_path / "photos-protected").glob("*.png"))) == 4

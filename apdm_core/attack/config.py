@@ -117,9 +117,7 @@ class AttackConfig(ConfigIO):
 
     def __post_init__(self) -> None:
         self.coerce_types()
-        if isinstance(self.images, str):
-            self.images = [self.images] if self.images else []
-        self.images = [str(p) for p in self.images]
+        self.normalize_images()
         self.lora_targets = [str(t) for t in self.lora_targets]
         self.validate()
 

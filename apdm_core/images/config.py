@@ -84,9 +84,7 @@ class ImageProtectConfig(ConfigIO):
                     f"ImageProtectConfig.budget={self.budget!r}: give e.g. 8/255 or 0.03."
                 ) from None
         self.coerce_types()
-        if isinstance(self.images, (str, Path)):
-            self.images = [str(self.images)] if str(self.images) else []
-        self.images = [str(p) for p in self.images]
+        self.normalize_images()
         self.validate()
 
     def validate(self) -> ImageProtectConfig:

@@ -113,6 +113,20 @@ class ProtectApp:
 
         return {**EvalConfig().to_dict(), **self.host.evaluation}
 
+    def model_and_images(self, model, files, folder, no_model: str, no_images: str) -> tuple[str, list[str]]:
+        """The chosen model's path and the photos' paths, or InputError (``no_model`` / ``no_images``);
+        a missing folder or a non-image file fails here, before any loading."""
+        from ..data import find_images
+
+        model_path = self.host.resolve_model(model)
+        if not model_path:
+            raise InputError(no_model)
+        images = self.image_sources(files, folder)
+        if not images:
+            raise InputError(no_images)
+        find_images(images)
+        return model_path, images
+
     def make_config(
         self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict
     ) -> ProtectConfig:
@@ -121,15 +135,10 @@ class ProtectApp:
             name: parse_field(ProtectConfig, name, advanced.get(name, _default(name)))
             for name in ADVANCED_FIELDS
         }
-        model_path = self.host.resolve_model(model)
-        if not model_path:
-            raise InputError("Choose the model to protect (a checkpoint file or a diffusers folder).")
-        images = self.image_sources(files, folder)
-        if not images:
-            raise InputError("Add the subject's photos: upload 4-6 images or give a folder of them.")
-        from ..data import find_images
-
-        find_images(images)  # a missing folder or a non-image file fails here, before any loading
+        model_path, images = self.model_and_images(
+            model, files, folder, "Choose the model to protect (a checkpoint file or a diffusers folder).",
+            "Add the subject's photos: upload 4-6 images or give a folder of them.",
+        )  # fmt: skip
         return ProtectConfig(
             model=model_path,
             images=images,
@@ -179,16 +188,12 @@ class ProtectApp:
     def start_protect_images(self, model, files, folder, instance_prompt, class_prompt, method, budget,
                              steps) -> str | None:  # fmt: skip
         """Protect the photos themselves (ASPL/LDU) into a new folder under the output folder."""
-        from ..data import find_images
         from ..images import ImageProtectConfig
 
-        model_path = self.host.resolve_model(model)
-        if not model_path:
-            raise InputError("Choose the surrogate model (the model an attacker would likely fine-tune).")
-        images = self.image_sources(files, folder)
-        if not images:
-            raise InputError("Add the photos to protect: upload them or give a folder of them.")
-        find_images(images)
+        model_path, images = self.model_and_images(
+            model, files, folder, "Choose the surrogate model (the model an attacker would likely fine-tune).",
+            "Add the photos to protect: upload them or give a folder of them.",
+        )  # fmt: skip
         stem = Path(model_path).stem or "model"
         out = self.host.output_path(f"protected-photos/{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
         config = ImageProtectConfig(model=model_path, images=images, output=str(out), method=str(method),
