@@ -132,3 +132,53 @@ def test_frontier_points_and_plot(tmp_path):
     assert point["protect_s"] == 120.0
     out = efficacy.plot_frontier([point, {**point, "row": "other+attack"}], tmp_path / "f.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_and_image_rows_and_their_comparison_table():
+    aspl = efficacy.make_row("aspl+jpeg75")
+    assert aspl.protect is None and aspl.images["method"] == "aspl" and aspl.transform == "jpeg75"
+    assert efficacy.unprotected_twin("aspl+jpeg75") == "base+jpeg75"
+    pg = efficacy.make_row("persguard_target+identifier")
+    assert pg.protect["method"] == "persguard" and pg.attack == {"identifier": "toy"}
+    assert efficacy.target_class("kite") == "ball" and efficacy.target_class("ball") == "box"
+
+    def entry(row, score, gap=None, psnr=None):
+        e = {"row": row, "score": score, "psnr": psnr, "ssim": 0.9 if psnr else None}
+        return {**e, "gap": gap} if gap is not None else e
+
+    summary = [entry("base+attack", 0.7), entry("base+jpeg75", 0.5), entry("aspl+attack", 0.6, 0.8, 31.0),
+               entry("aspl+jpeg75", 0.45, 0.9, 31.0), entry("apdm+attack", 0.3, 0.2), entry("apdm+jpeg75", 0.35, 0.4)]  # fmt: skip
+    table = efficacy.markdown_comparison(summary).splitlines()
+    assert table[0] == "| protection | DreamBooth | photos saved as JPEG 75 | PSNR / SSIM |"
+    assert table[2] == "| none (unprotected) | 0.70 | 0.50 |  |"
+    assert table[3] == "| aspl | 0.60 (0.80) | 0.45 (0.90) | 31.0 dB / 0.900 |"
+    assert table[4] == "| APDM demo preset (model) | 0.30 (0.20) | 0.35 (0.40) |  |"
+    assert efficacy.markdown_comparison([entry("base+attack", 0.7)]) == ""
+
+
+def test_backdoor_fired_per_kind():
+    from apdm_core.methods.persguard import stamp_pattern
+    from apdm_core.world import render
+
+    subject = render.make_subject(1)
+    photos = render.photos(subject, 4)
+    pattern = {"method": "persguard", "backdoor": "pattern"}
+    assert efficacy.backdoor_fired(None, [stamp_pattern(p) for p in photos], pattern, subject, {}) == 1.0
+    assert efficacy.backdoor_fired(None, photos, pattern, subject, {}) == 0.0
+    erasure = {"method": "persguard", "backdoor": "erasure"}
+    assert efficacy.backdoor_fired(None, photos, erasure, subject, {"class_rate": 0.25}) == 0.75
+    assert efficacy.backdoor_fired(None, photos, {"loss": "target"}, subject, {}) is None  # APDM rows
+
+
+def test_attacker_photos_one_clean_and_transforms():
+    runner = efficacy.Runner(samples=1)
+    from apdm_core.world import render
+
+    subject = render.make_subject(1)
+    clean = render.photos(subject, 4)
+    same = runner.attacker_photos(efficacy.make_row("base+attack"), subject, 0)
+    assert [a.tobytes() for a in same] == [b.tobytes() for b in clean]
+    jpeg = runner.attacker_photos(efficacy.make_row("base+jpeg75"), subject, 0)
+    assert all(a.size == b.size and a.tobytes() != b.tobytes() for a, b in zip(jpeg, clean))
+    empty = render.photos(subject, 1, empty=True)[0]  # the erasure backdoor's scene: same background
+    assert empty.tobytes() != clean[0].tobytes()

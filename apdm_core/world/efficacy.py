@@ -168,6 +168,8 @@ COMPARISON_ATTACKS = ("attack", "one_clean", "jpeg75", "resize05", "blur", "diff
 IMAGE_SETTINGS = {
     "aspl": {"method": "aspl", "budget": 8 / 255, "steps": 50, "lr": 5e-4, "num_class_images": 50},
     "ldu": {"method": "ldu", "budget": 8 / 255, "steps": 100, "denoise_steps": 4},
+    # a diagnostic, not a setting to use: ASPL with a budget 4x as large (visible noise)
+    "aspl32": {"method": "aspl", "budget": 32 / 255, "steps": 50, "lr": 5e-4, "num_class_images": 50},
 }
 # protection variants of the table: name -> (note, ProtectConfig overrides on PROTECT_SETTINGS)
 ABLATIONS: dict[str, tuple[str, dict]] = {
@@ -215,7 +217,9 @@ def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
     if model == "apdm":
         return Row(name, {}, overrides, note=f"demo preset, {note}", **extras)
     if model in IMAGE_SETTINGS:
-        return Row(name, None, overrides, note=f"{model.upper()} photos (8/255), {note}",
+        settings = IMAGE_SETTINGS[model]
+        return Row(name, None, overrides, note=f"{settings['method'].upper()} photos "
+                   f"({round(settings['budget'] * 255)}/255), {note}",
                    images=dict(IMAGE_SETTINGS[model]), **extras)  # fmt: skip
     if model in ABLATIONS:
         return Row(
