@@ -273,9 +273,58 @@ class Detection:
     reasons: list[str]
 
 
+# diffusers' names (single_file_utils.infer_diffusers_model_type) of the checkpoint types it knows
+# that are not SD1.x/SD2.x text-to-image models, in words
+OTHER_TYPES = {
+    "xl_base": "an SDXL checkpoint", "xl_refiner": "an SDXL refiner checkpoint", "xl_inpaint": "an SDXL inpainting "
+    "checkpoint", "playground-v2-5": "a Playground v2.5 checkpoint", "sd3": "an SD3 checkpoint", "sd35_medium":
+    "an SD3.5 Medium checkpoint", "sd35_large": "an SD3.5 Large checkpoint", "flux-dev": "a FLUX.1-dev checkpoint",
+    "flux-schnell": "a FLUX.1-schnell checkpoint", "flux-fill": "a FLUX.1 Fill checkpoint", "flux-depth": "a FLUX.1 "
+    "Depth checkpoint", "inpainting": "an SD1.x inpainting checkpoint", "inpainting_v2": "an SD2.x inpainting "
+    "checkpoint", "upscale": "an SD x4 upscaler checkpoint", "controlnet": "a ControlNet",
+}  # fmt: skip
+
+
+class _Shapes:
+    """A checkpoint seen as a mapping of tensors that only have shapes (diffusers' type inference reads
+    key names and shapes), without loading any tensor."""
+
+    def __init__(self, ckpt: CheckpointFile) -> None:
+        self.ckpt = ckpt
+
+    def __contains__(self, key) -> bool:
+        return key in self.ckpt
+
+    def __getitem__(self, key):
+        import types
+
+        return types.SimpleNamespace(shape=self.ckpt.shape(key))
+
+    def keys(self):
+        return self.ckpt.keys()
+
+    def __iter__(self):
+        return iter(self.ckpt.keys())
+
+
+def diffusers_model_type(ckpt: CheckpointFile) -> str | None:
+    """What diffusers' single-file type inference calls this checkpoint ('v1', 'v2', 'xl_base', ...);
+    None when it cannot tell (it is used to name other model types in errors, never to pick SD1/SD2:
+    diffusers reads SD2 from a 1024-wide cross-attention, which tiny or pruned SD2 files lack)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    try:
+        return infer_diffusers_model_type(_Shapes(ckpt))
+    except Exception:  # a partial or odd file: diffusers' checks index keys it did not test for
+        return None
+
+
 def _not_sd_message(ckpt: CheckpointFile) -> str:
     keys = ckpt.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
+    other = diffusers_model_type(ckpt)
+    if other in OTHER_TYPES:
+        what = f"{OTHER_TYPES[other]} (diffusers type {other!r}); only SD1.x and SD2.x are supported"
+    elif any(k.startswith("conditioner.embedders.") for k in keys):
         what = "an SDXL checkpoint; only SD1.x and SD2.x are supported"
     elif any(
         k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys
@@ -296,8 +345,10 @@ def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
         raise InputError(_not_sd_message(ckpt))
     in_ch = ckpt.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
     if in_ch != 4:
+        other = diffusers_model_type(ckpt)
+        what = OTHER_TYPES.get(other, "an inpainting or other special model")
         raise InputError(
-            f"{ckpt.path}: the UNet takes {in_ch} input channels (an inpainting or other special model); "
+            f"{ckpt.path}: the UNet takes {in_ch} input channels ({what}); "
             "only text-to-image SD1.x/SD2.x checkpoints (4 channels) are supported."
         )
     if f"{VAE_PREFIX}encoder.conv_in.weight" not in ckpt:
