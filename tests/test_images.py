@@ -144,3 +144,18 @@ def test_cli_protect_images(image_config, tmp_path, capsys):
     assert main(argv) == 0
     assert "4 protected photos written to" in capsys.readouterr().out
     assert main(["protect-images", "--images", config.images[0], "--out", str(tmp_path / "p")]) == 2
+
+
+@pytest.mark.parametrize("method", ["aspl", "ldu"])
+def test_the_callers_model_is_left_as_it_was(image_config, method):
+    from apdm_core.loading import load_model
+
+    config = image_config(method=method, steps=1)
+    model = load_model(config.model)
+    model.vae.requires_grad_(True)  # whatever the caller had
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    protect_images(config, model=model)
+    assert all(p.requires_grad for p in model.vae.parameters())
+    assert not any(p.requires_grad for p in model.unet.parameters())
+    assert all(p.grad is None for p in model.vae.parameters())  # no gradient reached the caller's VAE
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())  # ASPL trains a copy

@@ -176,7 +176,9 @@ def protect_images(
         x0 = pil_to_tensor(originals).to(device, next(model.vae.parameters()).dtype)
         task = ImageTask(config, model, x0, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()), prior,
                          torch.Generator("cpu").manual_seed(config.seed), make_forward(device, config.mixed_precision))  # fmt: skip
-        unet_flags = [p.requires_grad for p in model.unet.parameters()]
+        modules = (model.unet, model.vae)  # gradients flow to the pixels only; flags restored afterwards
+        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+        model.vae.requires_grad_(False)
         try:
             method = get_image_method(config.method)(task)
             if resume and path.exists():
@@ -215,8 +217,9 @@ def protect_images(
                                        state_path=path)  # fmt: skip
             protected = quantize(method.current(), originals, config.budget_levels)
         finally:
-            for p, flag in zip(model.unet.parameters(), unet_flags):  # the caller's model as it was
-                p.requires_grad_(flag)
+            for m, saved in zip(modules, flags):  # the caller's model as it was
+                for p, flag in zip(m.parameters(), saved):
+                    p.requires_grad_(flag)
     result = ImageProtectResult(protected, [s.name for s in subjects], config, method.step_count, cancelled,
                                 image_metrics(protected, originals), method.history,
                                 state_path=path if cancelled else None)  # fmt: skip
