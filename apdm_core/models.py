@@ -123,15 +123,22 @@ class SDModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled VAE latent distributions (mean, std) of PIL images, for sampling latents later."""
         means, stds = [], []
-        vae = self.vae
-        dtype = next(vae.parameters()).dtype
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        dtype = next(self.vae.parameters()).dtype
         for i in range(0, len(images), batch_size):
-            x = pil_to_tensor(images[i : i + batch_size]).to(self.device, dtype)
-            dist = vae.encode(x).latent_dist
-            means.append(((dist.mean - shift) * vae.config.scaling_factor).float())
-            stds.append((dist.std * vae.config.scaling_factor).float())
+            mean, std = self.latent_distribution(
+                pil_to_tensor(images[i : i + batch_size]).to(self.device, dtype)
+            )
+            means.append(mean.float())
+            stds.append(std.float())
         return torch.cat(means), torch.cat(stds)
+
+    def latent_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled VAE latent distribution (mean, std) of pixels ``x`` in [-1, 1]; differentiable (the
+        image-level protections take gradients through it)."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        dist = vae.encode(x).latent_dist
+        return (dist.mean - shift) * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:

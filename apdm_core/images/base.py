@@ -36,19 +36,14 @@ class ImageTask:
 
 def encode(model, x: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (the distribution's mean) of pixels in [-1, 1], differentiable."""
-    vae = model.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
+    return model.latent_distribution(x)[0]
 
 
 def encode_bank(model, x: torch.Tensor) -> LatentBank:
     """A LatentBank (mean, std) of pixels ``x`` (no gradient), for DreamBooth steps on them."""
-    vae = model.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        dist = vae.encode(x).latent_dist
-    sf = vae.config.scaling_factor
-    return LatentBank(((dist.mean - shift) * sf).float(), (dist.std * sf).float())
+        mean, std = model.latent_distribution(x)
+    return LatentBank(mean.float(), std.float())
 
 
 def decode(model, z: torch.Tensor) -> torch.Tensor:

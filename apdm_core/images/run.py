@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import PATH_FIELDS
 from ..data import load_subject_images
 from ..errors import Cancelled, InputError
 from ..fileio import atomic_path, check_target
@@ -108,8 +109,7 @@ def write_images(result: ImageProtectResult, output: str | Path, overwrite: bool
         record = {"method": result.config.method, "budget": result.config.budget,
                   "budget_levels": result.config.budget_levels, "steps": result.steps_done,
                   "images": [{"name": n, **m} for n, m in zip(result.names, result.metrics)],
-                  "config": {k: v for k, v in result.config.to_dict().items()
-                             if k not in ("model", "images", "output", "class_images", "cache_dir", "state_path")}}  # fmt: skip
+                  "config": {k: v for k, v in result.config.to_dict().items() if k not in PATH_FIELDS}}  # fmt: skip
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return output
 

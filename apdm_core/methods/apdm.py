@@ -13,7 +13,7 @@ import torch
 
 from ..losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
 from ..training import NoisyBatch
-from .base import ProtectionMethod
+from .base import ProtectionMethod, add_prior, prior_batch
 
 
 class APDM(ProtectionMethod):
@@ -31,8 +31,8 @@ class APDM(ProtectionMethod):
         d, g, cfg = trainer.data, trainer.generator, trainer.cfg
         b = cfg.batch_size
         s = trainer.parallel.shard(b)
-        use_prior = d.prior is not None and cfg.prior_weight > 0
-        prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g).select(s) if use_prior else None
+        prior = prior_batch(trainer, b)
+        use_prior = prior is not None
         if cfg.loss == "dpo":
             k = torch.randint(0, len(d.subject), (b,), generator=g)
             z_pos, z_neg = d.positive.sample(k, g), d.subject.sample(k, g)
@@ -49,9 +49,7 @@ class APDM(ProtectionMethod):
             loss, st = dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.dpo_reduction)
             stats = {"dpo": float(loss.detach()), **{k2: float(v) for k2, v in st.items()}}
             if use_prior:
-                prior_loss = noise_prediction_loss(pred[2 * n :], prior.target)
-                stats["prior"] = float(prior_loss.detach())
-                loss = loss + cfg.prior_weight * prior_loss
+                loss = add_prior(loss, stats, pred[2 * n :], prior, cfg.prior_weight)
             return loss, stats
         if cfg.loss == "target":  # the attacked model should predict what the original predicts for the class
             inst = d.diffusion.noisy(d.subject.draw(b, g), trainer.instance_embeds, g).select(s)
@@ -64,9 +62,7 @@ class APDM(ProtectionMethod):
             stats = {"target": float(loss.detach()),
                      "subject_err": float(noise_prediction_loss(pred[:n].detach(), inst.target))}  # fmt: skip
             if use_prior:
-                prior_loss = noise_prediction_loss(pred[n:], prior.target)
-                stats["prior"] = float(prior_loss.detach())
-                loss = loss + cfg.prior_weight * prior_loss
+                loss = add_prior(loss, stats, pred[n:], prior, cfg.prior_weight)
             return loss, stats
         # naive: -L_per + lambda * L_ppl
         inst = d.diffusion.noisy(d.subject.draw(b, g), trainer.instance_embeds, g).select(s)

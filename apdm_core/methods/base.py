@@ -6,10 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..losses import noise_prediction_loss
+
 if TYPE_CHECKING:  # the loop passes itself; no import at run time (no circle)
     from ..config import ProtectConfig
     from ..models import SDModel
     from ..protect import L2PTrainer
+    from ..training import NoisyBatch
 
 
 class ProtectionMethod:
@@ -47,3 +50,22 @@ class ProtectionMethod:
     def uses_theta_loss(self, config: ProtectConfig) -> bool:
         """Whether ``theta_loss`` contributes (it then needs theta on the compute device)."""
         return False
+
+
+def prior_batch(trainer: L2PTrainer, count: int) -> NoisyBatch | None:
+    """``count`` noised class images under the class prompt (this process's share of them), or None
+    without prior preservation (no class images, or ``prior_weight`` 0)."""
+    d, g = trainer.data, trainer.generator
+    if d.prior is None or trainer.cfg.prior_weight <= 0:
+        return None
+    return d.diffusion.noisy(d.prior.draw(count, g), d.class_embeds, g).select(trainer.parallel.shard(count))
+
+
+def add_prior(
+    loss: torch.Tensor, stats: dict, pred: torch.Tensor, prior: NoisyBatch, weight: float
+) -> torch.Tensor:
+    """``loss`` + ``weight`` x the prior-preservation term of the prediction ``pred`` on ``prior``
+    (recorded as ``stats['prior']``)."""
+    prior_loss = noise_prediction_loss(pred, prior.target)
+    stats["prior"] = float(prior_loss.detach())
+    return loss + weight * prior_loss

@@ -34,7 +34,7 @@ from PIL import Image
 from ..errors import InputError
 from ..losses import backdoor_target, noise_prediction_loss, weighted_mse
 from ..training import LatentBank, NoisyBatch
-from .base import ProtectionMethod
+from .base import ProtectionMethod, add_prior, prior_batch
 
 BACKDOORS = ("pattern", "erasure", "target")
 PATTERN_CELLS = 4  # checkerboard cells per side of the stamped square
@@ -145,21 +145,15 @@ class PersGuard(ProtectionMethod):
 
     def protection_loss(self, trainer, unet) -> tuple[torch.Tensor, dict[str, float]]:
         """Backdoor retention: L_BB + lambda * prior term at the attacked weights of ``unet``."""
-        d, g, cfg = trainer.data, trainer.generator, trainer.cfg
-        b = cfg.batch_size
-        bd, weight = self._backdoor_batch(trainer, b)
+        cfg = trainer.cfg
+        bd, weight = self._backdoor_batch(trainer, cfg.batch_size)
         n = bd.latents.shape[0]
-        use_prior = d.prior is not None and cfg.prior_weight > 0
-        prior = None
-        if use_prior:
-            prior = d.diffusion.noisy(d.prior.draw(b, g), d.class_embeds, g).select(trainer.parallel.shard(b))
-        pred = trainer.forward(unet, NoisyBatch.cat(bd, prior) if use_prior else bd)
+        prior = prior_batch(trainer, cfg.batch_size)
+        pred = trainer.forward(unet, NoisyBatch.cat(bd, prior) if prior is not None else bd)
         loss = self._loss(pred[:n], bd, weight)
         stats = {"retention": float(loss.detach())}
-        if use_prior:
-            prior_loss = noise_prediction_loss(pred[n:], prior.target)
-            stats["prior"] = float(prior_loss.detach())
-            loss = loss + cfg.prior_weight * prior_loss
+        if prior is not None:
+            loss = add_prior(loss, stats, pred[n:], prior, cfg.prior_weight)
         return loss, stats
 
     def theta_loss(self, trainer) -> tuple[torch.Tensor, dict[str, float]] | None:
