@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS, ProtectConfig
 from .errors import APDMError
+from .fileio import shown
 
 log = logging.getLogger("apdm")
 
@@ -38,7 +39,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=ProtectConfig, exc
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} options"))
         default = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"help": f"{meta['help']} (default: {default!r})", "default": argparse.SUPPRESS, "dest": f.name}
+        help_text = f"{meta['help']} (default: {default!r})".replace(
+            "%", "%%"
+        )  # argparse formats help with %
+        kw = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         typ = hints[f.name]
@@ -90,11 +94,18 @@ def cmd_protect(args: argparse.Namespace) -> int:
         raise APDMError("--images is required (a folder of 4-6 photos of the subject).")
     if not config.output:
         raise APDMError("--out is required (a new folder or .safetensors file for the protected model).")
-    if args.save_config:
-        config.save(args.save_config)
-        print(f"config written to {args.save_config}")
+    save_config(args, config, model=config.model, photos=config.images, class_images=config.class_images,
+                backdoor_images=config.backdoor_images)  # fmt: skip
+    model = None
+    if args.allow_pickle:  # a pickle checkpoint the user vouches for: read it here (weights_only=True)
+        from .loading import load_model
+        from .models import resolve_device
+
+        model = load_model(config.model, device=resolve_device(config.device), model_type=config.model_type,
+                           allow_pickle=True)  # fmt: skip
     result = protect(
         config,
+        model=model,
         progress=tqdm_callback(),
         resume=args.resume,
         keep_state=args.keep_state,
@@ -104,15 +115,30 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return _report_protect(result)
 
 
+def save_config(args: argparse.Namespace, config, **inputs) -> None:
+    """``--save-config FILE``: the resolved settings, written atomically; never over or into an input
+    (the path rule of ``fileio.check_paths``, with the ``--config`` file among the inputs)."""
+    path = getattr(args, "save_config", None)
+    if not path:
+        return
+    from .driver import source_paths
+    from .fileio import check_paths
+
+    check_paths([("config file (--save-config)", Path(path))],
+                source_paths(config=getattr(args, "config", None) or "", **inputs))  # fmt: skip
+    config.save(path)
+    print(f"config written to {shown(path)}")
+
+
 def _report_protect(result) -> int:
     if result.cancelled:
         print(
-            f"stopped after {result.steps_done} outer steps; state saved to {result.state_path} (continue with --resume)"
+            f"stopped after {result.steps_done} outer steps; state saved to {shown(result.state_path)} (continue with --resume)"
         )
         return 130
     last = result.history[-1] if result.history else {}
     print(
-        f"protected model written to {result.output}  ({result.steps_done} outer steps, {result.seconds:.1f} s)"
+        f"protected model written to {shown(result.output)}  ({result.steps_done} outer steps, {result.seconds:.1f} s)"
     )
     if last:
         print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
@@ -188,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Keep the state file after finishing (to extend the run later).",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Accept a pickle .ckpt model (read with torch.load(weights_only=True)); only for files you trust.")  # fmt: skip
     add_config_arguments(p)
     p.set_defaults(func=cmd_protect)
 
@@ -217,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         _quiet_libraries()
+    for stream in (sys.stdout, sys.stderr):  # a file name in any encoding can always be printed
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.func(args)
     except APDMError as exc:

@@ -43,7 +43,7 @@ from .checkpoint import (
     resolve_model_type,
 )
 from .errors import InputError
-from .fileio import atomic_path, check_target, sha256_file
+from .fileio import atomic_path, check_target, require_utf8, sha256_file
 from .models import SDModel
 from .progress import ProgressCallback, StopCheck, Tracker
 
@@ -294,6 +294,7 @@ def check_export(
     be, lie in, or contain.
     """
     output = Path(output)
+    require_utf8(output, "output")
     if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         plan_export(model, output, overwrite, template, inputs=inputs)
     else:

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import load_single_file
 from .errors import InputError
+from .fileio import require_utf8
 from .models import SDModel, load_diffusers_folder
 
 
@@ -26,6 +27,7 @@ def load_model(
         raise InputError(
             f"Model {path} does not exist; pass a diffusers folder or a .safetensors checkpoint."
         )
+    require_utf8(path, "model")
     if path.is_dir():
         model = load_diffusers_folder(path, dtype=dtype)
     else:

@@ -47,7 +47,7 @@ def cache_key(
 
 def name_seed(seed: int, name: str) -> int:
     """A per-image seed derived from the run seed and the subject's name (stable across runs)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8", "surrogateescape"))) % (2**31)
 
 
 @torch.no_grad()

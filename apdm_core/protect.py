@@ -40,7 +40,9 @@ import torch
 
 from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
+from .driver import RunDriver, cache_folder, check_flags, module_bytes, preflight, source_paths
 from .errors import Cancelled, InputError, TrainingDiverged
+from .fileio import check_paths
 from .levers import DTYPES, make_adamw, pin_parameters, protected_subset, require_bitsandbytes, use_xformers
 from .loading import load_model
 from .losses import noise_prediction_loss
@@ -49,18 +51,7 @@ from .models import SDModel, resolve_device
 from .pairs import generate_anchor_images, generate_fixed_images
 from .parallel import Parallel, copy_into, full_tensor, setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
-from .training import (
-    Diffusion,
-    LatentBank,
-    dreambooth_loss,
-    make_forward,
-    read_state,
-    resumable_loop,
-    run_hash,
-    state_file,
-    uninterrupted,
-    write_state,
-)
+from .training import Diffusion, LatentBank, dreambooth_loss, make_forward, uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -592,32 +583,15 @@ class L2PTrainer:
 
 
 # ------------------------------------------------------------------------------------------
-# run identity, state files
+# run identity
 # ------------------------------------------------------------------------------------------
-def run_identity(config: ProtectConfig, model: SDModel, subjects) -> str:
-    """Hash of everything that determines the trajectory (except the number of outer steps)."""
-    cfg = {
+def identity_settings(config: ProtectConfig) -> dict:
+    """The settings that determine the trajectory (all but the number of outer steps and how it runs)."""
+    return {
         k: v
         for k, v in config.to_dict().items()
         if k not in RUN_IDENTITY_EXCLUDE and k not in ("model", "images")
     }
-    return run_hash(cfg, model, subjects)
-
-
-def default_state_path(config: ProtectConfig, identity: str) -> Path:
-    return state_file(config.state_path, config.output, config.cache_dir, identity, ".apdm-state.pt", "state")
-
-
-def save_state(
-    path: Path, trainer: L2PTrainer, config: ProtectConfig, identity: str, at_step_start: bool = False
-) -> Path:
-    if not trainer.parallel.is_main:  # the processes hold the same theta: one writes
-        return path
-    return write_state(path, trainer.state_dict(at_step_start), identity, config.to_dict())
-
-
-def load_state(path: Path, identity: str) -> dict:
-    return read_state(path, identity, STATE_VERSION)
 
 
 # ------------------------------------------------------------------------------------------
@@ -782,7 +756,11 @@ def _protect(
 ) -> ProtectResult:
     """protect() without the care for a preloaded model's state."""
     config.validate()
+    check_flags(resume, restart)
     t_start = time.perf_counter()
+    inputs = input_paths(config, images, model)
+    check_paths([("output", config.output), ("state file", config.state_path),
+                 ("cache folder", cache_folder(config.cache_dir))], inputs)  # fmt: skip
     device = resolve_device(config.device)
     parallel = setup_parallel(config, device.type)  # accelerate, when launched with several processes
     if parallel.active:
@@ -792,26 +770,21 @@ def _protect(
         model = load_model(config.model, device=device, model_type=config.model_type)
     else:
         model.to(device)
-    inputs = input_paths(config, images)
-    state_target = Path(config.state_path) if config.state_path else None
-    if state_target is not None and state_target.is_dir():
-        raise InputError(
-            f"state_path {state_target} is a folder; a state path must be a file name (e.g. run.pt)."
-        )
     if config.output:  # fail before hours of training, not after
-        check_output(config.output, overwrite, model, inputs)
+        check_output(config.output, overwrite, model, tuple(p for _, p in inputs))
     size = config.resolution or model.native_resolution
     source = images if images is not None else config.images
     subjects = load_subject_images(
         source, size, order=config.pair_order, min_side=None if size >= 256 else size
     )
-    identity = run_identity(config, model, subjects)
-    state_path = default_state_path(config, identity)
-    if state_path.exists() and not resume and not restart:  # never start over silently, then delete it
-        raise InputError(
-            f"{state_path} holds the saved state of an interrupted run of this protection. Continue it "
-            "with --resume (resume=True), or start over with --restart (restart=True), which replaces it."
-        )
+    run = RunDriver.open(
+        "protection", identity_settings=identity_settings(config), model=model, subjects=subjects,
+        state_path=config.state_path, output=config.output, cache_dir=config.cache_dir, suffix=".apdm-state.pt",
+        folder="state", version=STATE_VERSION, settings=config.to_dict(), grows="outer_steps", inputs=inputs,
+        resume=resume, restart=restart, writer=parallel.is_main,
+    )  # fmt: skip
+    preflight([("output", config.output, module_bytes(model.unet, model.vae, model.text_encoder)),
+               ("state file", run.state_path, module_bytes(model.unet) * (6 if config.resync_every > 1 else 3))])  # fmt: skip
     with torch.inference_mode(False), torch.enable_grad():
         try:
             with parallel.main_first():  # the main process fills the pair cache, the others read it
@@ -823,9 +796,10 @@ def _protect(
             model.text_encoder.to("cpu")
             torch.cuda.empty_cache()
         trainer = L2PTrainer(config, model, data, device, parallel)
-        if resume and state_path.exists():
-            trainer.load_state_dict(load_state(state_path, identity))
-            log.info("Resumed from %s at outer step %d", state_path, trainer.step)
+        saved = run.load()
+        if saved is not None:
+            trainer.load_state_dict(saved)
+            log.info("Resumed from %s at outer step %d", run.state_path, trainer.step)
         per_outer = max(config.inner_steps, 1)
         stop = should_stop
         if parallel.active:  # every process stops at the same step when any was asked to
@@ -836,25 +810,20 @@ def _protect(
         # on a stop (Cancelled, Ctrl-C, a host interrupt from the progress callback) theta and the outer
         # optimizer are untouched mid-step: they are saved with the RNG state of the interrupted step's
         # start, so a resumed run redoes that step exactly
-        cancelled = resumable_loop(
+        cancelled = run.loop(
             lambda: trainer.outer_step(tracker), lambda: trainer.step, config.outer_steps, tracker=tracker,
-            save=lambda: save_state(state_path, trainer, config, identity),
-            save_interrupted=lambda: save_state(state_path, trainer, config, identity, at_step_start=True),
-            save_every=config.save_every, state_path=state_path,
+            state=trainer.state_dict, state_interrupted=lambda: trainer.state_dict(at_step_start=True),
+            save_every=config.save_every,
         )  # fmt: skip
         protected = result_model(model, trainer.finish())
     result = ProtectResult(
-        protected, config, trainer.step, cancelled, trainer.history, state_path if cancelled else None
+        protected, config, trainer.step, cancelled, trainer.history, run.state_path if cancelled else None
     )
     if not cancelled and parallel.is_main:  # one process writes
-        if config.output:
-            result.output = write_output(
-                protected, config, config.output, overwrite=overwrite, subjects=source, inputs=inputs
-            )
-        if keep_state:
-            result.state_path = save_state(state_path, trainer, config, identity)
-        elif state_path.exists():
-            state_path.unlink()
+        write = (lambda: write_output(protected, config, config.output, overwrite=overwrite, subjects=source,
+                                      inputs=tuple(p for _, p in inputs))) if config.output else (lambda: None)  # fmt: skip
+        result.output = run.finish(write, trainer.state_dict, keep_state)
+        result.state_path = run.state_path if keep_state else None
     parallel.wait()
     result.processes, result.distributed = parallel.world_size, parallel.kind
     result.seconds = time.perf_counter() - t_start
@@ -873,12 +842,11 @@ def result_model(model: SDModel, unet) -> SDModel:
     )
 
 
-def input_paths(config: ProtectConfig, images=None) -> tuple[Path, ...]:
-    """The files and folders a run reads (model, subject photos, class images): never an output."""
-    paths = [config.model, config.class_images]
-    if images is None:
-        paths += config.images
-    return tuple(Path(p) for p in paths if p and Path(p).exists())
+def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:
+    """What a run reads (the model, the subject photos, class images, backdoor images): never written."""
+    return source_paths(model=[config.model, getattr(model, "source", None) or ""],
+                        photos=config.images if images is None else images, class_images=config.class_images,
+                        backdoor_images=config.backdoor_images)  # fmt: skip
 
 
 def check_output(output: str | Path, overwrite: bool, model: SDModel, inputs: tuple[Path, ...] = ()) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from .errors import InputError
 from .fileio import atomic_path
+from .interrupts import uninterrupted  # noqa: F401  (its home; the loops import it from here)
 from .losses import noise_prediction_loss, training_target
 
 
@@ -140,33 +139,6 @@ def dreambooth_loss(
     )
 
 
-@contextlib.contextmanager
-def uninterrupted():
-    """Defer Ctrl-C (SIGINT) to the end of the block: an update and its step counter are one unit.
-
-    A training loop saves its resumable state when interrupted; an interrupt that landed between
-    "the weights changed" and "the step counter moved" would save a state that re-applies the
-    step on resume. Inside this block a SIGINT is only recorded, and raised as KeyboardInterrupt
-    once the block is done. Outside the main thread (where Python delivers no signals) it does
-    nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # not allowed here (an embedded interpreter): nothing to defer
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 # ------------------------------------------------------------------------------------------
 # run identity and state files (shared by the protection and the attacks)
 # ------------------------------------------------------------------------------------------
@@ -219,7 +191,7 @@ def run_hash(settings: dict, model, subjects) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(model.fingerprint().encode())
     for s in subjects:
-        h.update(s.name.encode())
+        h.update(s.name.encode("utf-8", "surrogateescape"))  # a file name in any encoding
         h.update(s.image.tobytes())
     return h.hexdigest()
 
@@ -235,10 +207,15 @@ def state_file(state_path: str, output: str, cache_dir: str, identity: str, suff
     return Path(cache_dir or default_cache_dir()) / folder / f"{identity[:20]}.pt"
 
 
+STATE_MARKER = (
+    "apdm_state"  # a key of every state dict apdm writes: how a state file is told from any other file
+)
+
+
 def write_state(path: Path, state: dict, identity: str, config: dict) -> Path:
     """A run's resumable state with its identity and settings, written atomically (a stop while
     writing leaves the previous state, never half a file)."""
-    state = {**state, "identity": identity, "config": config}
+    state = {**state, STATE_MARKER: 1, "identity": identity, "config": config}
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)
     return path

@@ -36,7 +36,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys, fast_config):
                 "--model",
                 str(tmp_path / "nope"),
                 "--images",
-                str(tmp_path),
+                str(tmp_path / "photos"),
                 "--out",
                 str(tmp_path / "o"),
             ]

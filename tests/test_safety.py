@@ -15,9 +15,9 @@ from helpers import tree_hashes
 from apdm_core import fileio
 from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
+from apdm_core.interrupts import uninterrupted
 from apdm_core.loading import load_model
 from apdm_core.protect import L2PTrainer, protect
-from apdm_core.training import uninterrupted
 
 
 # --- folders are never deleted unless apdm wrote them ------------------------------------------
@@ -85,8 +85,12 @@ def test_outputs_inside_or_around_an_input_are_refused_before_training(fast_conf
     ]:
         with pytest.raises(InputError, match=why):
             protect(fast_config(output=out), overwrite=True)
-    with pytest.raises(InputError, match="a state path must be a file"):
+    with pytest.raises(InputError, match="is the input photos .* itself"):
         protect(fast_config(state_path=photos))
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(InputError, match="a state path must be a file"):
+        protect(fast_config(state_path=str(tmp_path / "a_folder")))
+    (tmp_path / "a_folder").rmdir()
     assert tree_hashes(tmp_path) == before
 
 

@@ -27,23 +27,13 @@ from pathlib import Path
 import torch
 
 from ..data import center_square, load_subject_images, random_view, view_is_fixed
+from ..driver import RunDriver, cache_folder, check_flags, module_bytes, preflight, source_paths
 from ..errors import Cancelled, InputError, TrainingDiverged
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_paths, check_target
 from ..models import SDModel, resolve_device
 from ..pairs import ensure_class_images
 from ..progress import ProgressCallback, StopCheck, Tracker
-from ..training import (
-    Diffusion,
-    LatentBank,
-    dreambooth_loss,
-    make_forward,
-    read_state,
-    resumable_loop,
-    run_hash,
-    state_file,
-    uninterrupted,
-    write_state,
-)
+from ..training import Diffusion, LatentBank, dreambooth_loss, make_forward, uninterrupted
 from .config import AttackConfig
 from .registry import get_attack, register_attack, registered_attacks  # noqa: F401  (their home; re-exported)
 
@@ -197,6 +187,7 @@ class AttackResult:
     state_path: Path | None = None
     seconds: float = 0.0
     prompt_map: dict[str, str] = field(default_factory=dict)
+    output: Path | None = None  # where run_attack wrote the result (config.output)
     attack: Attack | None = field(default=None, repr=False)
 
     def prompt(self, text: str) -> str:
@@ -224,16 +215,6 @@ class AttackResult:
 # ------------------------------------------------------------------------------------------
 # state
 # ------------------------------------------------------------------------------------------
-def attack_identity(cfg: AttackConfig, model: SDModel, subjects) -> str:
-    return run_hash(cfg.identity_dict(), model, subjects)
-
-
-def default_state_path(cfg: AttackConfig, identity: str) -> Path:
-    return state_file(
-        cfg.state_path, cfg.output, cfg.cache_dir, identity, ".apdm-attack-state.pt", "attack-state"
-    )
-
-
 class AttackTrainer:
     """AdamW on the attack's trainable tensors; one ``train_step`` = one DreamBooth step."""
 
@@ -303,14 +284,6 @@ class AttackTrainer:
         self.history = list(state["history"])
 
 
-def save_state(path: Path, trainer: AttackTrainer, identity: str) -> Path:
-    return write_state(path, trainer.state_dict(), identity, trainer.cfg.to_dict())
-
-
-def load_state(path: Path, identity: str) -> dict:
-    return read_state(path, identity, STATE_VERSION, what="attack", grows="steps")
-
-
 # ------------------------------------------------------------------------------------------
 # the public entry point
 # ------------------------------------------------------------------------------------------
@@ -339,6 +312,9 @@ def run_attack(
     state_path: str | Path | None = None,
     snapshot_steps=(),
     on_snapshot: Callable[[int, SDModel], None] | None = None,
+    *,
+    restart: bool = False,
+    overwrite: bool = False,
 ) -> AttackResult:
     """Personalize ``model`` on the subject ``images`` the way an attacker would.
 
@@ -346,7 +322,9 @@ def run_attack(
     modified (each attack trains its own copy of what it changes). ``progress`` gets a
     ProgressEvent (stage 'attack') every step and ``should_stop`` is checked every step; a stop
     (or an exception raised by the host inside ``progress``) saves the resumable state first,
-    and ``run_attack(..., resume=True)`` continues from it bit for bit.
+    and ``run_attack(..., resume=True)`` continues from it bit for bit. A saved state is never
+    started over silently: without ``resume`` or ``restart`` (start over, replacing it) the call
+    refuses. With ``config.output`` the result is written there at the end (``AttackResult.save``).
 
     ``on_snapshot(step, model)`` is called after each step listed in ``snapshot_steps`` with
     the attacked model as it is at that step (a view that shares the training weights: read
@@ -356,7 +334,14 @@ def run_attack(
     """
     config.validate()
     cfg = config.resolved()
+    check_flags(resume, restart)
     t_start = time.perf_counter()
+    inputs = source_paths(model=[cfg.model, model.source or ""], photos=images, class_images=cfg.class_images)
+    state_path = str(state_path) if state_path else cfg.state_path
+    check_paths([("output", cfg.output), ("state file", state_path),
+                 ("cache folder", cache_folder(cfg.cache_dir))], inputs)  # fmt: skip
+    if cfg.output:
+        check_target(Path(cfg.output), overwrite, tuple(p for _, p in inputs))
     device = resolve_device(cfg.device)
     model.to(device)
     size = cfg.resolution or model.native_resolution
@@ -364,16 +349,24 @@ def run_attack(
     # hosts (ComfyUI) run code in inference mode: the attack's trainable copies must be made outside it
     with torch.inference_mode(False), torch.enable_grad():
         attack = get_attack(cfg.kind)(model, cfg, device)
+        run = RunDriver.open(
+            "attack", identity_settings=cfg.identity_dict(), model=model, subjects=subjects, state_path=state_path,
+            output=cfg.output, cache_dir=cfg.cache_dir, suffix=".apdm-attack-state.pt", folder="attack-state",
+            version=STATE_VERSION, settings=cfg.to_dict(), grows="steps", inputs=inputs, resume=resume,
+            restart=restart,
+        )  # fmt: skip
+        trained = module_bytes(*([attack.unet] if cfg.kind == "dreambooth" else []))
+        preflight([("output", cfg.output, module_bytes(model.unet, model.vae, model.text_encoder)),
+                   ("state file", run.state_path, 3 * trained)])  # fmt: skip
         try:
             data = prepare_attack_data(model, subjects, size, cfg, progress, should_stop)
         except Cancelled:
             return AttackResult(model, cfg, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         trainer = AttackTrainer(attack, data, cfg)
-        identity = attack_identity(cfg, model, subjects)
-        path = Path(state_path) if state_path else default_state_path(cfg, identity)
-        if resume and path.exists():
-            trainer.load_state_dict(load_state(path, identity))
-            log.info("Resumed the %s attack from %s at step %d", cfg.kind, path, trainer.step)
+        saved = run.load()
+        if saved is not None:
+            trainer.load_state_dict(saved)
+            log.info("Resumed the %s attack from %s at step %d", cfg.kind, run.state_path, trainer.step)
         tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
         snapshots = {int(s) for s in snapshot_steps} if on_snapshot is not None else set()
 
@@ -383,26 +376,21 @@ def run_attack(
                 take_snapshot(attack, trainer.step, on_snapshot)
             tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
 
-        def save_interrupted() -> None:
-            if trainer.phase == "update":  # stopped inside an optimizer step: the weights are mixed
-                log.warning("Interrupted inside an optimizer step; the last saved state at %s stays.", path)
-            else:
-                save_state(path, trainer, identity)
-
         def snapshot_at_start() -> None:
             if trainer.step in snapshots:
                 take_snapshot(attack, trainer.step, on_snapshot)
 
-        cancelled = resumable_loop(
-            step, lambda: trainer.step, cfg.steps, tracker=tracker, save=lambda: save_state(path, trainer, identity),
-            save_interrupted=save_interrupted, save_every=cfg.save_every, before=snapshot_at_start,
+        cancelled = run.loop(
+            step, lambda: trainer.step, cfg.steps, tracker=tracker, save_every=cfg.save_every,
+            state=lambda: None if trainer.phase == "update" else trainer.state_dict(), before=snapshot_at_start,
         )  # fmt: skip
     result = AttackResult(
         attack.result_model(), cfg, trainer.step, cancelled, trainer.history,
-        path if cancelled else None, prompt_map=attack.prompt_map(), attack=attack,
+        run.state_path if cancelled else None, prompt_map=attack.prompt_map(), attack=attack,
     )  # fmt: skip
-    if not cancelled and path.exists():
-        path.unlink()
+    if not cancelled:
+        write = (lambda: result.save(cfg.output, overwrite, tuple(p for _, p in inputs))) if cfg.output else (lambda: None)  # fmt: skip
+        result.output = run.finish(write, trainer.state_dict)
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import APDMError, InputError
+from ..fileio import shown
 
 
 def register_cli(sub) -> None:
@@ -22,6 +23,11 @@ def register_cli(sub) -> None:
     a.add_argument("--save-config", metavar="FILE", help="Write the resolved attack settings to FILE.")
     a.add_argument(
         "--resume", action="store_true", help="Continue an interrupted attack from its state file."
+    )
+    a.add_argument(
+        "--restart",
+        action="store_true",
+        help="Start over although a state file of an interrupted attack exists (it is replaced).",
     )
     a.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     add_config_arguments(a, AttackConfig)
@@ -89,8 +95,7 @@ def _print_metrics(metrics) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from ..attack import AttackConfig, run_attack
-    from ..cli import config_from_args
-    from ..fileio import check_target
+    from ..cli import config_from_args, save_config
     from ..progress import tqdm_callback
 
     cfg = config_from_args(args, AttackConfig)
@@ -98,23 +103,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
                        ("output", "a new folder for the result")):  # fmt: skip
         if not getattr(cfg, name):
             raise APDMError(f"--{name} is required ({what}).")
-    if args.save_config:
-        cfg.resolved().save(args.save_config)
+    save_config(args, cfg.resolved(), model=cfg.model, photos=cfg.images, class_images=cfg.class_images)
     model = _load(cfg.model, cfg.device, args)
-    protected = tuple(
-        Path(p) for p in (cfg.model, *cfg.images, cfg.class_images) if p
-    )  # inputs, never outputs
-    check_target(Path(cfg.output), args.overwrite, protected)
-    result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume)
+    result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume,
+                        restart=args.restart, overwrite=args.overwrite)  # fmt: skip
     if result.cancelled:
         print(
-            f"stopped after {result.steps_done} steps; state saved to {result.state_path} (continue with --resume)"
+            f"stopped after {result.steps_done} steps; state saved to {shown(result.state_path)} (continue with --resume)"
         )
         return 130
-    out = result.save(cfg.output, overwrite=args.overwrite, protected=protected)
     last = result.history[-1]["loss"] if result.history else float("nan")
     print(
-        f"{cfg.kind} attack written to {out}  ({result.steps_done} steps, {result.seconds:.1f} s, last loss {last:.4g})"
+        f"{cfg.kind} attack written to {shown(result.output)}  ({result.steps_done} steps, {result.seconds:.1f} s, "
+        f"last loss {last:.4g})"
     )
     return 0
 
@@ -122,12 +123,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..attack import load_attack_output
     from ..cli import config_from_args
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, check_target
     from ..progress import tqdm_callback
     from .config import EvalConfig
     from .core import evaluate
 
     cfg = config_from_args(args, EvalConfig)
+    inputs = tuple(
+        Path(p)
+        for p in (args.model, args.attack_output, args.config, *(args.images or []), *(args.heldout or []))
+        if p
+    )
+    if args.out:  # never over, in or around what it reads: refused before any sampling
+        check_target(Path(args.out), args.overwrite, inputs)
     model, prompt_map, identifier, noun, instance = (
         _load(args.model, args.device, args),
         {},
@@ -142,11 +150,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       prompt_map=prompt_map, heldout=args.heldout, progress=tqdm_callback("evaluate"))  # fmt: skip
     _print_metrics(result.metrics)
     if args.out:
-        inputs = tuple(
-            Path(p)
-            for p in (args.model, args.attack_output, *(args.images or []), *(args.heldout or []))
-            if p
-        )
         with atomic_path(Path(args.out), overwrite=args.overwrite, protected=inputs) as tmp:
             (tmp / "samples").mkdir(parents=True)
             for i, im in enumerate(result.samples):
@@ -176,10 +179,15 @@ def read_history(path: str) -> list[dict]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..attack import AttackConfig
     from ..cli import config_from_args
+    from ..driver import source_paths
+    from ..fileio import check_paths
     from ..progress import tqdm_callback
     from .config import EvalConfig
     from .report import compare
 
+    check_paths([("output", Path(args.out))],
+                source_paths(attack_config=args.attack_config or "", eval_config=args.eval_config or "",
+                             protection_history=args.protection_history or ""))  # fmt: skip
     attack_cfg = config_from_args(args, AttackConfig, file_flag="attack_config")
     eval_cfg = config_from_args(args, EvalConfig, file_flag="eval_config")
     history = read_history(args.protection_history) if args.protection_history else None

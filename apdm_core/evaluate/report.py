@@ -25,8 +25,9 @@ from PIL import Image
 from .. import __version__
 from ..attack import AttackConfig, run_attack
 from ..data import center_square
+from ..driver import preflight
 from ..errors import InputError
-from ..fileio import atomic_path, check_target, make_work_dir, remove_work_dir
+from ..fileio import atomic_path, check_paths, check_target, make_work_dir, remove_work_dir
 from ..models import SDModel
 from ..plots import save_figure
 from ..progress import ProgressCallback, StopCheck
@@ -174,6 +175,9 @@ def compare(
         if out
         else Path(attack_config.cache_dir or _cache()) / "compare" / identity[:20]
     )
+    if out is not None:  # the progress folder beside the report: the same rule, and room for both
+        check_paths([("progress folder", work)], [("input", p) for p in sources])
+        preflight([("report", out, 4 << 20), ("progress folder", work / "arm", 4 << 20)])
     if work.exists() and not resume:
         remove_work_dir(work)  # only ever a folder this tool made
     make_work_dir(work)

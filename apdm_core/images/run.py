@@ -15,22 +15,14 @@ from PIL import Image
 
 from ..config import PATH_FIELDS
 from ..data import load_subject_images
+from ..driver import RunDriver, cache_folder, check_flags, preflight, source_paths
 from ..errors import Cancelled, InputError
-from ..fileio import atomic_path, check_target
+from ..fileio import atomic_path, check_paths, check_target
 from ..loading import load_model
 from ..models import SDModel, pil_to_tensor, resolve_device
 from ..pairs import ensure_class_images
 from ..progress import ProgressCallback, StopCheck, Tracker
-from ..training import (
-    Diffusion,
-    LatentBank,
-    make_forward,
-    read_state,
-    resumable_loop,
-    run_hash,
-    state_file,
-    write_state,
-)
+from ..training import Diffusion, LatentBank, make_forward
 from .base import ImageTask
 from .config import METHODS, ImageProtectConfig
 
@@ -91,11 +83,6 @@ def image_metrics(protected: list[Image.Image], originals: list[Image.Image]) ->
     return rows
 
 
-def _inputs(config: ImageProtectConfig, images) -> tuple[Path, ...]:
-    paths = [config.model, config.class_images] + (list(config.images) if images is None else [])
-    return tuple(Path(p) for p in paths if p and Path(p).exists())
-
-
 def write_images(result: ImageProtectResult, output: str | Path, overwrite: bool = False,
                  protected: tuple[Path, ...] = ()) -> Path:  # fmt: skip
     """The protected photos as lossless PNGs with their names, and the record, in a new folder (atomically)."""
@@ -138,27 +125,31 @@ def protect_images(
         raise InputError(
             f"budget={config.budget:.5f} is below one 8-bit level (1/255): nothing could change."
         )
+    check_flags(resume, restart)
     t_start = time.perf_counter()
+    inputs = source_paths(model=[config.model, getattr(model, "source", None) or ""],
+                          photos=config.images if images is None else images, class_images=config.class_images)  # fmt: skip
+    check_paths([("output", config.output), ("state file", config.state_path),
+                 ("cache folder", cache_folder(config.cache_dir))], inputs)  # fmt: skip
+    if config.output:
+        check_target(Path(config.output), overwrite, tuple(p for _, p in inputs))
     device = resolve_device(config.device)
     model = load_model(config.model, device=device, model_type=config.model_type) if model is None else model
     model.to(device)
-    inputs = _inputs(config, images)
-    if config.output:
-        check_target(Path(config.output), overwrite, inputs)
     size = config.resolution or model.native_resolution
     source = images if images is not None else config.images
     subjects = load_subject_images(source, size, min_side=None if size >= 256 else size)
     originals = [s.image for s in subjects]
-    identity = run_hash({k: v for k, v in config.to_dict().items()
-                         if k not in ("steps", "save_every", "device", "output", "state_path", "cache_dir",
-                                      "model", "images")}, model, subjects)  # fmt: skip
-    path = state_file(config.state_path, config.output, config.cache_dir, identity, ".apdm-images-state.pt",
-                      "images-state")  # fmt: skip
-    if path.exists() and not resume and not restart:
-        raise InputError(
-            f"{path} holds the saved state of an interrupted image protection. Continue it with --resume "
-            "(resume=True), or start over with --restart (restart=True), which replaces it."
-        )
+    identity = {k: v for k, v in config.to_dict().items()
+                if k not in ("steps", "save_every", "device", "output", "state_path", "cache_dir", "model", "images")}  # fmt: skip
+    run = RunDriver.open(
+        "image protection", identity_settings=identity, model=model, subjects=subjects,
+        state_path=config.state_path, output=config.output, cache_dir=config.cache_dir,
+        suffix=".apdm-images-state.pt", folder="images-state", version=STATE_VERSION, settings=config.to_dict(),
+        grows="steps", inputs=inputs, resume=resume, restart=restart,
+    )  # fmt: skip
+    photo_bytes = 4 * size * size * max(len(subjects), 1)
+    preflight([("output", config.output, 2 * photo_bytes), ("state file", run.state_path, 8 * photo_bytes)])
     with torch.inference_mode(False), torch.enable_grad():
         prior = None
         if config.method == "aspl" and config.prior_weight > 0 and config.num_class_images > 0:
@@ -181,30 +172,19 @@ def protect_images(
         model.vae.requires_grad_(False)
         try:
             method = get_image_method(config.method)(task)
-            if resume and path.exists():
-                state = read_state(path, identity, STATE_VERSION, what="image protection", grows="steps")
-                method.load_state_dict(state)
-                task.generator.set_state(state["rng"])
-                log.info(
-                    "Resumed the %s image protection from %s at step %d",
-                    config.method,
-                    path,
-                    method.step_count,
-                )
+            saved = run.load()
+            if saved is not None:
+                method.load_state_dict(saved)
+                task.generator.set_state(saved["rng"])
+                log.info("Resumed the %s image protection from %s at step %d", config.method, run.state_path,
+                         method.step_count)  # fmt: skip
             tracker = Tracker("protect_images", config.steps, progress, should_stop, start=method.step_count)
             phase = ["idle"]
 
-            def save() -> Path:
-                state = {"version": STATE_VERSION, **method.state_dict(), "rng": task.generator.get_state()}
-                return write_state(path, state, identity, config.to_dict())
-
-            def save_interrupted() -> None:
-                if phase[0] == "step":  # Ctrl-C inside an iteration: its changes are half made
-                    log.warning(
-                        "Interrupted inside an iteration; the last saved state (if any) at %s stays.", path
-                    )
-                else:
-                    save()
+            def state() -> dict | None:  # None inside an iteration: its changes are half made
+                return (
+                    None if phase[0] == "step" else {**method.state_dict(), "rng": task.generator.get_state()}
+                )
 
             def step() -> None:
                 phase[0] = "step"
@@ -212,9 +192,8 @@ def protect_images(
                 phase[0] = "idle"
                 tracker.update(losses={k: v for k, v in entry.items() if k != "step"}, message=config.method)
 
-            cancelled = resumable_loop(step, lambda: method.step_count, config.steps, tracker=tracker, save=save,
-                                       save_interrupted=save_interrupted, save_every=config.save_every,
-                                       state_path=path)  # fmt: skip
+            cancelled = run.loop(step, lambda: method.step_count, config.steps, tracker=tracker, state=state,
+                                 save_every=config.save_every)  # fmt: skip
             protected = quantize(method.current(), originals, config.budget_levels)
         finally:
             for m, saved in zip(modules, flags):  # the caller's model as it was
@@ -222,11 +201,10 @@ def protect_images(
                     p.requires_grad_(flag)
     result = ImageProtectResult(protected, [s.name for s in subjects], config, method.step_count, cancelled,
                                 image_metrics(protected, originals), method.history,
-                                state_path=path if cancelled else None)  # fmt: skip
+                                state_path=run.state_path if cancelled else None)  # fmt: skip
     if not cancelled:
-        if config.output:
-            result.output = write_images(result, config.output, overwrite=overwrite, protected=inputs)
-        if path.exists():
-            path.unlink()
+        write = (lambda: write_images(result, config.output, overwrite=overwrite, protected=tuple(p for _, p in inputs))
+                 ) if config.output else (lambda: None)  # fmt: skip
+        result.output = run.finish(write, state)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -156,10 +156,20 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
     # the attacker sweep (README "Protection that holds": the worst case over these is the headline)
     "lora_lr4x": ("LoRA rank 4, 4x lr", {"kind": "lora", "lr": 4e-3}, {}),
     "lora16": ("LoRA rank 16", {"kind": "lora", "lr": 1e-3, "lora_rank": 16, "lora_alpha": 16.0}, {}),
-    "lora16_lr4x": ("LoRA rank 16, 4x lr", {"kind": "lora", "lr": 4e-3, "lora_rank": 16, "lora_alpha": 16.0}, {}),
-    "lora_xattn": ("LoRA rank 4 on the cross-attention only (diagnostic)",
-                   {"kind": "lora", "lr": 1e-3, "lora_targets": [f"attn2.{m}" for m in ("to_k", "to_q", "to_v", "to_out.0")]},
-                   {}),  # fmt: skip
+    "lora16_lr4x": (
+        "LoRA rank 16, 4x lr",
+        {"kind": "lora", "lr": 4e-3, "lora_rank": 16, "lora_alpha": 16.0},
+        {},
+    ),
+    "lora_xattn": (
+        "LoRA rank 4 on the cross-attention only (diagnostic)",
+        {
+            "kind": "lora",
+            "lr": 1e-3,
+            "lora_targets": [f"attn2.{m}" for m in ("to_k", "to_q", "to_v", "to_out.0")],
+        },
+        {},
+    ),  # fmt: skip
     "unseen_photos": ("photos the protection never saw", {}, {"photos": UNSEEN_PHOTOS}),
     "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
     # what happens to the photos before the attacker trains on them (the image-level comparison)
