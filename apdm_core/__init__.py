@@ -27,8 +27,8 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallb
 _LAZY = {
     "ProtectConfig": "config",
     "PRESETS": "config",
-    "protect": "protect",
-    "ProtectResult": "protect",
+    "protect": "protection",
+    "ProtectResult": "protection",
     "load_model": "loading",
     "ImageProtectConfig": "images",
     "protect_images": "images",

@@ -85,7 +85,7 @@ def _quiet_libraries() -> None:
 
 def cmd_protect(args: argparse.Namespace) -> int:
     from .progress import tqdm_callback
-    from .protect import protect
+    from .protection import protect
 
     config = config_from_args(args)
     if not config.model:

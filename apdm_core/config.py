@@ -586,10 +586,26 @@ class ProtectConfig(ConfigIO):
                 "(every outer step takes at least one protection gradient)."
             )
         self.check_resolution_and_prompts()
+        self.check_lever_combinations()
         from .methods import get_method
 
-        get_method(self.method).check(self)
+        method = get_method(self.method)
+        method.check(self)
+        if self.offload_outer and method.uses_theta_loss(self):
+            raise InputError(
+                f"method={self.method!r} trains a term at theta on the compute device (behaviour_weight > 0): "
+                "turn offload_outer off."
+            )
         return self
+
+    def check_lever_combinations(self) -> None:
+        """Combinations of levers that cannot run together (found here, before pairs are made)."""
+        if self.optimizer_in_backward and self.inner_max_grad_norm > 0:
+            raise InputError(
+                "inner_max_grad_norm needs the whole gradient before the step; turn optimizer_in_backward off."
+            )
+        if self.anchor_weight > 0 and self.offload_outer:
+            raise InputError("anchor_weight > 0 trains theta on the compute device; turn offload_outer off.")
 
     # --- presets -----------------------------------------------------------------------------
     @classmethod

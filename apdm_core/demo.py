@@ -90,7 +90,7 @@ def run_demo(
     continues the protection where it stopped.
     """
     from .evaluate import compare
-    from .protect import protect
+    from .protection import protect
     from .world import load_world_model
 
     out = Path(out)

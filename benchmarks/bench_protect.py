@@ -117,8 +117,8 @@ def measure(args, mode: str, sets: list[str]) -> dict:
     from perf_tools import ReferenceL2P, bench_model, count_parameters
 
     from apdm_core.data import SubjectImage
+    from apdm_core.l2p import L2PTrainer, encode_data
     from apdm_core.models import resolve_device
-    from apdm_core.protect import L2PTrainer, encode_data
 
     config = make_config(args, sets)
     device = resolve_device(config.device)

@@ -161,7 +161,7 @@ def main() -> None:
                 save_every=0,
             )  # fmt: skip
             from apdm_core.progress import tqdm_callback
-            from apdm_core.protect import protect
+            from apdm_core.protection import protect
 
             tp, cp = time.perf_counter(), time.process_time()
             result = protect(config, progress=tqdm_callback("protect"), model=model)

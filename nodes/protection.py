@@ -118,7 +118,7 @@ class APDMProtectModel:
                 accumulation, advanced="", method="apdm", backdoor="target", target_prompt="",
                 unique_id=None):  # fmt: skip
         from apdm_core.plots import loss_curve
-        from apdm_core.protect import protect
+        from apdm_core.protection import protect
 
         widgets = {"instance_prompt": instance_prompt, "outer_steps": steps, "inner_steps": inner_steps, "beta": beta,
                    "lr_protect": learning_rate, "lr_personalize": learning_rate, "accumulation": accumulation,

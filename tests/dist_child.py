@@ -6,7 +6,7 @@ argv: config.json  state_ddp.pt  state_fsdp.pt
 import sys
 
 from apdm_core.config import ProtectConfig
-from apdm_core.protect import protect
+from apdm_core.protection import protect
 
 config = ProtectConfig.load(sys.argv[1])
 for kind, state in (("ddp", sys.argv[2]), ("fsdp", sys.argv[3])):

@@ -72,7 +72,7 @@ def test_comfyui_entry_point_imports_without_comfyui():
 def test_engine_imports_no_host_module():
     import subprocess
 
-    code = "import apdm_core.protect, apdm_core.cli, sys; bad=[m for m in ('comfy','folder_paths','modules','gradio') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = "import apdm_core.protection, apdm_core.cli, sys; bad=[m for m in ('comfy','folder_paths','modules','gradio') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

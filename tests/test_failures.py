@@ -72,7 +72,7 @@ def test_kill_9_during_a_save_leaves_the_previous_state(tmp_path):
 
 def test_inputs_survive_a_whole_protection_run(fast_config, tmp_path):
     """The end-to-end row: model folder and photos are byte-identical after protect + export."""
-    from apdm_core.protect import protect
+    from apdm_core.protection import protect
 
     cfg = fast_config(output=str(tmp_path / "out"), outer_steps=1)
     roots = [os.path.abspath(cfg.model), os.path.abspath(cfg.images[0])]

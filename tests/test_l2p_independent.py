@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from apdm_core.data import load_subject_images
+from apdm_core.l2p import L2PTrainer, prepare_data
 from apdm_core.loading import load_model
-from apdm_core.protect import L2PTrainer, prepare_data
 from apdm_core.training import LatentBank
 
 

@@ -12,7 +12,7 @@ from apdm_core.errors import InputError
 from apdm_core.losses import noise_prediction_loss
 from apdm_core.methods import METHODS, get_method
 from apdm_core.methods.persguard import PATTERN_FIRED, pattern_score, stamp_pattern
-from apdm_core.protect import protect
+from apdm_core.protection import protect
 
 
 def persguard(fast_config, **overrides):

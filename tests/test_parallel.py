@@ -18,7 +18,7 @@ from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
 from apdm_core.loading import load_model
 from apdm_core.parallel import setup_parallel
-from apdm_core.protect import protect
+from apdm_core.protection import protect
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -147,7 +147,7 @@ def test_a_file_apdm_did_not_write_is_never_taken_for_a_state_file(fast_config, 
         before = path.read_bytes()
         for flags in ({}, {"restart": True}, {"resume": True}):
             with pytest.raises(InputError, match="apdm did not write"):
-                from apdm_core.protect import protect
+                from apdm_core.protection import protect
 
                 protect(fast_config(state_path=str(path)), **flags)
         assert path.read_bytes() == before
@@ -201,7 +201,7 @@ def test_an_interrupted_attack_is_never_started_over_and_resumes_exactly(
 
 # --- before any work: read-only and full places --------------------------------------------------------
 def _no_training(monkeypatch):
-    from apdm_core import protect as protect_module
+    import apdm_core.protection as protect_module
 
     def fail(*a, **k):
         raise AssertionError("training started")
@@ -210,7 +210,7 @@ def _no_training(monkeypatch):
 
 
 def test_a_read_only_output_folder_fails_before_training(fast_config, tmp_path, monkeypatch):
-    from apdm_core.protect import protect
+    from apdm_core.protection import protect
 
     _no_training(monkeypatch)
     readonly = tmp_path / "readonly"
@@ -228,7 +228,7 @@ def test_a_read_only_output_folder_fails_before_training(fast_config, tmp_path, 
 
 
 def test_a_full_disk_fails_before_training(fast_config, tmp_path, monkeypatch):
-    from apdm_core.protect import protect
+    from apdm_core.protection import protect
 
     _no_training(monkeypatch)
     monkeypatch.setattr(
@@ -246,7 +246,7 @@ def test_a_full_disk_fails_before_training(fast_config, tmp_path, monkeypatch):
 )  # fmt: skip
 def test_a_full_disk_during_a_save_keeps_the_last_state(fast_config, tmp_path, monkeypatch, error):
     from apdm_core import training
-    from apdm_core.protect import protect
+    from apdm_core.protection import protect
 
     state = tmp_path / "run.pt"
     cfg = fast_config(output=str(tmp_path / "out"), state_path=str(state), outer_steps=4, save_every=1)
@@ -269,7 +269,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_state(fast_config, tmp_path, m
 
 
 def test_a_failed_final_write_keeps_the_finished_run(fast_config, tmp_path, monkeypatch):
-    from apdm_core import protect as protect_module
+    import apdm_core.protection as protect_module
 
     cfg = fast_config(output=str(tmp_path / "out"))
     real = protect_module.write_output

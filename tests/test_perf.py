@@ -19,7 +19,7 @@ from perf_tools import (  # benchmarks/, on the path by conftest.py
 from apdm_core.config import PRESETS, ProtectConfig
 from apdm_core.data import SubjectImage
 from apdm_core.errors import InputError
-from apdm_core.protect import L2PTrainer, encode_data
+from apdm_core.l2p import L2PTrainer, encode_data
 from apdm_core.tiny import build_tiny_model
 
 SIZE = 64  # the tiny model's native resolution
@@ -172,7 +172,7 @@ def test_input_model_is_never_modified_by_the_levers(world):
 
 
 def test_xformers_falls_back_to_sdpa_with_a_warning(world, caplog):
-    with caplog.at_level(logging.WARNING, logger="apdm_core.protect"):
+    with caplog.at_level(logging.WARNING, logger="apdm_core.l2p.placement"):
         run_fast(world, config(attention="xformers"), steps=0)
     assert "SDPA" in caplog.text
 

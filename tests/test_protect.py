@@ -8,8 +8,9 @@ from helpers import tree_hashes
 
 from apdm_core.data import load_subject_images
 from apdm_core.errors import InputError, TrainingDiverged
+from apdm_core.l2p import L2PTrainer, prepare_data
 from apdm_core.loading import load_model
-from apdm_core.protect import L2PTrainer, prepare_data, protect
+from apdm_core.protection import protect
 
 
 def make_trainer(config):
@@ -39,7 +40,7 @@ def test_theta_is_untouched_in_the_inner_loop_and_moves_by_the_accumulated_gradi
     with torch.no_grad():
         for p, v in zip(replay.parameters(), theta0):
             p.copy_(v)
-    opt = trainer._adamw(list(replay.parameters()), trainer.cfg.lr_protect)
+    opt = trainer.weights.adamw(list(replay.parameters()), trainer.cfg.lr_protect)
     for p, a in zip(replay.parameters(), trainer.accum):
         p.grad = a.clone()
     opt.step()
@@ -52,7 +53,7 @@ def reference_accumulation(trainer, mode):
     g0 = trainer.generator.get_state()
     unet = copy.deepcopy(trainer.unet)
     params = list(unet.parameters())
-    opt = trainer._adamw(params, trainer.cfg.lr_personalize)
+    opt = trainer.weights.adamw(params, trainer.cfg.lr_personalize)
     total = [torch.zeros_like(p) for p in params]
     for _ in range(trainer.cfg.inner_steps):
         opt.zero_grad(set_to_none=True)

@@ -15,11 +15,11 @@ from helpers import draw_photo
 from ldm_layout import make_checkpoint, write_config_folder
 from safetensors import safe_open
 
-from apdm_core import protect as protect_module
+import apdm_core.protection as protect_module
 from apdm_core.cli import main
 from apdm_core.errors import InputError
 from apdm_core.export import match_subjects
-from apdm_core.protect import protect
+from apdm_core.protection import protect
 
 TINY = dict(outer_steps=1, inner_steps=1, num_class_images=1)
 

@@ -10,7 +10,7 @@ from test_protect import make_trainer, params_of
 
 from apdm_core.errors import InputError
 from apdm_core.losses import target_loss
-from apdm_core.protect import protect
+from apdm_core.protection import protect
 
 
 class Spy:
@@ -40,7 +40,7 @@ def test_persistent_attacker_continues_and_follows_theta(fast_config):
         theta_before = params_of(trainer.unet)
         spy = Spy(trainer)
         trainer.outer_step(spy)
-        steps_in_episode.append(trainer._episode["h"])
+        steps_in_episode.append(trainer.attacker.current.h)
         delta = [a - b for a, b in zip(trainer.unet.parameters(), theta_before)]
         # theta' after the outer step = theta' after its last attack step + the change of theta
         for p_prime, last, d in zip(trainer.unet_p.parameters(), spy.prime[-1], delta):
@@ -59,7 +59,7 @@ def reference_weighted_accumulation(trainer):
     g0 = trainer.generator.get_state()
     unet = copy.deepcopy(trainer.unet)
     params = list(unet.parameters())
-    opt = trainer._adamw(params, cfg.lr_personalize)
+    opt = trainer.weights.adamw(params, cfg.lr_personalize)
     total = [torch.zeros_like(p) for p in params]
     horizon = cfg.resync_every * cfg.inner_steps
     for h in range(1, cfg.inner_steps + 1):
@@ -162,7 +162,7 @@ def test_bad_combinations_are_refused(fast_config, overrides, message):
 
 
 def test_extra_identifiers_take_turns_in_the_attacker_episodes(fast_config):
-    from apdm_core.protect import identifier_prompts
+    from apdm_core.l2p import identifier_prompts
 
     cfg = fast_config(outer_steps=8, inner_steps=1, extra_identifiers=["zwx", "qpv"],
                       instance_prompt="a photo of sks dog", class_prompt="a photo of dog")  # fmt: skip

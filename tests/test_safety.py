@@ -16,8 +16,9 @@ from apdm_core import fileio
 from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
 from apdm_core.interrupts import uninterrupted
+from apdm_core.l2p import L2PTrainer
 from apdm_core.loading import load_model
-from apdm_core.protect import L2PTrainer, protect
+from apdm_core.protection import protect
 
 
 # --- folders are never deleted unless apdm wrote them ------------------------------------------
@@ -72,7 +73,7 @@ def test_a_file_never_replaces_a_folder(tmp_path):
 
 
 def test_outputs_inside_or_around_an_input_are_refused_before_training(fast_config, tmp_path, monkeypatch):
-    import apdm_core.protect as protect_module
+    import apdm_core.protection as protect_module
 
     monkeypatch.setattr(protect_module, "prepare_data", lambda *a, **k: pytest.fail("training started"))
     cfg = fast_config()
@@ -121,7 +122,7 @@ def test_ctrl_c_prints_the_state_file_and_the_resume_command(fast_config, tmp_pa
         if event.stage == "protect" and event.outer == 2:
             raise KeyboardInterrupt
 
-    import apdm_core.protect as protect_module
+    import apdm_core.protection as protect_module
 
     with monkeypatch.context() as m:
         m.setattr(
@@ -167,8 +168,8 @@ def test_ctrl_c_during_the_outer_update_resumes_exactly(fast_config, tmp_path, m
 
 # --- the documented API, settings checked by type --------------------------------------------------
 def test_the_readme_import_gives_a_callable_protect():
-    code = ("import apdm_core.protect; from apdm_core import ProtectConfig, protect; "
-            "import sys; sys.exit(0 if callable(protect) and protect.__call__ else 1)")  # fmt: skip
+    code = ("import apdm_core.protection, apdm_core.l2p, types, sys; from apdm_core import ProtectConfig, protect; "
+            "sys.exit(0 if isinstance(protect, types.FunctionType) else 1)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -229,8 +230,8 @@ def test_the_accumulator_check_catches_a_replaced_grad(fast_config):
 
     trainer = make_trainer(fast_config())
     trainer.outer_step()  # the real torch adds in place: the check passed
-    assert trainer._alias_checked
-    trainer._alias_checked = False
+    assert trainer.weights._alias_checked
+    trainer.weights._alias_checked = False
     for p in trainer.params_p:
         p.grad = torch.zeros_like(p)  # not the accumulator
     with pytest.raises(RuntimeError, match="did not reach the accumulator"):

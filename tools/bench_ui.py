@@ -25,7 +25,7 @@ from helpers import draw_photo  # noqa: E402
 
 from apdm_core import ui  # noqa: E402
 from apdm_core.config import ProtectConfig  # noqa: E402
-from apdm_core.protect import protect  # noqa: E402
+from apdm_core.protection import protect  # noqa: E402
 from apdm_core.tiny import build_tiny_model  # noqa: E402
 
 SETTINGS = dict(outer_steps=6, inner_steps=4, num_class_images=2, sample_steps=2, guidance_scale=2.0,

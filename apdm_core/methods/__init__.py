@@ -2,7 +2,7 @@
 
 A method supplies what its protection optimises (the loss at the simulated attacker's weights
 theta', an optional term at theta itself, the extra images it needs); the simulated-attacker
-loop (``apdm_core.protect.L2PTrainer``), state/resume, progress and export are shared by all.
+loop (``apdm_core.l2p.L2PTrainer``), state/resume, progress and export are shared by all.
 Adding a method: a module with a ``ProtectionMethod`` subclass, and one line below.
 """
 

@@ -10,8 +10,8 @@ from ..losses import noise_prediction_loss
 
 if TYPE_CHECKING:  # the loop passes itself; no import at run time (no circle)
     from ..config import ProtectConfig
+    from ..l2p import L2PTrainer
     from ..models import SDModel
-    from ..protect import L2PTrainer
     from ..training import NoisyBatch
 
 

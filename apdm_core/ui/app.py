@@ -174,7 +174,7 @@ class ProtectApp:
         config = self.make_config(model, files, folder, instance_prompt, class_prompt, advanced)
 
         def work(progress, should_stop):
-            from ..protect import protect
+            from ..protection import protect
 
             result = protect(config, progress=progress, should_stop=should_stop, resume=True)
             if not self.host.keep_on_device:
@@ -370,7 +370,7 @@ class ProtectApp:
 
     def save(self, filename: str) -> str:
         """Write the last protected model (a .safetensors name -> single file, else a diffusers folder)."""
-        from ..protect import write_output
+        from ..protection import write_output
 
         if self.job is not None and self.job.running:
             return "Wait for the running job to finish before saving."

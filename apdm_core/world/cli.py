@@ -115,7 +115,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .render import grid
 
     out = Path(args.out)
-    check_target(out, args.overwrite)
+    check_target(out, args.overwrite, (Path(args.model),) if args.model else ())
     model = load_model(args.model) if args.model else load_world_model()
     size = model.native_resolution
     seeds = list(range(args.seed, args.seed + args.count))
@@ -146,7 +146,7 @@ def cmd_train_evaluator(args: argparse.Namespace) -> int:
     from ..progress import tqdm_callback
     from .evaluator import save_evaluator, train_evaluator
 
-    check_target(Path(args.out), args.overwrite)
+    check_target(Path(args.out), args.overwrite, (Path(args.model),) if args.model else ())
     if args.threads:
         torch.set_num_threads(args.threads)
     model = None

@@ -23,7 +23,7 @@ The yardstick (README, Demo world):
   others), and ``+other_subject`` rows: another individual of the same class must still be
   learned by the attacker.
 
-Everything runs through the public engine: ``apdm_core.protect.protect``,
+Everything runs through the public engine: ``apdm_core.protection.protect``,
 ``apdm_core.attack.run_attack``, ``apdm_core.pairs.sample_images``. Protected models are
 shared between the rows that only change the attack.
 """
@@ -411,7 +411,7 @@ class Runner:
     def protected(self, subject: render.Subject, seed: int, overrides: dict):
         """(protected model, seconds) for this subject, seed and protection variant (cached)."""
         from ..config import ProtectConfig
-        from ..protect import protect
+        from ..protection import protect
 
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:

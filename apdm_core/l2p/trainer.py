@@ -1,0 +1,259 @@
+"""The Learning to Protect trainer: one outer step of the paper's Algorithm 1 (first order).
+
+Per outer step k::
+
+    theta' <- theta                     (a new episode; with resync_every R > 1 only every R steps)
+    for j in 1..N_per:
+        one DreamBooth step on theta'                                  -> theta'_j
+        every protect_every-th step: g += w_j * grad_theta' L_protect(theta'_j)
+    theta.grad <- g (+ the anchor and the method's term at theta); one outer optimizer step
+
+``L_protect`` is the method's loss (``apdm_core/methods``: APDM's DPO/target/naive, PersGuard's
+retention); ``accumulation='protect+personalize'`` also adds grad L_per(theta'_{j-1}) (the released
+code); ``inner_steps=0`` is the protection loss at theta itself (DPO without L2P). All randomness
+comes from one CPU generator whose state is saved, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..config import ProtectConfig
+from ..errors import TrainingDiverged
+from ..interrupts import uninterrupted
+from ..levers import require_bitsandbytes
+from ..losses import noise_prediction_loss
+from ..methods import get_method
+from ..models import SDModel
+from ..parallel import Parallel
+from ..progress import Tracker
+from ..training import dreambooth_loss
+from .data import ProtectionData, identifier_prompts
+from .episode import Attacker
+from .placement import Weights
+
+STATE_VERSION = 1
+
+
+class StepLog:
+    """What one outer step measured: losses per term, the protection weights used."""
+
+    def __init__(self) -> None:
+        self.per: list[float] = []
+        self.protect: list[float] = []
+        self.terms: dict[str, list[float]] = {}
+        self.weight = 0.0  # sum of the protection gradients' weights (late_weighting)
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.terms.setdefault(k, []).append(v)
+
+    def losses(self) -> dict[str, float]:
+        """The latest losses, for the progress bar."""
+        return {"per": self.per[-1], **({"protect": self.protect[-1]} if self.protect else {})}
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class L2PTrainer:
+    """theta, the simulated attacker on theta' and the method's losses; ``outer_step`` is Algorithm 1."""
+
+    def __init__(
+        self, config: ProtectConfig, model: SDModel, data: ProtectionData, device: torch.device,
+        parallel: Parallel | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.model, self.data, self.device = config, model, data, device
+        self.parallel = parallel or Parallel()
+        self.method = get_method(config.method)
+        if config.optimizer == "adamw8bit":
+            require_bitsandbytes(device)
+        self.weights = Weights(config, model, device, self.parallel)
+        self.optimizer = self.weights.adamw(self.weights.protected_params, config.lr_protect)
+        self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.attacker = Attacker(config, self.weights, self.generator)
+        self.persistent = config.resync_every > 1
+        self.inner_batch = config.inner_batch_size or config.batch_size
+        self.step = 0
+        self.history: list[dict] = []
+        self._rng_at_step_start = self.generator.get_state()
+        self._attacker_at_step_start: dict | None = None  # a persistent attacker's state at this step's start
+
+    # --- what the methods read -------------------------------------------------------------------
+    unet = property(lambda self: self.weights.unet)  # theta
+    unet_p = property(lambda self: self.weights.unet_p)  # theta'
+    run_p = property(lambda self: self.weights.run_p)
+    ref_unet = property(lambda self: self.weights.ref_unet)
+    run_ref = property(lambda self: self.weights.run_ref)
+    forward = property(lambda self: self.weights.forward)
+    forward_ref = property(lambda self: self.weights.forward_ref)
+    params_p = property(lambda self: self.weights.params_p)
+    accum = property(lambda self: self.weights.accum)
+
+    @property
+    def instance_embeds(self) -> torch.Tensor:
+        """The instance prompt of the current episode (its identifier, with extra_identifiers)."""
+        ep = self.attacker.current
+        k = ep.identifier if ep is not None else 0
+        if k == 0 or self.data.identifier_embeds is None:
+            return self.data.instance_embeds
+        return self.data.identifier_embeds[k - 1 : k]
+
+    # --- one outer step ----------------------------------------------------------------------------
+    def outer_step(self, tracker: Tracker | None = None) -> dict:
+        cfg, t0, where = self.cfg, time.perf_counter(), f"outer step {self.step + 1}"
+        self._rng_at_step_start = self.generator.get_state()
+        episode = self.episode_for_this_step()
+        log = StepLog()
+        if cfg.inner_steps == 0:  # the protection loss at theta itself
+            self.weights.clear_prime_grads()
+            self.protection_gradient(log, where)
+            if tracker is not None:
+                tracker.update(losses={"protect": log.protect[-1]}, outer=self.step + 1, inner=0)
+        for j in range(cfg.inner_steps):
+            where_j = f"{where}, inner step {j + 1}"
+            self.weights.clear_prime_grads()
+            loss = self.personalization_loss(self.run_p)
+            log.per.append(self._check(self.parallel.mean({"per": float(loss.detach())})["per"],
+                                       "personalization", where_j))  # fmt: skip
+            self.attacker.step(loss, add_to_accum=cfg.accumulation == "protect+personalize")
+            if episode.h % cfg.protect_every == 0:
+                self.protection_gradient(log, where_j, self.protect_weight(episode.h))
+            if tracker is not None:
+                tracker.update(losses=log.losses(), outer=self.step + 1, inner=j + 1)
+        with uninterrupted():  # theta's update and the step counter: one unit for the saver
+            log.add(self.apply_outer_update(log.weight))
+            self.step += 1
+            self._rng_at_step_start = self.generator.get_state()  # now the start of the next step
+            self._attacker_at_step_start = None
+        if not self.persistent:
+            self.attacker.end()
+        return self.record(log, episode, time.perf_counter() - t0)
+
+    def episode_for_this_step(self):
+        """A new episode (theta' <- theta) every resync_every outer steps; else the accumulator restarts."""
+        if self.attacker.current is None or self.step % self.cfg.resync_every == 0:
+            self.attacker.start()
+        else:  # the persistent attacker continues where the last outer step left it
+            self.weights.zero_accum()
+        if self.persistent:  # what a resume from this step's start needs
+            self._attacker_at_step_start = self.attacker.state_dict()
+        return self.attacker.current
+
+    def protection_gradient(self, log: StepLog, where: str, weight: float = 1.0) -> None:
+        """Add ``weight`` x grad of the method's protection loss at theta' to the accumulator."""
+        loss, stats = self.protection_loss(self.run_p)
+        logged = self.parallel.mean({"protect": float(loss.detach()), **stats})
+        log.protect.append(self._check(logged.pop("protect"), "protection", where))
+        log.weight += weight
+        self.weights.accumulate(loss if weight == 1.0 else loss * weight)
+        log.add(logged)
+
+    def protect_weight(self, h: int) -> float:
+        """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
+        if not self.cfg.late_weighting:
+            return 1.0
+        return math.exp(self.cfg.late_weighting * (h - self.cfg.resync_every * self.cfg.inner_steps))
+
+    def record(self, log: StepLog, episode, seconds: float) -> dict:
+        """The history entry of the step just taken."""
+        cfg = self.cfg
+        entry = {"step": self.step, "loss_per": mean(log.per), "loss_protect": mean(log.protect),
+                 **{k: mean(v) for k, v in log.terms.items()}, "seconds": seconds}  # fmt: skip
+        if self.persistent or cfg.lr_personalize_max > cfg.lr_personalize:
+            entry["attack_lr"] = episode.lr
+        if cfg.extra_identifiers:
+            entry["identifier"] = ([cfg.instance_prompt] + identifier_prompts(cfg))[episode.identifier]
+        self.history.append(entry)
+        return entry
+
+    # --- the losses ------------------------------------------------------------------------------
+    def personalization_loss(self, unet) -> torch.Tensor:
+        """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
+        d = self.data
+        return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, self.instance_embeds, self.generator,
+                               self.inner_batch, d.prior, d.class_embeds, self.cfg.prior_weight,
+                               shard=self.parallel.shard(self.inner_batch))  # fmt: skip
+
+    def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's protection loss at the current weights of ``unet`` (theta' after attack steps)."""
+        return self.method.protection_loss(self, unet)
+
+    def anchor_loss(self) -> torch.Tensor:
+        """Distillation of theta to the frozen original on noised anchor images with their prompts."""
+        d, g = self.data, self.generator
+        z0, embeds = d.anchor.draw(16, g)
+        batch = d.diffusion.noisy(z0, embeds, g)
+        pred = self.forward(self.unet, batch)
+        with torch.no_grad():
+            ref = self.forward_ref(self.run_ref, batch)
+        return noise_prediction_loss(pred, ref)
+
+    def apply_outer_update(self, protect_weight: float = 1.0) -> dict[str, float]:
+        """theta.grad <- the accumulated protection gradient (+ the anchor's and the method's terms at
+        theta); one outer optimizer step. With a persistent attacker the same change of theta is
+        applied to theta'. Returns the losses of the terms at theta."""
+        w, scale = self.weights, max(protect_weight, 1.0)  # terms at theta relative to one protection term
+        w.accumulated_into_theta_grad()
+        stats = {}
+        if self.cfg.anchor_weight > 0 and self.data.anchor is not None:
+            loss = self.anchor_loss()  # backward adds into theta.grad, the accumulated gradient
+            (self.cfg.anchor_weight * scale * loss).backward()
+            stats["anchor"] = self._check(loss, "anchor", f"outer step {self.step + 1}")
+        at_theta = self.method.theta_loss(self)
+        if at_theta is not None:
+            loss, method_stats = at_theta
+            (scale * loss).backward()
+            self._check(loss, self.method.name, f"outer step {self.step + 1}")
+            stats.update(method_stats)
+        before = [p.detach().clone() for p in w.params] if self.persistent else None
+        self.optimizer.step()
+        w.clear_theta_grads()
+        if before is not None:
+            w.follow_theta(before)
+        return stats
+
+    def _check(self, value: torch.Tensor | float, what: str, where: str) -> float:
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(v):
+            raise TrainingDiverged(
+                f"The {what} loss became {v} at {where}. Lower the learning rates (e.g. halve lr_protect and "
+                "lr_personalize), keep mixed_precision='no', or check the images; resume from the last state file."
+            )
+        return v
+
+    def check_accumulation(self) -> None:
+        self.weights.check_accumulation()
+
+    def finish(self):
+        """The protected UNet as a plain module on the compute device; the base model back where it was."""
+        return self.weights.finish()
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self, at_step_start: bool = False) -> dict:
+        state = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "unet": {k: v.detach().cpu() for k, v in self.unet.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self._rng_at_step_start if at_step_start else self.generator.get_state(),
+            "history": self.history,
+        }
+        if self.persistent and self.attacker.current is not None:  # the attacker lives on between outer steps
+            start = self._attacker_at_step_start if at_step_start else None
+            state["attacker"] = start if start is not None else self.attacker.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"])
+        self._rng_at_step_start = self.generator.get_state()
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        if state.get("attacker") is not None and self.step % self.cfg.resync_every:
+            self.attacker.load_state_dict(state["attacker"])

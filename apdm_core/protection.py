@@ -1,0 +1,248 @@
+"""``protect()``: the public entry point of a model-level protection run.
+
+Loads the model and the photos, checks every path and the state file (``driver.RunDriver``),
+prepares the data (``l2p.prepare_data``), runs the method's Learning to Protect loop
+(``l2p.L2PTrainer``) with progress, cancel and resume, and writes the protected model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
+from .data import load_subject_images
+from .driver import RunDriver, cache_folder, check_flags, module_bytes, preflight, source_paths
+from .errors import Cancelled
+from .fileio import check_paths
+from .l2p import STATE_VERSION, L2PTrainer, check_parallel, prepare_data
+from .loading import load_model
+from .models import SDModel, resolve_device
+from .parallel import setup_parallel
+from .progress import ProgressCallback, StopCheck, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProtectResult:
+    model: SDModel  # the base components with the protected UNet
+    config: ProtectConfig
+    steps_done: int
+    cancelled: bool = False
+    history: list[dict] = field(default_factory=list)
+    state_path: Path | None = None
+    output: Path | None = None
+    seconds: float = 0.0
+    processes: int = 1  # > 1 under accelerate launch / torchrun
+    distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
+
+
+def identity_settings(config: ProtectConfig) -> dict:
+    """The settings that determine the trajectory (all but the number of outer steps and how it runs)."""
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in RUN_IDENTITY_EXCLUDE and k not in ("model", "images")
+    }
+
+
+def protect(
+    config: ProtectConfig,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    *,
+    model: SDModel | None = None,
+    images=None,
+    resume: bool = False,
+    keep_state: bool = False,
+    overwrite: bool = False,
+    restart: bool = False,
+) -> ProtectResult:
+    """Protect ``config.model`` against personalization of the subject in ``config.images``.
+
+    ``model``/``images`` may be passed preloaded (hosts do); the input model is never
+    modified: the result holds a new protected UNet beside the original components.
+    ``progress`` receives a ProgressEvent every inner step; ``should_stop`` is checked every
+    inner step and stops the run within one step, saving the resumable state first
+    (``result.cancelled``; call again with ``resume=True`` to continue). Any other exception
+    from a host (an interrupt raised inside ``progress``) also saves the state, then propagates.
+    With ``config.output`` set, the protected model is written there (atomically).
+    A state file of an earlier, interrupted run is never ignored: without ``resume`` (continue
+    it) or ``restart`` (start over and replace it) the call refuses with an InputError. On Ctrl-C
+    the state is saved and the KeyboardInterrupt carries its path as ``state_path``.
+    """
+    if model is None:
+        return _protect(config, progress, should_stop, model=None, images=images, resume=resume,
+                        keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+    saved = ModelState(model)
+    done = False
+    try:
+        result = _protect(config, progress, should_stop, model=model, images=images, resume=resume,
+                          keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+        done = not result.cancelled
+        return result
+    finally:  # the caller's model as it was (a finished run's result shares its VAE and text encoder)
+        saved.restore(devices_of_shared=not done)
+
+
+class ModelState:
+    """Devices, requires_grad flags and train/eval modes of a model's modules, to put back later."""
+
+    def __init__(self, model: SDModel) -> None:
+        self.modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+        self.devices = {k: _device_of(m) for k, m in self.modules.items()}
+        self.grads = {k: [p.requires_grad for p in m.parameters()] for k, m in self.modules.items()}
+        self.modes = {k: [sub.training for sub in m.modules()] for k, m in self.modules.items()}
+
+    def restore(self, devices_of_shared: bool = True) -> None:
+        for k, m in self.modules.items():
+            if self.devices[k] is not None and (k == "unet" or devices_of_shared):
+                m.to(self.devices[k])
+            for p, flag in zip(m.parameters(), self.grads[k]):
+                p.requires_grad_(flag)
+            for sub, mode in zip(m.modules(), self.modes[k]):
+                sub.training = mode
+
+
+def _device_of(module) -> torch.device | None:
+    return next((p.device for p in module.parameters()), None)
+
+
+def _protect(
+    config: ProtectConfig,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    *,
+    model: SDModel | None = None,
+    images=None,
+    resume: bool = False,
+    keep_state: bool = False,
+    overwrite: bool = False,
+    restart: bool = False,
+) -> ProtectResult:
+    """protect() without the care for a preloaded model's state."""
+    config.validate()
+    check_flags(resume, restart)
+    t_start = time.perf_counter()
+    inputs = input_paths(config, images, model)
+    check_paths([("output", config.output), ("state file", config.state_path),
+                 ("cache folder", cache_folder(config.cache_dir))], inputs)  # fmt: skip
+    device = resolve_device(config.device)
+    parallel = setup_parallel(config, device.type)  # accelerate, when launched with several processes
+    if parallel.active:
+        device = parallel.device if parallel.device.type != "cpu" else torch.device("cpu")
+        progress = progress if parallel.is_main else None
+    if model is None:  # a diffusers folder, or a single file of type config.model_type
+        model = load_model(config.model, device=device, model_type=config.model_type)
+    else:
+        model.to(device)
+    if config.output:  # fail before hours of training, not after
+        check_output(config.output, overwrite, model, tuple(p for _, p in inputs))
+    size = config.resolution or model.native_resolution
+    source = images if images is not None else config.images
+    subjects = load_subject_images(
+        source, size, order=config.pair_order, min_side=None if size >= 256 else size
+    )
+    check_parallel(config, parallel)  # before any pairs are made
+    run = RunDriver.open(
+        "protection", identity_settings=identity_settings(config), model=model, subjects=subjects,
+        state_path=config.state_path, output=config.output, cache_dir=config.cache_dir, suffix=".apdm-state.pt",
+        folder="state", version=STATE_VERSION, settings=config.to_dict(), grows="outer_steps", inputs=inputs,
+        resume=resume, restart=restart, writer=parallel.is_main,
+    )  # fmt: skip
+    preflight([("output", config.output, module_bytes(model.unet, model.vae, model.text_encoder)),
+               ("state file", run.state_path, module_bytes(model.unet) * (6 if config.resync_every > 1 else 3))])  # fmt: skip
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            with parallel.main_first():  # the main process fills the pair cache, the others read it
+                data = prepare_data(config, model, subjects, size, progress, should_stop)
+        except Cancelled:
+            return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
+        if device.type == "cuda":  # the frozen encoders are done: free their memory
+            model.vae.to("cpu")
+            model.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+        trainer = L2PTrainer(config, model, data, device, parallel)
+        saved = run.load()
+        if saved is not None:
+            trainer.load_state_dict(saved)
+            log.info("Resumed from %s at outer step %d", run.state_path, trainer.step)
+        per_outer = max(config.inner_steps, 1)
+        stop = should_stop
+        if parallel.active:  # every process stops at the same step when any was asked to
+            stop = lambda: parallel.any_stop(bool(should_stop is not None and should_stop()))  # noqa: E731
+        tracker = Tracker(
+            "protect", config.outer_steps * per_outer, progress, stop, start=trainer.step * per_outer
+        )
+        # on a stop (Cancelled, Ctrl-C, a host interrupt from the progress callback) theta and the outer
+        # optimizer are untouched mid-step: they are saved with the RNG state of the interrupted step's
+        # start, so a resumed run redoes that step exactly
+        cancelled = run.loop(
+            lambda: trainer.outer_step(tracker), lambda: trainer.step, config.outer_steps, tracker=tracker,
+            state=trainer.state_dict, state_interrupted=lambda: trainer.state_dict(at_step_start=True),
+            save_every=config.save_every,
+        )  # fmt: skip
+        protected = result_model(model, trainer.finish())
+    result = ProtectResult(
+        protected, config, trainer.step, cancelled, trainer.history, run.state_path if cancelled else None
+    )
+    if not cancelled and parallel.is_main:  # one process writes
+        write = (lambda: write_output(protected, config, config.output, overwrite=overwrite, subjects=source,
+                                      inputs=tuple(p for _, p in inputs))) if config.output else (lambda: None)  # fmt: skip
+        result.output = run.finish(write, trainer.state_dict, keep_state)
+        result.state_path = run.state_path if keep_state else None
+    parallel.wait()
+    result.processes, result.distributed = parallel.world_size, parallel.kind
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def result_model(model: SDModel, unet) -> SDModel:
+    """The base model's components with ``unet`` in place of the original (which stays intact)."""
+    unet = unet.requires_grad_(False).eval()
+    device = next(unet.parameters()).device
+    model.vae.to(device)
+    model.text_encoder.to(device)
+    info = {**model.info, "protected": True}
+    return SDModel(
+        unet, model.vae, model.text_encoder, model.tokenizer, model.scheduler, model.source, model.kind, info
+    )
+
+
+def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:
+    """What a run reads (the model, the subject photos, class images, backdoor images): never written."""
+    return source_paths(model=[config.model, getattr(model, "source", None) or ""],
+                        photos=config.images if images is None else images, class_images=config.class_images,
+                        backdoor_images=config.backdoor_images)  # fmt: skip
+
+
+def check_output(output: str | Path, overwrite: bool, model: SDModel, inputs: tuple[Path, ...] = ()) -> None:
+    """Raise InputError now if ``write_output`` could not write ``model`` to ``output`` later
+    (an existing output without ``overwrite``, the input model itself, a single-file output
+    that cannot be made from this source, ...)."""
+    from .export import check_export
+
+    check_export(model, output, overwrite, inputs=inputs)
+
+
+def write_output(
+    model: SDModel,
+    config: ProtectConfig,
+    output: str | Path,
+    overwrite: bool = False,
+    subjects=None,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
+    """Write the protected model: a diffusers folder, or a single .safetensors file (export module).
+
+    ``subjects``: the protected subject images (a folder, files or PIL images; default
+    ``config.images``), recorded as salted hashes beside the settings.
+    """
+    from .export import write_model
+
+    return write_model(model, output, config=config, overwrite=overwrite, subjects=subjects, inputs=inputs)
