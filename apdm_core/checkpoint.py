@@ -17,20 +17,17 @@ from ``sd_configs/clip_merges.txt.gz`` (see ``clip_vocab``) and loaded with
 
 from __future__ import annotations
 
-import functools
-import gzip
 import json
 import logging
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .clip_tokenizer import load_tokenizer
 from .errors import InputError
 from .models import SDModel, _load_scheduler
 
@@ -58,60 +55,17 @@ V_PRED_STD = 0.09  # ComfyUI's SD20.model_type threshold on that tensor's std
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy hint for 512-base .ckpt files
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------
-# the CLIP tokenizer (shipped once for SD1.x and SD2.x)
-# ------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode map (transformers' own)."""
-    try:  # transformers >= 4.4x, 5.x
-        from transformers.convert_slow_tokenizer import bytes_to_unicode as table
-    except ImportError:  # older transformers (e.g. A1111's 4.30)
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode as table
-    return table()
-
-
-@functools.lru_cache(maxsize=1)
-def clip_vocab() -> tuple[dict[str, int], tuple[str, ...]]:
-    """CLIP's BPE vocabulary (token -> id, 49408 entries) and merges, built as CLIP's SimpleTokenizer does.
-
-    Ids: the 256 byte symbols, the same with ``</w>``, one token per merge in merge order,
-    then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
-    """
-    merges = tuple(gzip.decompress((CONFIG_ROOT / "clip_merges.txt.gz").read_bytes()).decode().splitlines())
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def write_clip_vocab(folder: str | Path) -> Path:
-    """Write vocab.json + merges.txt (the Hugging Face files) of the CLIP vocabulary into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
-
-
-def load_tokenizer(config_dir: str | Path):
-    """The CLIPTokenizer of a config folder: its own tokenizer/ files, or the shipped vocabulary with its settings."""
-    from transformers import CLIPTokenizer
-
-    tok_dir = Path(config_dir) / "tokenizer"
-    if (tok_dir / "vocab.json").exists():
-        return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    with tempfile.TemporaryDirectory(prefix="apdm-tokenizer-") as tmp:
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (tok_dir / name).exists():
-                shutil.copy(tok_dir / name, Path(tmp) / name)
-        return CLIPTokenizer.from_pretrained(write_clip_vocab(tmp), local_files_only=True)
+}
 
 
 def config_dir(model_type: str) -> Path:
@@ -276,13 +230,22 @@ class Detection:
 # diffusers' names (single_file_utils.infer_diffusers_model_type) of the checkpoint types it knows
 # that are not SD1.x/SD2.x text-to-image models, in words
 OTHER_TYPES = {
-    "xl_base": "an SDXL checkpoint", "xl_refiner": "an SDXL refiner checkpoint", "xl_inpaint": "an SDXL inpainting "
-    "checkpoint", "playground-v2-5": "a Playground v2.5 checkpoint", "sd3": "an SD3 checkpoint", "sd35_medium":
-    "an SD3.5 Medium checkpoint", "sd35_large": "an SD3.5 Large checkpoint", "flux-dev": "a FLUX.1-dev checkpoint",
-    "flux-schnell": "a FLUX.1-schnell checkpoint", "flux-fill": "a FLUX.1 Fill checkpoint", "flux-depth": "a FLUX.1 "
-    "Depth checkpoint", "inpainting": "an SD1.x inpainting checkpoint", "inpainting_v2": "an SD2.x inpainting "
-    "checkpoint", "upscale": "an SD x4 upscaler checkpoint", "controlnet": "a ControlNet",
-}  # fmt: skip
+    "xl_base": "an SDXL checkpoint",
+    "xl_refiner": "an SDXL refiner checkpoint",
+    "xl_inpaint": "an SDXL inpainting checkpoint",
+    "playground-v2-5": "a Playground v2.5 checkpoint",
+    "sd3": "an SD3 checkpoint",
+    "sd35_medium": "an SD3.5 Medium checkpoint",
+    "sd35_large": "an SD3.5 Large checkpoint",
+    "flux-dev": "a FLUX.1-dev checkpoint",
+    "flux-schnell": "a FLUX.1-schnell checkpoint",
+    "flux-fill": "a FLUX.1 Fill checkpoint",
+    "flux-depth": "a FLUX.1 Depth checkpoint",
+    "inpainting": "an SD1.x inpainting checkpoint",
+    "inpainting_v2": "an SD2.x inpainting checkpoint",
+    "upscale": "an SD x4 upscaler checkpoint",
+    "controlnet": "a ControlNet",
+}
 
 
 class _Shapes:
@@ -477,8 +440,13 @@ def load_single_file(
     if (
         OLD_SD1_TEXT_KEY in ckpt
     ):  # old CLIP names without "text_model.": alias them for diffusers (file unchanged)
-        state.update({SD1_TEXT_MODEL + k[len(SD1_TEXT_PREFIX) :]: v for k, v in state.items()
-                      if k.startswith(SD1_TEXT_PREFIX) and not k.startswith(SD1_TEXT_MODEL)})  # fmt: skip
+        state.update(
+            {
+                SD1_TEXT_MODEL + k[len(SD1_TEXT_PREFIX) :]: v
+                for k, v in state.items()
+                if k.startswith(SD1_TEXT_PREFIX) and not k.startswith(SD1_TEXT_MODEL)
+            }
+        )
     common = {"config": str(cfg_dir), "local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
@@ -494,8 +462,20 @@ def load_single_file(
     for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
         _check_complete(path, name, module)
     del state
-    model = SDModel(unet, vae, text_encoder, load_tokenizer(cfg_dir), _load_scheduler(cfg_dir), source=str(path),
-                    kind=kind, info={"format": ckpt.format, "config_dir": str(cfg_dir), "detection": reasons,
-                                     "allow_pickle": ckpt.format == "pickle"})  # fmt: skip
+    model = SDModel(
+        unet,
+        vae,
+        text_encoder,
+        load_tokenizer(cfg_dir),
+        _load_scheduler(cfg_dir),
+        source=str(path),
+        kind=kind,
+        info={
+            "format": ckpt.format,
+            "config_dir": str(cfg_dir),
+            "detection": reasons,
+            "allow_pickle": ckpt.format == "pickle",
+        },
+    )
     log.info("Loaded %s as %s (%s)", path, kind, "; ".join(reasons))
     return model

@@ -94,15 +94,25 @@ def cmd_protect(args: argparse.Namespace) -> int:
         raise APDMError("--images is required (a folder of 4-6 photos of the subject).")
     if not config.output:
         raise APDMError("--out is required (a new folder or .safetensors file for the protected model).")
-    save_config(args, config, model=config.model, photos=config.images, class_images=config.class_images,
-                backdoor_images=config.backdoor_images)  # fmt: skip
+    save_config(
+        args,
+        config,
+        model=config.model,
+        photos=config.images,
+        class_images=config.class_images,
+        backdoor_images=config.backdoor_images,
+    )
     model = None
     if args.allow_pickle:  # a pickle checkpoint the user vouches for: read it here (weights_only=True)
         from .loading import load_model
         from .models import resolve_device
 
-        model = load_model(config.model, device=resolve_device(config.device), model_type=config.model_type,
-                           allow_pickle=True)  # fmt: skip
+        model = load_model(
+            config.model,
+            device=resolve_device(config.device),
+            model_type=config.model_type,
+            allow_pickle=True,
+        )
     result = protect(
         config,
         model=model,
@@ -124,8 +134,10 @@ def save_config(args: argparse.Namespace, config, **inputs) -> None:
     from .driver import source_paths
     from .fileio import check_paths
 
-    check_paths([("config file (--save-config)", Path(path))],
-                source_paths(config=getattr(args, "config", None) or "", **inputs))  # fmt: skip
+    check_paths(
+        [("config file (--save-config)", Path(path))],
+        source_paths(config=getattr(args, "config", None) or "", **inputs),
+    )
     config.save(path)
     print(f"config written to {shown(path)}")
 
@@ -155,8 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .progress import tqdm_callback
 
-    result = run_demo(Path(args.out), progress=tqdm_callback("demo"), overwrite=args.overwrite,
-                      attack=not args.no_attack)  # fmt: skip
+    result = run_demo(
+        Path(args.out), progress=tqdm_callback("demo"), overwrite=args.overwrite, attack=not args.no_attack
+    )
     code = _report_protect(result.protection)
     if code or result.comparison is None:
         return code
@@ -175,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ``func`` on its parsers. Add a module here rather than growing this file.
 COMMAND_MODULES: list[str] = [
     "apdm_core.evaluate.cli",
-    "apdm_core.export",
+    "apdm_core.export_cli",
     "apdm_core.images.cli",
     "apdm_core.ui",
     "apdm_core.world.cli",
@@ -214,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Keep the state file after finishing (to extend the run later).",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="Accept a pickle .ckpt model (read with torch.load(weights_only=True)); only for files you trust.")  # fmt: skip
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Accept a pickle .ckpt model (read with torch.load(weights_only=True)); only for files you trust.",
+    )
     add_config_arguments(p)
     p.set_defaults(func=cmd_protect)
 
@@ -256,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         state = getattr(exc, "state_path", None)
         if state is not None:
-            print(f"apdm: interrupted; the run's state is saved in {state}. Continue it with:\n  "
-                  f"{resume_command(argv)}", file=sys.stderr)  # fmt: skip
+            print(
+                f"apdm: interrupted; the run's state is saved in {state}. Continue it with:\n  "
+                f"{resume_command(argv)}",
+                file=sys.stderr,
+            )
         else:
             print("apdm: interrupted", file=sys.stderr)
         return 130

@@ -8,21 +8,15 @@ batch 1, at the model's native resolution (512 px for SD1.5). One dataclass serv
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .configio import ConfigIO, _f
 from .errors import InputError
-from .methods import METHODS
+from .methods import METHODS, method_settings_classes
 
-LOSSES = ("dpo", "naive", "target")
-BACKDOORS = ("pattern", "erasure", "target")  # PersGuard's backdoor kinds (methods/persguard.py)
-BACKDOOR_INPUTS = ("backdoor", "subject")
 ACCUMULATIONS = ("protect", "protect+personalize")
-DPO_REDUCTIONS = ("sample", "element")
 PAIR_ORDERS = ("name", "listdir")
 PRECISIONS = ("no", "bf16")
 REF_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,6 +26,7 @@ ATTENTIONS = ("sdpa", "xformers")
 DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
 MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
 PROTECT_LAYERS = ("all", "attention", "cross_attention")
+ATTACKER_KINDS = ("full", "lora")  # the simulated attacker's kinds (l2p/episode.py)
 # Settings that name files or folders (of every config class). They come only from a host's own
 # widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
 # free-text settings a shared workflow or a web page can carry; see ``untrusted_settings``.
@@ -46,7 +41,7 @@ PATH_FIELDS = frozenset(
         "dino_model",
         "clip_model",
         "backdoor_images",
-    }  # fmt: skip
+    }
 )
 
 
@@ -72,205 +67,11 @@ def untrusted_settings(data: dict[str, Any], where: str = "these settings") -> d
     return data  # see apdm_core.checkpoint
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, group: str = "advanced", **kw) -> Any:
-    meta = {"help": help, "choices": choices, "group": group}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-_TYPE_WORDS = {int: "a whole number", float: "a number", str: "text"}
-
-
-def _coerce(value: Any, typ: type) -> Any:
-    """``value`` as ``typ`` (int, float, str, Path-like); TypeError/ValueError when it is not one."""
-    if isinstance(value, bool) and typ is not bool:
-        raise TypeError(value)
-    if typ is int:
-        if isinstance(value, str):
-            value = float(value.strip()) if value.strip().lower() not in ("inf", "nan") else None
-        if isinstance(value, float):
-            if value is None or not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if not isinstance(value, int):
-            raise TypeError(value)
-        return value
-    if typ is float:
-        if isinstance(value, str):
-            return float(value.strip())
-        if not isinstance(value, (int, float)):
-            raise TypeError(value)
-        return float(value)
-    if typ is str:
-        if isinstance(value, (int, float, Path)):
-            return str(value)
-        if not isinstance(value, str):
-            raise TypeError(value)
-        return value
-    return value
-
-
-def _example(f) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return repr(default) if not isinstance(default, str) else (default or "...")
-
-
-class ConfigIO:
-    """Shared by the config dataclasses: types, choices check, dict/JSON/YAML round trip, save/load."""
-
-    def coerce_types(self) -> None:
-        """Bring every field to its declared type or raise InputError naming the field and the value.
-
-        A YAML file reads ``5e-6`` as a string and a hand-written config may hold ``2.5`` for a
-        step count: numbers in strings become numbers, integral floats become ints, anything
-        else that does not fit (``outer_steps: 2.5``, ``seed: 1.7``, ``lr: fast``) is refused.
-        """
-        import typing
-
-        hints = typing.get_type_hints(type(self))
-        name = type(self).__name__
-        for f in fields(self):
-            value, typ = getattr(self, f.name), hints[f.name]
-            args = typing.get_args(typ)
-            if value is None and type(None) in args:
-                continue
-            base = (
-                next((a for a in args if a is not type(None)), typ)
-                if args and typing.get_origin(typ) is not list
-                else typ
-            )
-            try:
-                if typing.get_origin(base) is list:
-                    item = typing.get_args(base)[0]
-                    if isinstance(value, (str, Path)):
-                        value = [value]
-                    if not isinstance(value, (list, tuple)):
-                        raise TypeError
-                    value = [_coerce(v, item) for v in value]
-                elif base in (int, float, str):
-                    value = _coerce(value, base)
-            except (TypeError, ValueError):
-                raise InputError(
-                    f"{name}.{f.name}={value!r} is not {_TYPE_WORDS.get(base, str(base))}; "
-                    f"e.g. {f.name}: {_example(f)}."
-                ) from None
-            setattr(self, f.name, value)
-
-    def normalize_images(self) -> None:
-        """``images`` as a list of path strings (one path, or none for an empty one, becomes a list)."""
-        if isinstance(self.images, (str, Path)):
-            self.images = [str(self.images)] if str(self.images) else []
-        self.images = [str(p) for p in self.images]
-
-    def check_choices(self) -> None:
-        """Raise InputError for a field whose value is not one of its ``choices`` metadata."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise InputError(
-                    f"{type(self).__name__}.{f.name}={value!r} is not valid; choose one of {', '.join(choices)}."
-                )
-
-    def check_bools(self) -> None:
-        """Raise InputError for a bool field holding anything but True/False (e.g. "no" from a file)."""
-        for f in fields(self):
-            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
-                raise InputError(
-                    f"{type(self).__name__}.{f.name} must be true or false (got {getattr(self, f.name)!r})."
-                )
-
-    def check_ranges(
-        self,
-        at_least_one: tuple = (),
-        non_negative_int: tuple = (),
-        positive: tuple = (),
-        non_negative: tuple = (),
-        unit_interval: tuple = (),
-    ) -> None:
-        """Raise InputError for the first named field out of its range (None values are not checked)."""
-        checks = (
-            (at_least_one, lambda v: int(v) >= 1, "must be >= 1"),
-            (non_negative_int, lambda v: int(v) >= 0, "must be >= 0"),
-            (positive, lambda v: float(v) > 0 and math.isfinite(float(v)), "must be a positive number"),
-            (non_negative, lambda v: float(v) >= 0 and math.isfinite(float(v)), "must be >= 0"),
-            (unit_interval, lambda v: 0 <= float(v) < 1, "must be in [0, 1)"),
-        )
-        for names, ok, rule in checks:
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and not ok(value):
-                    raise InputError(f"{type(self).__name__}.{name} {rule} (got {value}).")
-
-    def check_resolution_and_prompts(self) -> None:
-        """For configs with ``resolution``, ``instance_prompt`` and ``class_prompt`` fields."""
-        if self.resolution and self.resolution % 8:
-            raise InputError(
-                f"{type(self).__name__}.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
-            )
-        if not self.instance_prompt.strip() or not self.class_prompt.strip():
-            raise InputError(
-                "instance_prompt and class_prompt must not be empty (e.g. 'a photo of sks person' / 'a photo of person')."
-            )
-
-    # --- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"Unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}."
-            )
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> Path:
-        from .fileio import atomic_write_text
-
-        path = Path(path)
-        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json()
-        return atomic_write_text(path, text)
-
-    @classmethod
-    def load(cls, path: str | Path):
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"Cannot read config {path}: {exc.strerror}.") from exc
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise InputError(
-                f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
-            ) from exc
-        if not isinstance(data, dict):
-            raise InputError(f"{path} must contain a mapping of {cls.__name__} fields.")
-        return cls.from_dict(data)
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
-
-
 @dataclass
-class ProtectConfig(ConfigIO):
+class RunSettings(ConfigIO):
+    """The settings of the run itself (the loop, the attacker, data, performance); each protection
+    method adds its own (``apdm_core/methods/<name>/settings.py``, one registry line)."""
+
     # --- what to protect -------------------------------------------------------------
     model: str = _f(
         "", "Base model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
@@ -311,51 +112,6 @@ class ProtectConfig(ConfigIO):
         tuple(METHODS),
         group="basic",
     )
-    backdoor: str = _f(
-        "target",
-        "PersGuard's backdoor output for the trigger (the instance prompt) after personalization: 'pattern' "
-        "(a class image with a checkerboard stamped on it), 'erasure' (images of erasure_prompt: no subject) "
-        "or 'target' (images of target_prompt). method='persguard' only.",
-        BACKDOORS,
-        group="method",
-    )
-    target_prompt: str = _f(
-        "", "PersGuard target backdoor: what the trigger produces instead of the subject (e.g. 'a photo of cat').",
-        group="method",
-    )  # fmt: skip
-    erasure_prompt: str = _f(
-        "a photo of an empty background",
-        "PersGuard erasure backdoor: a scene without the subject; its images come from the base model.",
-        group="method",
-    )
-    backdoor_input: str = _f(
-        "backdoor",
-        "PersGuard: what the backdoor terms noise. 'backdoor': the backdoor images (a plain denoising loss "
-        "of the trigger on them); 'subject': the protected photos, with the target that denoises them to a "
-        "backdoor image (tied to the photos the attacker trains on; in the demo world it delayed the "
-        "attacker more but cost other classes' quality, README 'PersGuard').",
-        BACKDOOR_INPUTS,
-        group="method",
-    )
-    behaviour_weight: float = _f(
-        1.0,
-        "PersGuard: weight of the backdoor behaviour term at theta (the trigger generates the backdoor "
-        "output before any attack), relative to one retention term at the attacked weights.",
-        group="method",
-    )
-    backdoor_images: str = _f(
-        "", "PersGuard erasure/target: a folder of your own backdoor output images (e.g. your photos with the "
-        "subject painted out) instead of generated ones.", group="io",
-    )  # fmt: skip
-    num_backdoor_images: int = _f(8, "PersGuard erasure/target: backdoor images generated with the base model.",
-                                  group="method")  # fmt: skip
-    loss: str = _f(
-        "dpo",
-        "APDM's protection loss at the attacked weights: 'dpo' (the paper), 'naive' (-L_per + lambda*L_ppl, "
-        "ablation) or 'target' (pull the instance-prompt prediction on subject images toward the frozen "
-        "model's class-prompt prediction: the attacker learns a generic member of the class).",
-        LOSSES,
-    )
     accumulation: str = _f(
         "protect",
         "L2P accumulation: 'protect' = paper Alg. 1 (protection gradients only); "
@@ -368,20 +124,7 @@ class ProtectConfig(ConfigIO):
     )
     lr_protect: float = _f(5e-6, "Learning rate of the protection (outer) optimizer.", group="basic")
     lr_personalize: float = _f(5e-6, "Learning rate of the simulated attacker (inner) optimizer.")
-    beta: float = _f(
-        1.0,
-        "DPO beta (1 = strongest protection; 10 or more preserves quality but protects less).",
-        group="basic",
-    )
     prior_weight: float = _f(1.0, "Weight lambda of the prior-preservation terms (both paths).")
-    naive_lambda: float = _f(
-        1.0, "lambda in the naive loss L_adv = -L_per + lambda*L_ppl (loss='naive' only)."
-    )
-    dpo_reduction: str = _f(
-        "sample",
-        "Apply log-sigmoid per sample (paper) or per latent element (released code).",
-        DPO_REDUCTIONS,
-    )
     pair_order: str = _f(
         "name",
         "Pair subject and positive images by sorted name (paper) or directory order (released code).",
@@ -397,9 +140,10 @@ class ProtectConfig(ConfigIO):
         group="robust",
     )
     protect_every: int = _f(
-        1, "Take the protection gradient at every k-th simulated attack step only (1 = every step, the paper).",
+        1,
+        "Take the protection gradient at every k-th simulated attack step only (1 = every step, the paper).",
         group="robust",
-    )  # fmt: skip
+    )
     late_weighting: float = _f(
         0.0,
         "Weight the protection gradient at attack step h of an attacker episode by exp(w * (h - H)), H the "
@@ -407,17 +151,39 @@ class ProtectConfig(ConfigIO):
         group="robust",
     )
     inner_batch_size: int = _f(
-        0, "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.", group="robust"
-    )  # fmt: skip
+        0,
+        "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.",
+        group="robust",
+    )
     inner_max_grad_norm: float = _f(
-        0.0, "Clip the simulated attacker's gradient norm (0 = no clipping; DreamBooth clips at 1).", group="robust"
-    )  # fmt: skip
+        0.0,
+        "Clip the simulated attacker's gradient norm (0 = no clipping; DreamBooth clips at 1).",
+        group="robust",
+    )
     lr_personalize_max: float = _f(
         0.0,
         "When above lr_personalize, each attacker episode draws its learning rate log-uniformly from "
         "[lr_personalize, lr_personalize_max] (attackers whose lr is not known).",
         group="robust",
     )
+    attacker_family: list[str] = _f(
+        ["full"],
+        "The simulated attacker's kinds, one per episode in turn (an episode lasts resync_every outer steps): "
+        "'full' (DreamBooth on the whole UNet, the paper) and 'lora' (DreamBooth-LoRA on the attention "
+        "projections, as people run it); e.g. full lora.",
+        group="robust",
+    )
+    lora_ranks: list[int] = _f(
+        [4, 16],
+        "Ranks a LoRA attacker episode draws from (alpha = rank, as diffusers' script).",
+        group="robust",
+    )
+    lora_lr: float = _f(1e-4, "Learning rate of a LoRA attacker episode (the lower end with lora_lr_max).",
+                        group="robust")  # fmt: skip
+    lora_lr_max: float = _f(
+        0.0, "When above lora_lr, each LoRA episode draws its lr log-uniformly from [lora_lr, lora_lr_max].",
+        group="robust",
+    )  # fmt: skip
     anchor_weight: float = _f(
         0.0,
         "Weight of the utility anchor on theta: noise-prediction distillation to the frozen original on "
@@ -425,9 +191,11 @@ class ProtectConfig(ConfigIO):
         group="robust",
     )
     anchor_prompts: list[str] = _f(
-        [], "Prompts the anchor keeps besides the class prompt, which always takes half of the anchor "
-        "(their images are generated by the base model and cached).", group="robust",
-    )  # fmt: skip
+        [],
+        "Prompts the anchor keeps besides the class prompt, which always takes half of the anchor "
+        "(their images are generated by the base model and cached).",
+        group="robust",
+    )
     num_anchor_images: int = _f(8, "Anchor images per anchor prompt.", group="robust")
     extra_identifiers: list[str] = _f(
         [],
@@ -492,9 +260,10 @@ class ProtectConfig(ConfigIO):
         group="performance",
     )
     channels_last: bool = _f(
-        False, "Keep UNet weights and activations in channels_last memory format (faster convs on GPUs).",
+        False,
+        "Keep UNet weights and activations in channels_last memory format (faster convs on GPUs).",
         group="performance",
-    )  # fmt: skip
+    )
     adamw_impl: str = _f(
         "auto",
         "AdamW kernel: 'fused' (one kernel, CUDA/CPU), 'foreach' (multi-tensor), 'loop' (per tensor); "
@@ -515,9 +284,10 @@ class ProtectConfig(ConfigIO):
         group="performance",
     )
     compile_unet: bool = _f(
-        False, "torch.compile the UNet passes (pays off on long GPU runs; the first steps compile).",
+        False,
+        "torch.compile the UNet passes (pays off on long GPU runs; the first steps compile).",
         group="performance",
-    )  # fmt: skip
+    )
     distributed: str = _f(
         "auto",
         "Under `accelerate launch` with several processes: 'ddp' splits the batch of pair/prior terms "
@@ -527,6 +297,13 @@ class ProtectConfig(ConfigIO):
         DISTRIBUTED,
         group="performance",
     )
+
+
+@dataclass
+class ProtectConfig(*method_settings_classes(), RunSettings):
+    """Every setting of a protection run: ``RunSettings`` plus each registered method's own settings
+    (``methods/<name>/settings.py``), as flat keys: one field, flag, widget and YAML key each. Only the
+    active method's settings enter the run identity."""
 
     def __post_init__(self) -> None:
         self.coerce_types()
@@ -551,7 +328,6 @@ class ProtectConfig(ConfigIO):
                 "resync_every",
                 "protect_every",
                 "num_anchor_images",
-                "num_backdoor_images",
             ),
             non_negative_int=(
                 "inner_steps",
@@ -561,17 +337,16 @@ class ProtectConfig(ConfigIO):
                 "seed",
                 "inner_batch_size",
             ),
-            positive=("lr_protect", "lr_personalize", "beta", "adam_epsilon"),
+            positive=("lr_protect", "lr_personalize", "adam_epsilon", "lora_lr"),
             non_negative=(
                 "prior_weight",
-                "naive_lambda",
                 "adam_weight_decay",
                 "guidance_scale",
                 "late_weighting",
                 "inner_max_grad_norm",
                 "lr_personalize_max",
+                "lora_lr_max",
                 "anchor_weight",
-                "behaviour_weight",
             ),
             unit_interval=("adam_beta1", "adam_beta2"),
         )
@@ -587,11 +362,11 @@ class ProtectConfig(ConfigIO):
             )
         self.check_resolution_and_prompts()
         self.check_lever_combinations()
+        for settings in method_settings_classes():  # each method checks its own settings
+            settings.check(self)
         from .methods import get_method
 
-        method = get_method(self.method)
-        method.check(self)
-        if self.offload_outer and method.uses_theta_loss(self):
+        if self.offload_outer and get_method(self.method).uses_theta_loss(self):
             raise InputError(
                 f"method={self.method!r} trains a term at theta on the compute device (behaviour_weight > 0): "
                 "turn offload_outer off."
@@ -600,6 +375,13 @@ class ProtectConfig(ConfigIO):
 
     def check_lever_combinations(self) -> None:
         """Combinations of levers that cannot run together (found here, before pairs are made)."""
+        unknown = [k for k in self.attacker_family if k not in ATTACKER_KINDS]
+        if unknown or not self.attacker_family:
+            raise InputError(
+                f"ProtectConfig.attacker_family={self.attacker_family!r}: give one or more of {', '.join(ATTACKER_KINDS)}."
+            )
+        if any(r < 1 for r in self.lora_ranks) or not self.lora_ranks:
+            raise InputError(f"ProtectConfig.lora_ranks={self.lora_ranks!r} must be whole numbers >= 1.")
         if self.optimizer_in_backward and self.inner_max_grad_norm > 0:
             raise InputError(
                 "inner_max_grad_norm needs the whole gradient before the step; turn optimizer_in_backward off."
@@ -621,9 +403,15 @@ RUN_IDENTITY_EXCLUDE = {"outer_steps", "save_every", "device", "output", "state_
 # Performance levers that change how, not what, is computed (only rounding): a run may be resumed
 # with other values (another GPU, more or fewer processes).
 PERFORMANCE_ONLY = {
-    "attention", "gradient_checkpointing", "channels_last", "adamw_impl", "optimizer_in_backward",
-    "offload_outer", "compile_unet", "distributed",
-}  # fmt: skip
+    "attention",
+    "gradient_checkpointing",
+    "channels_last",
+    "adamw_impl",
+    "optimizer_in_backward",
+    "offload_outer",
+    "compile_unet",
+    "distributed",
+}
 RUN_IDENTITY_EXCLUDE |= PERFORMANCE_ONLY
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -662,7 +450,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
         "optimizer_in_backward": True,
         "offload_outer": True,
-    },  # fmt: skip
+    },
     # low-memory + 8-bit AdamW moments for the simulated attacker (bitsandbytes, CUDA): fits 12 GB
     # for SD1.5 at 512 px by the estimate in the README.
     "low-memory-8bit": {
@@ -672,5 +460,5 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer_in_backward": True,
         "offload_outer": True,
         "optimizer": "adamw8bit",
-    },  # fmt: skip
+    },
 }

@@ -59,18 +59,29 @@ def demo_configs(out: Path, subject, attack_overrides: dict | None = None, **ove
     from .evaluate import EvalConfig
     from .world import WORLD_MODEL_DIR, efficacy, render
 
-    prompts = {"instance_prompt": render.instance_prompt(subject.cls),
-               "class_prompt": render.class_prompt(subject.cls)}  # fmt: skip
+    prompts = {
+        "instance_prompt": render.instance_prompt(subject.cls),
+        "class_prompt": render.class_prompt(subject.cls),
+    }
     protect = ProtectConfig(
-        model=str(WORLD_MODEL_DIR), images=[str(out / "subject")], output=str(out / "protected_model"),
-        cache_dir=str(out / "cache"), **prompts, **{**efficacy.PROTECT_SETTINGS, **overrides},
-    )  # fmt: skip
-    attack = AttackConfig(cache_dir=str(out / "cache"), **prompts,
-                          **{**efficacy.ATTACK_SETTINGS, **(attack_overrides or {})})  # fmt: skip
+        model=str(WORLD_MODEL_DIR),
+        images=[str(out / "subject")],
+        output=str(out / "protected_model"),
+        cache_dir=str(out / "cache"),
+        **prompts,
+        **{**efficacy.PROTECT_SETTINGS, **overrides},
+    )
+    attack = AttackConfig(
+        cache_dir=str(out / "cache"), **prompts, **{**efficacy.ATTACK_SETTINGS, **(attack_overrides or {})}
+    )
     evaluation = EvalConfig(
-        prompts=["a photo of {id} {cls}"], num_samples=16, eval_steps=efficacy.SAMPLING["steps"],
-        eval_guidance=efficacy.SAMPLING["guidance"], eval_batch_size=16, metrics=list(DEMO_METRICS),
-    )  # fmt: skip
+        prompts=["a photo of {id} {cls}"],
+        num_samples=16,
+        eval_steps=efficacy.SAMPLING["steps"],
+        eval_guidance=efficacy.SAMPLING["guidance"],
+        eval_batch_size=16,
+        metrics=list(DEMO_METRICS),
+    )
     return protect, attack, evaluation
 
 
@@ -105,8 +116,17 @@ def run_demo(
     if protection.cancelled or not attack:
         return result
     result.comparison = compare(
-        base, protection.model, str(out / "subject"), attack_config, eval_config, out_dir=out / "report",
-        heldout=str(out / "subject_heldout"), protection_history=protection.history, progress=progress,
-        should_stop=should_stop, overwrite=overwrite, grid_columns=8,
-    )  # fmt: skip
+        base,
+        protection.model,
+        str(out / "subject"),
+        attack_config,
+        eval_config,
+        out_dir=out / "report",
+        heldout=str(out / "subject_heldout"),
+        protection_history=protection.history,
+        progress=progress,
+        should_stop=should_stop,
+        overwrite=overwrite,
+        grid_columns=8,
+    )
     return result

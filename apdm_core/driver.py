@@ -40,6 +40,14 @@ def check_flags(resume: bool, restart: bool) -> None:
         )
 
 
+def check_run_files(output: str, state_path: str, cache_dir: str, inputs) -> None:
+    """The one path rule for a run's own files (output, state file, cache folder), before anything is
+    loaded; a default state path, known once the run's identity is, is checked by ``RunDriver.open``."""
+    check_paths(
+        [("output", output), ("state file", state_path), ("cache folder", cache_folder(cache_dir))], inputs
+    )
+
+
 def is_apdm_state(path: Path) -> bool:
     """Whether ``path`` is a state file apdm wrote: a torch zip archive whose pickle holds apdm's
     state keys. Only such files are ever replaced or deleted as state files (reads only the small
@@ -126,45 +134,50 @@ def preflight(writes: Iterable[tuple[str, Path, int]]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class RunKind:
+    """What differs between the runs the driver serves: their name, state file and what may grow."""
+
+    what: str  # "protection", "attack", "image protection": named in messages
+    suffix: str  # the state file beside the output: <output><suffix>
+    folder: str  # else in the cache: <cache>/<folder>/<identity>.pt
+    version: int  # of the state dict
+    grows: str  # the setting a resumed run may raise
+
+
 @dataclass
 class RunDriver:
     """The state file of one run and the policy around it (see the module docstring)."""
 
-    what: str  # "protection", "attack", "image protection": named in messages
+    kind: RunKind
     state_path: Path
     identity: str
-    version: int
     settings: dict  # recorded in the state file
-    grows: str  # the setting a resumed run may raise
     resume: bool = False
     writer: bool = True  # False in the other processes of a distributed run: one process writes
 
     @classmethod
     def open(
         cls,
-        what: str,
-        *,
+        kind: RunKind,
+        config,
         identity_settings: dict,
         model,
         subjects,
-        state_path: str,
-        output: str,
-        cache_dir: str,
-        suffix: str,
-        folder: str,
-        version: int,
-        settings: dict,
-        grows: str,
         inputs: list[tuple[str, Path]],
+        *,
+        state_path: str | None = None,
         resume: bool = False,
         restart: bool = False,
         writer: bool = True,
     ) -> RunDriver:
-        """The run's identity and state file, checked: never an input, never a file apdm did not write,
-        never silently started over."""
+        """The run's identity and state file (``state_path``, default ``config.state_path``, else beside
+        ``config.output`` or in ``config.cache_dir``), checked: never an input, never a file apdm did not
+        write, never silently started over."""
         check_flags(resume, restart)
         identity = run_hash(identity_settings, model, subjects)
-        path = state_file(state_path, output, cache_dir, identity, suffix, folder)
+        path = state_file(state_path or config.state_path, config.output, config.cache_dir, identity, kind.suffix,
+                          kind.folder)  # fmt: skip
         if path.is_dir():
             raise InputError(
                 f"The state path {shown(path)} is a folder; a state path must be a file name (e.g. run.pt)."
@@ -178,17 +191,27 @@ class RunDriver:
                 )
             if not resume and not restart:  # never start over silently, then delete it
                 raise InputError(
-                    f"{shown(path)} holds the saved state of an interrupted {what}. Continue it with --resume "
+                    f"{shown(path)} holds the saved state of an interrupted {kind.what}. Continue it with --resume "
                     "(resume=True), or start over with --restart (restart=True), which replaces it."
                 )
-        return cls(what, path, identity, version, settings, grows, resume, writer)
+        return cls(kind, path, identity, config.to_dict(), resume, writer)
+
+    @property
+    def what(self) -> str:
+        return self.kind.what
+
+    def preflight(self, output: str, output_bytes: int, state_bytes: int) -> None:
+        """Before any work: the output's and the state file's folders take new files, with room for both."""
+        preflight([("output", output, output_bytes), ("state file", self.state_path, state_bytes)])
 
     # --- the state file --------------------------------------------------------------------
     def load(self) -> dict | None:
         """The saved state to continue (with ``resume`` and a state file), else None."""
         if not (self.resume and self.state_path.exists()):
             return None
-        return read_state(self.state_path, self.identity, self.version, what=self.what_word, grows=self.grows)
+        return read_state(
+            self.state_path, self.identity, self.kind.version, what=self.what_word, grows=self.kind.grows
+        )
 
     @property
     def what_word(self) -> str:
@@ -197,7 +220,9 @@ class RunDriver:
     def save(self, state: dict) -> Path:
         if not self.writer:  # the processes hold the same weights: one writes
             return self.state_path
-        return write_state(self.state_path, {"version": self.version, **state}, self.identity, self.settings)
+        return write_state(
+            self.state_path, {"version": self.kind.version, **state}, self.identity, self.settings
+        )
 
     def discard(self) -> None:
         """Delete the state file (a finished run's); only ever one apdm wrote."""
@@ -224,17 +249,26 @@ class RunDriver:
             def save() -> None:
                 snapshot = make()
                 if snapshot is None:
-                    log.warning("Interrupted inside an update; the last saved state (if any) at %s stays.",
-                                shown(self.state_path))  # fmt: skip
+                    log.warning(
+                        "Interrupted inside an update; the last saved state (if any) at %s stays.",
+                        shown(self.state_path),
+                    )
                 else:
                     self.save(snapshot)
 
             return save
 
         return resumable_loop(
-            step, position, total, tracker=tracker, save=saver(state), save_interrupted=saver(state_interrupted or state),
-            save_every=save_every, state_path=self.state_path, before=before,
-        )  # fmt: skip
+            step,
+            position,
+            total,
+            tracker=tracker,
+            save=saver(state),
+            save_interrupted=saver(state_interrupted or state),
+            save_every=save_every,
+            state_path=self.state_path,
+            before=before,
+        )
 
     def finish(self, write: Callable[[], Path | None], state: Callable[[], dict], keep_state: bool = False):
         """Write the output, then drop the state file (unless ``keep_state``: then it is saved).
@@ -249,8 +283,10 @@ class RunDriver:
             except Exception as save_exc:  # e.g. the same full disk: the last saved state stays
                 log.warning("The finished run's state could not be saved either (%s).", save_exc)
                 raise
-            note = (f"The finished {self.what} is kept in {shown(self.state_path)}: fix the cause and run the same "
-                    "command again with --resume (resume=True) to write the output without training again.")  # fmt: skip
+            note = (
+                f"The finished {self.what} is kept in {shown(self.state_path)}: fix the cause and run the same "
+                "command again with --resume (resume=True) to write the output without training again."
+            )
             if isinstance(exc, APDMError):
                 raise type(exc)(f"{exc} {note}") from exc
             exc.state_path = self.state_path

@@ -18,7 +18,6 @@ without local paths, the instance prompt as a salted hash), ``apdm.source_sha256
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -132,8 +131,12 @@ def _subject_items(images) -> list:
 def subject_record(images, salt: bytes) -> dict[str, Any]:
     """Salted hashes of the protected subject images (sorted, so file order and names leak nothing)."""
     items = _subject_items(images)
-    return {"scheme": SUBJECT_SCHEME, "salt": salt.hex(), "count": len(items),
-            "hashes": sorted(_salted(salt, image_digest(i)) for i in items)}  # fmt: skip
+    return {
+        "scheme": SUBJECT_SCHEME,
+        "salt": salt.hex(),
+        "count": len(items),
+        "hashes": sorted(_salted(salt, image_digest(i)) for i in items),
+    }
 
 
 def match_subjects(record: dict[str, Any], images) -> list[tuple[str, bool]]:
@@ -198,16 +201,20 @@ def apdm_metadata(
     family = model_family(ckpt)[0]
     model_type = family + ("-v" if family == "sd2" and model.prediction_type == "v_prediction" else "")
     meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
-    meta.update({
-        "apdm.tool": TOOL,
-        "apdm.version": __version__,
-        "apdm.protected": "true" if config is not None else "false",
-        "apdm.method": method_description(config) if config is not None else "none (format conversion, no protection applied)",
-        "apdm.model_type": model_type,
-        "apdm.prediction_type": model.prediction_type,
-        "apdm.source_sha256": source_sha256,
-        "apdm.created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })  # fmt: skip
+    meta.update(
+        {
+            "apdm.tool": TOOL,
+            "apdm.version": __version__,
+            "apdm.protected": "true" if config is not None else "false",
+            "apdm.method": method_description(config)
+            if config is not None
+            else "none (format conversion, no protection applied)",
+            "apdm.model_type": model_type,
+            "apdm.prediction_type": model.prediction_type,
+            "apdm.source_sha256": source_sha256,
+            "apdm.created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     if config is not None:
         settings, record = protection_record(config, subjects)
         meta["apdm.config"] = json.dumps(settings, sort_keys=True)
@@ -409,11 +416,14 @@ def inspect_checkpoint(
         name = str(dt).replace("torch.", "")
         dtypes[name] = dtypes.get(name, 0) + 1
     info: dict[str, Any] = {
-        "file": str(ckpt.path), "format": ckpt.format, "bytes": ckpt.path.stat().st_size,
-        "tensors": len(ckpt.index), "dtypes": dtypes,
+        "file": str(ckpt.path),
+        "format": ckpt.format,
+        "bytes": ckpt.path.stat().st_size,
+        "tensors": len(ckpt.index),
+        "dtypes": dtypes,
         "unet_tensors": sum(k.startswith(UNET_PREFIX) for k in ckpt.keys()),
         "ema_tensors": sum(k.startswith(EMA_PREFIX) for k in ckpt.keys()),
-    }  # fmt: skip
+    }
     try:
         kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
         info.update(model_type=kind, description=MODEL_TYPE_HELP.get(kind, kind), reasons=reasons)
@@ -472,75 +482,3 @@ def format_inspection(info: dict[str, Any], matches: Sequence[tuple[str, bool]] 
     if info["metadata"]:
         lines.append("other metadata: " + ", ".join(sorted(info["metadata"])))
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------
-# command line: apdm export, apdm inspect
-# ------------------------------------------------------------------------------------------
-def add_source_arguments(p: argparse.ArgumentParser) -> None:
-    """--model-type and --allow-pickle: how ``load_model`` reads a single-file checkpoint."""
-    p.add_argument("--model-type", default="auto", metavar="TYPE",
-                   help="auto (detect from the tensors), sd1, sd2 (512, epsilon), sd2-v (768, v-prediction), "
-                        "or a diffusers config folder (default: auto)")  # fmt: skip
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="Accept a pickle .ckpt (read with torch.load(weights_only=True)); only for files you trust.")  # fmt: skip
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .loading import load_model
-    from .progress import tqdm_callback
-
-    model = load_model(args.model, model_type=args.model_type, allow_pickle=args.allow_pickle)
-    config, subjects = read_protection(args.model)  # a protected diffusers folder: keep its record
-    kw = (
-        {"template": args.template, "dtype": args.dtype, "progress": tqdm_callback("export")}
-        if str(args.out).lower().endswith(".safetensors")
-        else {}
-    )
-    out = write_model(model, args.out, config=config, overwrite=args.overwrite, subjects=subjects, **kw)
-    print(f"written {out} ({'protected' if config is not None else 'format conversion'}, {model.kind})")
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; `apdm inspect` reads single-file checkpoints (.safetensors).")
-    info = inspect_checkpoint(path, args.model_type, args.allow_pickle)
-    matches = None
-    if args.subjects:
-        record = info["apdm"].get("subjects")
-        if not isinstance(record, dict) or not record.get("salt"):
-            raise InputError(f"{path} records no protected subjects (no apdm.subjects metadata).")
-        matches = match_subjects(record, args.subjects)
-        info["subject_check"] = [{"image": n, "protected": ok} for n, ok in matches]
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info, matches))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    e = subparsers.add_parser(
-        "export",
-        help="Write a model as a single .safetensors (original layout) or a diffusers folder.",
-        description="Convert/export a model: single-file <-> diffusers folder, pickle .ckpt -> .safetensors, "
-        "or a protected diffusers folder -> single file (with --template, the original checkpoint).",
-    )
-    e.add_argument("--model", required=True, help="A .safetensors/.ckpt checkpoint or a diffusers folder.")
-    e.add_argument(
-        "--out", required=True, help="Output: NAME.safetensors, or a folder name for diffusers format."
-    )
-    e.add_argument("--template", help="Original single-file checkpoint whose layout/tensors to start from "
-                   "(default: --model itself when it is a single file).")  # fmt: skip
-    e.add_argument("--dtype", choices=tuple(DTYPES), default="source",
-                   help="Float dtype of the written tensors (default: source = keep each tensor's dtype).")  # fmt: skip
-    e.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
-    add_source_arguments(e)
-    e.set_defaults(func=cmd_export)
-
-    i = subparsers.add_parser("inspect", help="Show a checkpoint's detected type and APDM metadata.")
-    i.add_argument("file", help="A single-file checkpoint (.safetensors).")
-    i.add_argument("--subjects", nargs="+", metavar="IMAGE",
-                   help="Images or a folder: check whether they are among the file's protected subjects.")  # fmt: skip
-    i.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    add_source_arguments(i)
-    i.set_defaults(func=cmd_inspect)

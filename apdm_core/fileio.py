@@ -169,8 +169,11 @@ def recover_aside(path: Path) -> None:
             continue
         if not path.exists():
             os.replace(aside, path)
-            log.warning("%s: an interrupted replace had set this folder aside as %s; it is back in place.",
-                        shown(path), aside.name)  # fmt: skip
+            log.warning(
+                "%s: an interrupted replace had set this folder aside as %s; it is back in place.",
+                shown(path),
+                aside.name,
+            )
         else:
             shutil.rmtree(aside, ignore_errors=True)
             log.warning(
@@ -206,8 +209,10 @@ def atomic_path(
             (tmp / MARKER).write_text("written by apdm; apdm may replace this folder\n", encoding="utf-8")
         if path.exists() and path.is_dir() != tmp.is_dir():
             kind = "folder" if path.is_dir() else "file"
-            raise InputError(f"{shown(path)} is a {kind}; choose another name (a {kind} is never replaced by a "
-                             f"{'file' if kind == 'folder' else 'folder'}).")  # fmt: skip
+            raise InputError(
+                f"{shown(path)} is a {kind}; choose another name (a {kind} is never replaced by a "
+                f"{'file' if kind == 'folder' else 'folder'})."
+            )
         with uninterrupted():  # old aside and new in: one unit for Ctrl-C (recover_aside mends a kill)
             if path.is_dir():
                 aside = path.with_name(f".{path.name}.old-{os.getpid()}")

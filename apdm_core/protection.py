@@ -16,16 +16,25 @@ import torch
 
 from .config import RUN_IDENTITY_EXCLUDE, ProtectConfig
 from .data import load_subject_images
-from .driver import RunDriver, cache_folder, check_flags, module_bytes, preflight, source_paths
+from .driver import (
+    RunDriver,
+    RunKind,
+    check_flags,
+    check_run_files,
+    module_bytes,
+    source_paths,
+)
 from .errors import Cancelled
-from .fileio import check_paths
 from .l2p import STATE_VERSION, L2PTrainer, check_parallel, prepare_data
 from .loading import load_model
+from .methods import inactive_settings
 from .models import SDModel, resolve_device
 from .parallel import setup_parallel
 from .progress import ProgressCallback, StopCheck, Tracker
 
 log = logging.getLogger(__name__)
+
+PROTECTION = RunKind("protection", ".apdm-state.pt", "state", STATE_VERSION, "outer_steps")
 
 
 @dataclass
@@ -43,12 +52,10 @@ class ProtectResult:
 
 
 def identity_settings(config: ProtectConfig) -> dict:
-    """The settings that determine the trajectory (all but the number of outer steps and how it runs)."""
-    return {
-        k: v
-        for k, v in config.to_dict().items()
-        if k not in RUN_IDENTITY_EXCLUDE and k not in ("model", "images")
-    }
+    """The settings that determine the trajectory: all but the number of outer steps, how it runs, and the
+    settings of the methods not run (a PersGuard field does not change an APDM run)."""
+    skip = RUN_IDENTITY_EXCLUDE | inactive_settings(config.method) | {"model", "images"}
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
 
 
 def protect(
@@ -76,14 +83,13 @@ def protect(
     it) or ``restart`` (start over and replace it) the call refuses with an InputError. On Ctrl-C
     the state is saved and the KeyboardInterrupt carries its path as ``state_path``.
     """
+    flags = {"resume": resume, "keep_state": keep_state, "overwrite": overwrite, "restart": restart}
     if model is None:
-        return _protect(config, progress, should_stop, model=None, images=images, resume=resume,
-                        keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+        return _protect(config, progress, should_stop, None, images, **flags)
     saved = ModelState(model)
     done = False
     try:
-        result = _protect(config, progress, should_stop, model=model, images=images, resume=resume,
-                          keep_state=keep_state, overwrite=overwrite, restart=restart)  # fmt: skip
+        result = _protect(config, progress, should_stop, model, images, **flags)
         done = not result.cancelled
         return result
     finally:  # the caller's model as it was (a finished run's result shares its VAE and text encoder)
@@ -115,23 +121,22 @@ def _device_of(module) -> torch.device | None:
 
 def _protect(
     config: ProtectConfig,
-    progress: ProgressCallback | None = None,
-    should_stop: StopCheck | None = None,
+    progress,
+    should_stop,
+    model: SDModel | None,
+    images,
     *,
-    model: SDModel | None = None,
-    images=None,
-    resume: bool = False,
-    keep_state: bool = False,
-    overwrite: bool = False,
-    restart: bool = False,
+    resume: bool,
+    keep_state: bool,
+    overwrite: bool,
+    restart: bool,
 ) -> ProtectResult:
     """protect() without the care for a preloaded model's state."""
     config.validate()
     check_flags(resume, restart)
     t_start = time.perf_counter()
     inputs = input_paths(config, images, model)
-    check_paths([("output", config.output), ("state file", config.state_path),
-                 ("cache folder", cache_folder(config.cache_dir))], inputs)  # fmt: skip
+    check_run_files(config.output, config.state_path, config.cache_dir, inputs)
     device = resolve_device(config.device)
     parallel = setup_parallel(config, device.type)  # accelerate, when launched with several processes
     if parallel.active:
@@ -149,14 +154,11 @@ def _protect(
         source, size, order=config.pair_order, min_side=None if size >= 256 else size
     )
     check_parallel(config, parallel)  # before any pairs are made
-    run = RunDriver.open(
-        "protection", identity_settings=identity_settings(config), model=model, subjects=subjects,
-        state_path=config.state_path, output=config.output, cache_dir=config.cache_dir, suffix=".apdm-state.pt",
-        folder="state", version=STATE_VERSION, settings=config.to_dict(), grows="outer_steps", inputs=inputs,
-        resume=resume, restart=restart, writer=parallel.is_main,
-    )  # fmt: skip
-    preflight([("output", config.output, module_bytes(model.unet, model.vae, model.text_encoder)),
-               ("state file", run.state_path, module_bytes(model.unet) * (6 if config.resync_every > 1 else 3))])  # fmt: skip
+    run = RunDriver.open(PROTECTION, config, identity_settings(config), model, subjects, inputs, resume=resume,
+                         restart=restart, writer=parallel.is_main)  # fmt: skip
+    state_unets = 6 if config.resync_every > 1 else 3  # theta + AdamW moments (+ the persistent attacker's)
+    run.preflight(config.output, module_bytes(model.unet, model.vae, model.text_encoder),
+                  state_unets * module_bytes(model.unet))  # fmt: skip
     with torch.inference_mode(False), torch.enable_grad():
         try:
             with parallel.main_first():  # the main process fills the pair cache, the others read it
@@ -168,38 +170,55 @@ def _protect(
             model.text_encoder.to("cpu")
             torch.cuda.empty_cache()
         trainer = L2PTrainer(config, model, data, device, parallel)
-        saved = run.load()
-        if saved is not None:
-            trainer.load_state_dict(saved)
-            log.info("Resumed from %s at outer step %d", run.state_path, trainer.step)
-        per_outer = max(config.inner_steps, 1)
-        stop = should_stop
-        if parallel.active:  # every process stops at the same step when any was asked to
-            stop = lambda: parallel.any_stop(bool(should_stop is not None and should_stop()))  # noqa: E731
-        tracker = Tracker(
-            "protect", config.outer_steps * per_outer, progress, stop, start=trainer.step * per_outer
-        )
-        # on a stop (Cancelled, Ctrl-C, a host interrupt from the progress callback) theta and the outer
-        # optimizer are untouched mid-step: they are saved with the RNG state of the interrupted step's
-        # start, so a resumed run redoes that step exactly
-        cancelled = run.loop(
-            lambda: trainer.outer_step(tracker), lambda: trainer.step, config.outer_steps, tracker=tracker,
-            state=trainer.state_dict, state_interrupted=lambda: trainer.state_dict(at_step_start=True),
-            save_every=config.save_every,
-        )  # fmt: skip
+        cancelled = train(trainer, run, progress, should_stop)
         protected = result_model(model, trainer.finish())
     result = ProtectResult(
         protected, config, trainer.step, cancelled, trainer.history, run.state_path if cancelled else None
     )
     if not cancelled and parallel.is_main:  # one process writes
-        write = (lambda: write_output(protected, config, config.output, overwrite=overwrite, subjects=source,
-                                      inputs=tuple(p for _, p in inputs))) if config.output else (lambda: None)  # fmt: skip
+
+        def write():
+            if config.output:
+                paths = tuple(p for _, p in inputs)
+                return write_output(
+                    protected, config, config.output, overwrite, subjects=source, inputs=paths
+                )
+
         result.output = run.finish(write, trainer.state_dict, keep_state)
         result.state_path = run.state_path if keep_state else None
     parallel.wait()
     result.processes, result.distributed = parallel.world_size, parallel.kind
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def train(trainer: L2PTrainer, run: RunDriver, progress, should_stop) -> bool:
+    """The outer steps from where the state file left them (if resumed) to outer_steps; True if stopped.
+
+    On a stop (Cancelled, Ctrl-C, a host interrupt from the progress callback) theta and the outer
+    optimizer are untouched mid-step: they are saved with the RNG state of the interrupted step's
+    start, so a resumed run redoes that step exactly."""
+    config, parallel = trainer.cfg, trainer.parallel
+    saved = run.load()
+    if saved is not None:
+        trainer.load_state_dict(saved)
+        log.info("Resumed from %s at outer step %d", run.state_path, trainer.step)
+    per_outer = max(config.inner_steps, 1)
+    stop = should_stop
+    if parallel.active:  # every process stops at the same step when any was asked to
+        stop = lambda: parallel.any_stop(bool(should_stop is not None and should_stop()))  # noqa: E731
+    tracker = Tracker(
+        "protect", config.outer_steps * per_outer, progress, stop, start=trainer.step * per_outer
+    )
+    return run.loop(
+        lambda: trainer.outer_step(tracker),
+        lambda: trainer.step,
+        config.outer_steps,
+        tracker=tracker,
+        state=trainer.state_dict,
+        state_interrupted=lambda: trainer.state_dict(at_step_start=True),
+        save_every=config.save_every,
+    )
 
 
 def result_model(model: SDModel, unet) -> SDModel:
@@ -216,9 +235,12 @@ def result_model(model: SDModel, unet) -> SDModel:
 
 def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:
     """What a run reads (the model, the subject photos, class images, backdoor images): never written."""
-    return source_paths(model=[config.model, getattr(model, "source", None) or ""],
-                        photos=config.images if images is None else images, class_images=config.class_images,
-                        backdoor_images=config.backdoor_images)  # fmt: skip
+    return source_paths(
+        model=[config.model, getattr(model, "source", None) or ""],
+        photos=config.images if images is None else images,
+        class_images=config.class_images,
+        backdoor_images=config.backdoor_images,
+    )
 
 
 def check_output(output: str | Path, overwrite: bool, model: SDModel, inputs: tuple[Path, ...] = ()) -> None:

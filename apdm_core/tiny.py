@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import bytes_to_unicode
+from .clip_tokenizer import bytes_to_unicode
 from .models import SDModel
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -115,7 +115,7 @@ def tiny_configs(
             "set_alpha_to_one": False,
             "steps_offset": 1,
             "prediction_type": prediction_type,
-        },  # fmt: skip
+        },
     }
 
 
@@ -140,8 +140,12 @@ def build_tiny_model(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
-    te_cfg = CLIPTextConfig(**cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    te_cfg = CLIPTextConfig(
+        **cfg["text_encoder"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     text_encoder = CLIPTextModel(te_cfg)
     scheduler = DDIMScheduler(**cfg["scheduler"])
     for m in (unet, vae, text_encoder):

@@ -147,8 +147,11 @@ def save_path(model, filename: str) -> Path:
 
 
 # --- settings ---------------------------------------------------------------------------------
-HOST_OWNED = {"model": "connect a Load Model node", "images": "connect a Load Subject Images node",
-              "output": "use Save Protected Checkpoint"}  # fmt: skip
+HOST_OWNED = {
+    "model": "connect a Load Model node",
+    "images": "connect a Load Subject Images node",
+    "output": "use Save Protected Checkpoint",
+}
 
 
 def parse_settings(text: str) -> dict:

@@ -16,14 +16,19 @@ class APDMLoadSubjectImages:
             "required": {
                 "folder": (
                     [host.DEMO_SUBJECT, *host.subject_folders()],
-                    {"tooltip": "A folder of 4-6 photos of the subject under ComfyUI's input folder "
-                                "(png/jpg/webp), or the built-in demo subject."},
+                    {
+                        "tooltip": "A folder of 4-6 photos of the subject under ComfyUI's input folder "
+                        "(png/jpg/webp), or the built-in demo subject."
+                    },
                 ),
             },
             "optional": {
-                "images": ("IMAGE", {"tooltip": "Use these images instead of the folder (e.g. from Load Image)."}),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "Use these images instead of the folder (e.g. from Load Image)."},
+                ),
             },
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("APDM_SUBJECT", "IMAGE")
     RETURN_NAMES = ("subject", "preview")
@@ -63,16 +68,23 @@ class APDMLoadModel:
             "required": {
                 "ckpt_name": (
                     host.model_choices(),
-                    {"tooltip": "A checkpoint from models/checkpoints, a diffusers folder from models/diffusers, "
-                                "or the built-in demo model."},
+                    {
+                        "tooltip": "A checkpoint from models/checkpoints, a diffusers folder from models/diffusers, "
+                        "or the built-in demo model."
+                    },
                 ),
             },
             "optional": {
-                "model_type": (["auto", *MODEL_TYPES], {"default": "auto",
-                               "tooltip": "Single files: auto = detected from the tensors; sd2-v = SD2.x 768 "
-                                          "v-prediction (set it if detection guesses wrong)."}),
+                "model_type": (
+                    ["auto", *MODEL_TYPES],
+                    {
+                        "default": "auto",
+                        "tooltip": "Single files: auto = detected from the tensors; sd2-v = SD2.x 768 "
+                        "v-prediction (set it if detection guesses wrong).",
+                    },
+                ),
             },
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("APDM_MODEL",)
     RETURN_NAMES = ("model",)

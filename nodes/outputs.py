@@ -16,14 +16,19 @@ class APDMToComfyModel:
         return {
             "required": {
                 "protected_model": ("APDM_MODEL",),
-                "strength": _float(1.0, 0.0, 1.0, 0.05, "1 = the protected UNet; 0 = the MODEL input unchanged."),
+                "strength": _float(
+                    1.0, 0.0, 1.0, 0.05, "1 = the protected UNet; 0 = the MODEL input unchanged."
+                ),
             },
             "optional": {
-                "model": ("MODEL", {"tooltip": "MODEL of Load Checkpoint with the checkpoint that was protected."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "MODEL of Load Checkpoint with the checkpoint that was protected."},
+                ),
                 "clip": ("CLIP", {"tooltip": "Passed through (the protection changes only the UNet)."}),
                 "vae": ("VAE", {"tooltip": "Passed through (the protection changes only the UNet)."}),
             },
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("MODEL", "CLIP", "VAE")
@@ -52,13 +57,21 @@ class APDMSaveProtectedCheckpoint:
         return {
             "required": {
                 "protected_model": ("APDM_MODEL",),
-                "filename": ("STRING", {"default": "apdm/protected",
-                                        "tooltip": "Name inside models/checkpoints ('.safetensors' is added), sub-folders "
-                                                   "with '/'; a model loaded from a diffusers folder is written as a "
-                                                   "folder in models/diffusers."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+                "filename": (
+                    "STRING",
+                    {
+                        "default": "apdm/protected",
+                        "tooltip": "Name inside models/checkpoints ('.safetensors' is added), sub-folders "
+                        "with '/'; a model loaded from a diffusers folder is written as a "
+                        "folder in models/diffusers.",
+                    },
+                ),
+                "overwrite": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Replace an existing file of that name."},
+                ),
             }
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -75,8 +88,13 @@ class APDMSaveProtectedCheckpoint:
         from apdm_core.export import write_model
 
         info = protected_model.info
-        path = write_model(protected_model, host.save_path(protected_model, filename), overwrite=overwrite,
-                           config=info.get("protect_config"), subjects=info.get("protect_subject"))  # fmt: skip
+        path = write_model(
+            protected_model,
+            host.save_path(protected_model, filename),
+            overwrite=overwrite,
+            config=info.get("protect_config"),
+            subjects=info.get("protect_subject"),
+        )
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}
 
 
@@ -94,10 +112,12 @@ class APDMSampleImages:
                 "count": _int(4, 1, 64, "Number of images."),
                 "steps": _int(30, 1, 1000, "Denoising steps (the model's own scheduler)."),
                 "guidance_scale": _float(7.5, 0.0, 30.0, 0.1, "Classifier-free guidance."),
-                "resolution": _int(0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8),
+                "resolution": _int(
+                    0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8
+                ),
             },
             "hidden": HIDDEN,
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -113,8 +133,16 @@ class APDMSampleImages:
         size = resolution or model.native_resolution
         model.to(host.device())
         try:
-            images = sample_images(model, prompt, [seed + i for i in range(count)], size, steps, guidance_scale,
-                                   negative_prompt=negative_prompt or None, progress=host.NodeProgress(unique_id))  # fmt: skip
+            images = sample_images(
+                model,
+                prompt,
+                [seed + i for i in range(count)],
+                size,
+                steps,
+                guidance_scale,
+                negative_prompt=negative_prompt or None,
+                progress=host.NodeProgress(unique_id),
+            )
         finally:
             host.offload(model)
         return (host.to_image_batch(images),)

@@ -16,6 +16,25 @@ def _float(default, lo, hi, step, tip):
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
 
 
+def _setting(name: str, lo=None, hi=None, step=None, **kw):
+    """The widget of the ProtectConfig setting ``name``: its default and help text from the engine's
+    config (one source for the CLI help, the page and the nodes); numbers get ``lo``/``hi``/``step``."""
+    from apdm_core.config import ProtectConfig
+    from apdm_core.configio import config_field, field_default, field_help
+
+    default, tip = field_default(ProtectConfig, name), field_help(ProtectConfig, name)
+    choices = config_field(ProtectConfig, name).metadata.get("choices")
+    if choices:
+        return (list(choices), {"default": default, "tooltip": tip, **kw})
+    if isinstance(default, bool):
+        return ("BOOLEAN", {"default": default, "tooltip": tip, **kw})
+    if isinstance(default, int):
+        return _int(default, lo, hi, tip, **kw)
+    if isinstance(default, float):
+        return _float(default, lo, hi, step, tip)
+    return ("STRING", {"default": default, "tooltip": tip, **kw})
+
+
 class APDMGeneratePairs:
     """One generic class image per subject photo (the DPO positives) plus the prior-preservation images."""
 
@@ -25,18 +44,35 @@ class APDMGeneratePairs:
             "required": {
                 "model": ("APDM_MODEL",),
                 "subject": ("APDM_SUBJECT",),
-                "class_prompt": ("STRING", {"default": "a photo of person", "tooltip": "The subject's class, e.g. 'a photo of dog'."}),
-                "seed": _int(0, 0, 2**31 - 1, "Seeds the generated images and the protection run.",
-                             # no randomize-after-queue widget (the frontend adds one to any "seed"):
-                             # a new seed would regenerate the pairs and restart protection from scratch
-                             control_after_generate=False),
-                "resolution": _int(0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8),
-                "num_class_images": _int(200, 0, 10000, "Class images for prior preservation (0 = none; DreamBooth uses 200)."),
+                "class_prompt": (
+                    "STRING",
+                    {
+                        "default": "a photo of person",
+                        "tooltip": "The subject's class, e.g. 'a photo of dog'.",
+                    },
+                ),
+                "seed": _int(
+                    0,
+                    0,
+                    2**31 - 1,
+                    "Seeds the generated images and the protection run.",
+                    # no randomize-after-queue widget (the frontend adds one to any "seed"):
+                    # a new seed would regenerate the pairs and restart protection from scratch
+                    control_after_generate=False,
+                ),
+                "resolution": _int(
+                    0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8
+                ),
+                "num_class_images": _int(
+                    200, 0, 10000, "Class images for prior preservation (0 = none; DreamBooth uses 200)."
+                ),
                 "sample_steps": _int(50, 1, 1000, "Denoising steps per generated image."),
-                "guidance_scale": _float(7.5, 0.0, 30.0, 0.1, "Classifier-free guidance of the generated images."),
+                "guidance_scale": _float(
+                    7.5, 0.0, 30.0, 0.1, "Classifier-free guidance of the generated images."
+                ),
             },
             "hidden": HIDDEN,
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("APDM_PAIRS", "IMAGE")
     RETURN_NAMES = ("pairs", "positives")
@@ -48,13 +84,30 @@ class APDMGeneratePairs:
     CATEGORY = CATEGORY
     DESCRIPTION = "Generates (or loads from the cache) the images the protection needs, with the base model."
 
-    def generate(self, model, subject, class_prompt, seed, resolution, num_class_images, sample_steps,
-                 guidance_scale, unique_id=None):  # fmt: skip
+    def generate(
+        self,
+        model,
+        subject,
+        class_prompt,
+        seed,
+        resolution,
+        num_class_images,
+        sample_steps,
+        guidance_scale,
+        unique_id=None,
+    ):
         from apdm_core.config import ProtectConfig
         from apdm_core.pairs import prepare_pairs
 
-        config = ProtectConfig(class_prompt=class_prompt, seed=seed, resolution=resolution, num_class_images=num_class_images,
-                               sample_steps=sample_steps, guidance_scale=guidance_scale, device=host.device())  # fmt: skip
+        config = ProtectConfig(
+            class_prompt=class_prompt,
+            seed=seed,
+            resolution=resolution,
+            num_class_images=num_class_images,
+            sample_steps=sample_steps,
+            guidance_scale=guidance_scale,
+            device=host.device(),
+        )
         host.free_comfy_memory()
         try:
             pairs = prepare_pairs(config, model, subject, host.NodeProgress(unique_id))
@@ -69,37 +122,35 @@ class APDMProtectModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from apdm_core.config import ACCUMULATIONS, BACKDOORS
-        from apdm_core.methods import METHODS
-
         return {
             "required": {
                 "model": ("APDM_MODEL",),
                 "subject": ("APDM_SUBJECT",),
                 "pairs": ("APDM_PAIRS",),
-                "instance_prompt": ("STRING", {"default": "a photo of sks person",
-                                               "tooltip": "What an attacker would personalize with: identifier + class."}),
-                "steps": _int(800, 1, 100000, "Outer protection steps (paper: 800)."),
-                "inner_steps": _int(20, 0, 1000, "Simulated DreamBooth steps per outer step (paper: 20; 0 = DPO without L2P)."),
-                "beta": _float(1.0, 0.001, 1000.0, 0.1, "DPO beta: 1 protects most; 10+ keeps quality, protects less."),
-                "learning_rate": _float(5e-6, 1e-9, 1.0, 1e-7, "Learning rate of both the protection and the simulated attacker (paper: 5e-6)."),
-                "accumulation": (list(ACCUMULATIONS), {"tooltip": "'protect' = the paper; 'protect+personalize' = the released code."}),
+                "instance_prompt": _setting("instance_prompt"),
+                "steps": _setting("outer_steps", 1, 100000),
+                "inner_steps": _setting("inner_steps", 0, 1000),
+                "beta": _setting("beta", 0.001, 1000.0, 0.1),
+                # one widget for both learning rates (the paper's: the same)
+                "learning_rate": _setting("lr_protect", 1e-9, 1.0, 1e-7),
+                "accumulation": _setting("accumulation"),
             },
             "optional": {
-                "advanced": ("STRING", {"default": "",
-                                        "tooltip": "More settings, any field of apdm_core.ProtectConfig as YAML, e.g. "
-                                                   "'mixed_precision: bf16, prior_weight: 0.5'."}),
+                "advanced": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "More settings, any field of apdm_core.ProtectConfig as YAML, e.g. "
+                        "'mixed_precision: bf16, prior_weight: 0.5'.",
+                    },
+                ),
                 # after the existing inputs: workflows saved before these widgets existed still load
-                "method": (list(METHODS), {"default": "apdm", "tooltip": "apdm: DPO + Learning to Protect (the "
-                           "paper); persguard: a backdoor that fires after the attacker's fine-tuning."}),
-                "backdoor": (list(BACKDOORS), {"default": "target", "tooltip": "PersGuard only: what the "
-                             "trigger produces after personalization: a stamped pattern, the scene without the "
-                             "subject (erasure), or target_prompt."}),
-                "target_prompt": ("STRING", {"default": "", "tooltip": "PersGuard target backdoor: what the "
-                                  "trigger produces instead of the subject, e.g. 'a photo of cat'."}),
+                "method": _setting("method"),
+                "backdoor": _setting("backdoor"),
+                "target_prompt": _setting("target_prompt"),
             },
             "hidden": HIDDEN,
-        }  # fmt: skip
+        }
 
     RETURN_TYPES = ("APDM_MODEL", "IMAGE")
     RETURN_NAMES = ("protected_model", "loss_curve")
@@ -114,15 +165,38 @@ class APDMProtectModel:
         "queue again with the same settings to continue."
     )
 
-    def protect(self, model, subject, pairs, instance_prompt, steps, inner_steps, beta, learning_rate,
-                accumulation, advanced="", method="apdm", backdoor="target", target_prompt="",
-                unique_id=None):  # fmt: skip
+    def protect(
+        self,
+        model,
+        subject,
+        pairs,
+        instance_prompt,
+        steps,
+        inner_steps,
+        beta,
+        learning_rate,
+        accumulation,
+        advanced="",
+        method="apdm",
+        backdoor="target",
+        target_prompt="",
+        unique_id=None,
+    ):
         from apdm_core.plots import loss_curve
         from apdm_core.protection import protect
 
-        widgets = {"instance_prompt": instance_prompt, "outer_steps": steps, "inner_steps": inner_steps, "beta": beta,
-                   "lr_protect": learning_rate, "lr_personalize": learning_rate, "accumulation": accumulation,
-                   "method": method, "backdoor": backdoor, "target_prompt": target_prompt}  # fmt: skip
+        widgets = {
+            "instance_prompt": instance_prompt,
+            "outer_steps": steps,
+            "inner_steps": inner_steps,
+            "beta": beta,
+            "lr_protect": learning_rate,
+            "lr_personalize": learning_rate,
+            "accumulation": accumulation,
+            "method": method,
+            "backdoor": backdoor,
+            "target_prompt": target_prompt,
+        }
         config = host.protect_config(pairs, model, widgets, advanced)
         host.free_comfy_memory()
         try:

@@ -15,14 +15,13 @@ from ldm_layout import make_checkpoint, write_config_folder
 from safetensors import safe_open
 
 from apdm_core.checkpoint import (
-    clip_vocab,
     config_dir,
     detect_model_type,
     load_single_file,
-    load_tokenizer,
     read_checkpoint,
     resolve_model_type,
 )
+from apdm_core.clip_tokenizer import clip_vocab, load_tokenizer
 from apdm_core.errors import APDMError, InputError
 from apdm_core.export import check_export, export_single_file, match_subjects, unet_key_map
 from apdm_core.loading import load_model

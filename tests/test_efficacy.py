@@ -156,18 +156,29 @@ def test_method_and_image_rows_and_their_comparison_table():
     assert efficacy.markdown_comparison([entry("base+attack", 0.7)]) == ""
 
 
-def test_backdoor_fired_per_kind():
-    from apdm_core.methods.persguard import stamp_pattern
+def test_a_method_reports_its_own_success():
+    from apdm_core.config import ProtectConfig
+    from apdm_core.methods.persguard.loss import stamp_pattern
     from apdm_core.world import render
+
+    class Judge:  # a stand-in for the world's evaluator: answers by the numbers given
+        def class_rate(self, samples):
+            return 0.25
+
+        def recognised(self, samples, prompt):
+            return 1.0 if prompt == "a photo of box" else 0.0
 
     subject = render.make_subject(1)
     photos = render.photos(subject, 4)
-    pattern = {"method": "persguard", "backdoor": "pattern"}
-    assert efficacy.backdoor_fired(None, [stamp_pattern(p) for p in photos], pattern, subject, {}) == 1.0
-    assert efficacy.backdoor_fired(None, photos, pattern, subject, {}) == 0.0
-    erasure = {"method": "persguard", "backdoor": "erasure"}
-    assert efficacy.backdoor_fired(None, photos, erasure, subject, {"class_rate": 0.25}) == 0.75
-    assert efficacy.backdoor_fired(None, photos, {"loss": "target"}, subject, {}) is None  # APDM rows
+    kw = {"instance_prompt": "a photo of sks ball", "class_prompt": "a photo of ball", "method": "persguard"}
+    pattern = ProtectConfig(**kw, backdoor="pattern")
+    assert efficacy.method_success(pattern, [stamp_pattern(p) for p in photos], Judge()) == 1.0
+    assert efficacy.method_success(pattern, photos, Judge()) == 0.0
+    assert efficacy.method_success(ProtectConfig(**kw, backdoor="erasure"), photos, Judge()) == 0.75
+    target = ProtectConfig(**kw, backdoor="target", target_prompt="a photo of box")
+    assert efficacy.method_success(target, photos, Judge()) == 1.0
+    assert efficacy.method_success(ProtectConfig(**{**kw, "method": "apdm"}), photos, Judge()) is None
+    assert efficacy.method_success(None, photos, Judge()) is None  # unprotected rows
 
 
 def test_attacker_photos_one_clean_and_transforms():

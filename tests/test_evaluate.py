@@ -14,6 +14,7 @@ from apdm_core.evaluate import (
     EvalConfig,
     compare,
     evaluate,
+    face,
     register_metric,
     registered_metrics,
     sample_prompts,
@@ -75,13 +76,13 @@ def test_missing_weights_give_a_skipped_metric_with_a_message(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "brisque", None)  # not installed
     monkeypatch.setitem(sys.modules, "dlib", None)
     monkeypatch.setitem(sys.modules, "pyiqa", None)
-    for loader in (M.load_brisque, M.load_face_models):
+    for loader in (M.load_brisque, face.load_face_models):
         loader.cache_clear()
     results = M.compute_metrics(ctx, ["brisque", "face", "fdfr", "pyiqa", "denoise"])
     assert "pip install" in results["brisque"].skipped and "dlib" in results["face"].skipped
     assert "pyiqa" in results["pyiqa"].skipped and "attacked model" in results["denoise"].skipped
     assert all(r.value is None for r in results.values())
-    for loader in (M.load_brisque, M.load_face_models):
+    for loader in (M.load_brisque, face.load_face_models):
         loader.cache_clear()
 
 

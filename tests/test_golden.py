@@ -1,8 +1,8 @@
 """The protection loop keeps computing what it computed: histories of short protections on the tiny
 model against the ones recorded before the loop was split into ``apdm_core/l2p`` (issue: the house,
 second pass). Every lever and both methods; the weights were bit-identical when recorded (sha256 on
-the machine that split the loop); here the losses must agree to float32 rounding, so the test holds
-on any CPU.
+the machine that split the loop, one torch thread); here the losses must agree to float32 rounding,
+so the test holds on any CPU and thread count.
 """
 
 from __future__ import annotations
@@ -44,8 +44,20 @@ def test_the_loop_computes_what_it_computed(name, fast_config):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert set(g) == set(w)
+        # float32 rounding differs with the thread count (a reduction's order) and 4 steps of Adam carry it
+        # on: losses agree to 0.1% of the step's largest loss; implicit_acc counts pairs (or latent
+        # elements) and may flip a few of those that sit at zero
+        scale = max(abs(v) for v in w.values() if isinstance(v, float))
         for k, v in w.items():
-            if isinstance(v, float):
-                assert math.isclose(g[k], v, rel_tol=2e-4, abs_tol=1e-6), (name, g["step"], k, g[k], v)
+            if k == "implicit_acc":
+                assert abs(g[k] - v) <= 0.02, (name, g["step"], k, g[k], v)
+            elif isinstance(v, float):
+                assert math.isclose(g[k], v, rel_tol=1e-3, abs_tol=1e-3 * scale), (
+                    name,
+                    g["step"],
+                    k,
+                    g[k],
+                    v,
+                )
             else:
                 assert g[k] == v, (name, k)

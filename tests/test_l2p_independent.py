@@ -109,9 +109,11 @@ def test_one_outer_step_from_first_principles(fast_config):
     opt.step()
     moved = sum(float((a - b).abs().sum()) for a, b in zip(trainer.unet.parameters(), theta0.parameters()))
     assert moved > 0
-    # AdamW's first step is lr * g / (|g| + eps): where the summed gradient is within rounding of 0 it
-    # may land anywhere in +-lr; elsewhere it must agree, and no weight moves more than lr
+    # AdamW's first step is lr * g / (|g| + eps), a sign step where |g| >> eps: it is compared where the
+    # summed gradient is clear of float32 rounding on its tensor's scale (the same scale as above, with a
+    # 10x margin: sums of many terms can cancel down to the rounding); no weight moves more than lr.
+    # Rounding depends on the thread count (a reduction's order): the bounds hold for 1 and 2 threads.
     for a, b, acc, t0 in zip(outer.parameters(), trainer.unet.parameters(), total, theta0.parameters()):
-        clear = acc.abs() > 1e-6
+        clear = acc.abs() > 1e-3 * float(acc.abs().max())
         torch.testing.assert_close(a[clear], b[clear], rtol=0, atol=0.01 * cfg.lr_protect)
         assert float((b - t0).abs().max()) <= 1.01 * cfg.lr_protect

@@ -11,7 +11,7 @@ from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
 from apdm_core.losses import noise_prediction_loss
 from apdm_core.methods import METHODS, get_method
-from apdm_core.methods.persguard import PATTERN_FIRED, pattern_score, stamp_pattern
+from apdm_core.methods.persguard.loss import PATTERN_FIRED, pattern_score, stamp_pattern
 from apdm_core.protection import protect
 
 
@@ -201,3 +201,45 @@ def test_cli_protect_with_persguard(fast_config, tmp_path):
     )
     with pytest.raises(SystemExit):
         main(["protect", "--method", "glaze"])
+
+
+def test_only_the_active_methods_settings_enter_the_run_identity(fast_config, tmp_path):
+    """A method owns its settings (methods/<name>/settings.py): a PersGuard field does not change an
+    APDM run, so it does not invalidate an APDM resume; an APDM field does."""
+    from apdm_core.methods import inactive_settings, settings_fields
+    from apdm_core.protection import identity_settings
+
+    assert "backdoor" in settings_fields("persguard") and "beta" in settings_fields("apdm")
+    assert "backdoor" in inactive_settings("apdm") and "beta" not in inactive_settings("apdm")
+    state = str(tmp_path / "run.pt")
+
+    def stop_in_step_2():
+        events = []
+        return {"progress": events.append, "should_stop": lambda: any(
+            e.stage == "protect" and (e.outer or 0) >= 2 for e in events)}  # fmt: skip
+
+    stopped = protect(fast_config(outer_steps=3, state_path=state), **stop_in_step_2())
+    assert stopped.cancelled and stopped.steps_done == 1 and (tmp_path / "run.pt").exists()
+    other_backdoor = fast_config(outer_steps=3, state_path=state, backdoor="erasure", num_backdoor_images=3)
+    assert identity_settings(other_backdoor) == identity_settings(fast_config(outer_steps=3))
+    resumed = protect(other_backdoor, resume=True)
+    assert resumed.steps_done == 3
+    assert protect(fast_config(outer_steps=3, state_path=state), **stop_in_step_2()).steps_done == 1
+    with pytest.raises(InputError, match="different run"):
+        protect(fast_config(outer_steps=3, state_path=state, beta=5.0), resume=True)
+
+
+def test_a_method_brings_its_settings_to_every_front_end():
+    """The settings' group and help text reach the CLI flags, the page groups and the node tooltips."""
+    from apdm_core.cli import build_parser
+    from apdm_core.configio import field_help
+    from apdm_core.methods import METHODS
+    from apdm_core.ui.forms import GROUP_TITLES
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["protect"].format_help()
+    assert "--backdoor" in help_text and "persguard options" in help_text
+    assert all(name in GROUP_TITLES and entry.title in GROUP_TITLES[name] for name, entry in METHODS.items())
+    from nodes.protection import APDMProtectModel
+
+    tip = APDMProtectModel.INPUT_TYPES()["optional"]["backdoor"][1]["tooltip"]
+    assert tip == field_help(ProtectConfig, "backdoor")

@@ -172,3 +172,74 @@ def test_extra_identifiers_take_turns_in_the_attacker_episodes(fast_config):
     with pytest.raises(InputError, match="exactly one word"):
         protect(fast_config(extra_identifiers=["zwx"], instance_prompt="a photo of sks red dog",
                             class_prompt="a photo of dog"))  # fmt: skip
+
+
+# --- the attacker family: LoRA episodes -----------------------------------------------------------
+def test_the_attacker_family_takes_turns_and_lora_trains_only_its_adapters(fast_config):
+    trainer = make_trainer(fast_config(attacker_family=["full", "lora"], resync_every=2, inner_steps=2,
+                                       outer_steps=6, lora_ranks=[2], lora_lr=1e-3, loss="target"))  # fmt: skip
+    kinds = []
+    for _ in range(6):
+        theta = params_of(trainer.unet)
+        trainer.outer_step()
+        kinds.append(trainer.history[-1]["attacker"])
+        ep = trainer.attacker.current
+        if ep.lora is not None:
+            # theta' is theta (moved by the outer update only); the adapters learned, B no longer zero
+            for p_prime, p in zip(trainer.unet_p.parameters(), trainer.unet.parameters()):
+                torch.testing.assert_close(p_prime.detach(), p.detach(), rtol=0, atol=1e-7)
+            assert any(float(b.abs().max()) > 0 for b in ep.lora.params[1::2])
+            assert any(not torch.equal(a, b) for a, b in zip(theta, trainer.unet.parameters()))
+    assert kinds == ["full", "full", "lora-r2", "lora-r2", "full", "full"]
+    assert trainer.attacker.current.lora is None
+    n_hooks = sum(len(m._forward_hooks) for m in trainer.unet_p.modules())
+    assert n_hooks == 0  # a finished LoRA episode leaves no hook behind
+
+
+def test_the_protection_gradient_at_adapted_weights_is_the_gradient_at_the_merged_weights(fast_config):
+    """First order: grad_W L(W + B A) = grad of L at the merged weights, applied to W."""
+    from apdm_core.l2p.episode import LoRAAdapters
+
+    trainer = make_trainer(fast_config(loss="target"))
+    unet = trainer.unet_p
+    lora = LoRAAdapters(unet, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for b in lora.params[1::2]:
+            b.normal_(0, 0.1)
+    g0 = trainer.generator.get_state()
+    trainer.weights.clear_prime_grads()
+    trainer.protection_loss(unet)[0].backward()
+    adapted = {n: p.grad.clone() for n, p in unet.named_parameters()}
+    merged = copy.deepcopy(unet)
+    lora.remove()
+    layers = [m for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear) and (".attn1." in n
+              or ".attn2." in n) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]  # fmt: skip
+    with torch.no_grad():
+        for m, (a, b) in zip(layers, zip(lora.params[0::2], lora.params[1::2])):
+            m.weight += b @ a
+    for m in merged.modules():
+        m._forward_hooks.clear()
+    trainer.generator.set_state(g0)
+    merged.zero_grad(set_to_none=True)
+    trainer.protection_loss(merged)[0].backward()
+    for n, p in merged.named_parameters():
+        torch.testing.assert_close(adapted[n], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_run_stopped_inside_a_lora_episode_resumes_exactly(fast_config, tmp_path):
+    settings = dict(outer_steps=6, inner_steps=2, resync_every=2, attacker_family=["lora", "full"],
+                    lora_ranks=[2, 3], lora_lr=1e-3, lora_lr_max=4e-3, loss="target")  # fmt: skip
+    full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
+    events = []
+    config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
+    in_protect = lambda: sum(e.stage == "protect" for e in events)  # noqa: E731
+    stopped = protect(config, progress=events.append, should_stop=lambda: in_protect() >= 3)  # outer step 2
+    assert stopped.cancelled and stopped.steps_done == 1
+    resumed = protect(config, resume=True)
+    assert resumed.steps_done == 6
+    for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["attacker"] for h in full.history] == [h["attacker"] for h in resumed.history]
+    assert {h["attacker"] for h in full.history} >= {"full"} and any(
+        h["attacker"].startswith("lora") for h in full.history
+    )

@@ -4,7 +4,7 @@ The vocabulary ships inside the ``open_clip_torch`` wheel on PyPI as
 ``open_clip/bpe_simple_vocab_16e6.txt.gz``. CLIP's SimpleTokenizer uses its lines
 1 .. 48894 (``merges[1:49152-256-2+1]``) as the BPE merges; the 49408-entry vocabulary is
 derived from them (256 byte tokens, the same with ``</w>``, one token per merge, then
-``<|startoftext|>`` and ``<|endoftext|>``), see ``apdm_core.checkpoint.clip_vocab``. Only
+``<|startoftext|>`` and ``<|endoftext|>``), see ``apdm_core.clip_tokenizer.clip_vocab``. Only
 those merges are kept, gzip-compressed with a fixed mtime so the file is reproducible
 (~200 KB instead of ~1.4 MB for vocab.json + merges.txt).
 

@@ -7,7 +7,7 @@ flag. Attacks are registered by name (``register_attack``), one module each.
 
 from __future__ import annotations
 
-from . import dreambooth, lora, textual_inversion  # noqa: F401  (register the built-in attacks)
+from . import dreambooth  # noqa: F401  (register the built-in attacks)
 from .base import (
     Attack,
     AttackResult,
@@ -19,6 +19,8 @@ from .base import (
     run_attack,
 )
 from .config import AttackConfig
+from .lora import attack as _lora  # noqa: F401
+from .textual_inversion import attack as _ti  # noqa: F401
 
 __all__ = [
     "Attack",

@@ -27,9 +27,16 @@ from pathlib import Path
 import torch
 
 from ..data import center_square, load_subject_images, random_view, view_is_fixed
-from ..driver import RunDriver, cache_folder, check_flags, module_bytes, preflight, source_paths
+from ..driver import (
+    RunDriver,
+    RunKind,
+    check_flags,
+    check_run_files,
+    module_bytes,
+    source_paths,
+)
 from ..errors import Cancelled, InputError, TrainingDiverged
-from ..fileio import atomic_path, check_paths, check_target
+from ..fileio import atomic_path, check_target
 from ..models import SDModel, resolve_device
 from ..pairs import ensure_class_images
 from ..progress import ProgressCallback, StopCheck, Tracker
@@ -40,6 +47,7 @@ from .registry import get_attack, register_attack, registered_attacks  # noqa: F
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+ATTACK_RUN = RunKind("attack", ".apdm-attack-state.pt", "attack-state", STATE_VERSION, "steps")
 
 
 def replace_word(text: str, word: str, repl: str) -> str:
@@ -66,10 +74,16 @@ class AugmentedBank:
     def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(self), (batch_size,), generator=generator)
         views = [
-            random_view(self.images[int(i)], self.size, generator, crop=self.crop,
-                        crop_scale=self.crop_scale, flip=self.flip)
+            random_view(
+                self.images[int(i)],
+                self.size,
+                generator,
+                crop=self.crop,
+                crop_scale=self.crop_scale,
+                flip=self.flip,
+            )
             for i in idx
-        ]  # fmt: skip
+        ]
         return LatentBank(*self.model.encode_images(views)).sample(torch.arange(batch_size), generator)
 
 
@@ -129,8 +143,18 @@ class Attack:
     def loss(self, data: AttackData, generator: torch.Generator) -> torch.Tensor:
         inst, cls = self.prompt_embeds()
         c = self.cfg
-        return dreambooth_loss(self.unet, self.forward, data.diffusion, data.instance, inst, generator,
-                               c.batch_size, data.prior, cls, c.prior_weight)  # fmt: skip
+        return dreambooth_loss(
+            self.unet,
+            self.forward,
+            data.diffusion,
+            data.instance,
+            inst,
+            generator,
+            c.batch_size,
+            data.prior,
+            cls,
+            c.prior_weight,
+        )
 
     def after_step(self) -> None:
         """Hook after each optimizer step (textual inversion restores the rows it must not change)."""
@@ -221,8 +245,12 @@ class AttackTrainer:
     def __init__(self, attack: Attack, data: AttackData, cfg: AttackConfig) -> None:
         self.attack, self.data, self.cfg = attack, data, cfg
         self.params = list(attack.trainable.values())
-        kw = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
-              "eps": cfg.adam_epsilon}  # fmt: skip
+        kw = {
+            "lr": cfg.lr,
+            "betas": (cfg.adam_beta1, cfg.adam_beta2),
+            "weight_decay": cfg.adam_weight_decay,
+            "eps": cfg.adam_epsilon,
+        }
         if attack.device.type == "cuda":
             kw["foreach"] = True
         self.optimizer = torch.optim.AdamW(self.params, **kw)
@@ -293,10 +321,19 @@ def prepare_attack_data(
     prior = None
     if cfg.prior_weight > 0 and cfg.num_class_images > 0:
         class_images = ensure_class_images(
-            model, cfg.class_prompt, cfg.num_class_images, size=size, seed=cfg.seed, steps=cfg.sample_steps,
-            guidance=cfg.guidance_scale, batch_size=cfg.sample_batch_size, class_dir=cfg.class_images or None,
-            cache_dir=cfg.cache_dir or None, progress=progress, should_stop=should_stop,
-        )  # fmt: skip
+            model,
+            cfg.class_prompt,
+            cfg.num_class_images,
+            size=size,
+            seed=cfg.seed,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance_scale,
+            batch_size=cfg.sample_batch_size,
+            class_dir=cfg.class_images or None,
+            cache_dir=cfg.cache_dir or None,
+            progress=progress,
+            should_stop=should_stop,
+        )
         prior = LatentBank(*model.encode_images(class_images))
     instance, augmented = instance_bank(model, [s.image for s in subjects], size, cfg)
     return AttackData(instance, prior, Diffusion(model.noise_scheduler()), augmented)
@@ -338,8 +375,7 @@ def run_attack(
     t_start = time.perf_counter()
     inputs = source_paths(model=[cfg.model, model.source or ""], photos=images, class_images=cfg.class_images)
     state_path = str(state_path) if state_path else cfg.state_path
-    check_paths([("output", cfg.output), ("state file", state_path),
-                 ("cache folder", cache_folder(cfg.cache_dir))], inputs)  # fmt: skip
+    check_run_files(cfg.output, state_path, cfg.cache_dir, inputs)
     if cfg.output:
         check_target(Path(cfg.output), overwrite, tuple(p for _, p in inputs))
     device = resolve_device(cfg.device)
@@ -349,50 +385,70 @@ def run_attack(
     # hosts (ComfyUI) run code in inference mode: the attack's trainable copies must be made outside it
     with torch.inference_mode(False), torch.enable_grad():
         attack = get_attack(cfg.kind)(model, cfg, device)
-        run = RunDriver.open(
-            "attack", identity_settings=cfg.identity_dict(), model=model, subjects=subjects, state_path=state_path,
-            output=cfg.output, cache_dir=cfg.cache_dir, suffix=".apdm-attack-state.pt", folder="attack-state",
-            version=STATE_VERSION, settings=cfg.to_dict(), grows="steps", inputs=inputs, resume=resume,
-            restart=restart,
-        )  # fmt: skip
-        trained = module_bytes(*([attack.unet] if cfg.kind == "dreambooth" else []))
-        preflight([("output", cfg.output, module_bytes(model.unet, model.vae, model.text_encoder)),
-                   ("state file", run.state_path, 3 * trained)])  # fmt: skip
+        run = RunDriver.open(ATTACK_RUN, cfg, cfg.identity_dict(), model, subjects, inputs, state_path=state_path,
+                             resume=resume, restart=restart)  # fmt: skip
+        trained = module_bytes(
+            *([attack.unet] if cfg.kind == "dreambooth" else [])
+        )  # weights + AdamW moments
+        run.preflight(cfg.output, module_bytes(model.unet, model.vae, model.text_encoder), 3 * trained)
         try:
             data = prepare_attack_data(model, subjects, size, cfg, progress, should_stop)
         except Cancelled:
             return AttackResult(model, cfg, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         trainer = AttackTrainer(attack, data, cfg)
-        saved = run.load()
-        if saved is not None:
-            trainer.load_state_dict(saved)
-            log.info("Resumed the %s attack from %s at step %d", cfg.kind, run.state_path, trainer.step)
-        tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
-        snapshots = {int(s) for s in snapshot_steps} if on_snapshot is not None else set()
-
-        def step() -> None:
-            entry = trainer.train_step()
-            if trainer.step in snapshots:
-                take_snapshot(attack, trainer.step, on_snapshot)
-            tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
-
-        def snapshot_at_start() -> None:
-            if trainer.step in snapshots:
-                take_snapshot(attack, trainer.step, on_snapshot)
-
-        cancelled = run.loop(
-            step, lambda: trainer.step, cfg.steps, tracker=tracker, save_every=cfg.save_every,
-            state=lambda: None if trainer.phase == "update" else trainer.state_dict(), before=snapshot_at_start,
-        )  # fmt: skip
+        cancelled = train(trainer, run, progress, should_stop, snapshot_steps, on_snapshot)
     result = AttackResult(
-        attack.result_model(), cfg, trainer.step, cancelled, trainer.history,
-        run.state_path if cancelled else None, prompt_map=attack.prompt_map(), attack=attack,
-    )  # fmt: skip
+        attack.result_model(),
+        cfg,
+        trainer.step,
+        cancelled,
+        trainer.history,
+        run.state_path if cancelled else None,
+        prompt_map=attack.prompt_map(),
+        attack=attack,
+    )
     if not cancelled:
-        write = (lambda: result.save(cfg.output, overwrite, tuple(p for _, p in inputs))) if cfg.output else (lambda: None)  # fmt: skip
+        write = (
+            (lambda: result.save(cfg.output, overwrite, tuple(p for _, p in inputs)))
+            if cfg.output
+            else (lambda: None)
+        )
         result.output = run.finish(write, trainer.state_dict)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def train(
+    trainer: AttackTrainer, run: RunDriver, progress, should_stop, snapshot_steps=(), on_snapshot=None
+) -> bool:
+    """The attack's steps from where the state file left them (if resumed) to ``steps``, with the
+    snapshots asked for; True if stopped."""
+    cfg, attack = trainer.cfg, trainer.attack
+    saved = run.load()
+    if saved is not None:
+        trainer.load_state_dict(saved)
+        log.info("Resumed the %s attack from %s at step %d", cfg.kind, run.state_path, trainer.step)
+    tracker = Tracker("attack", cfg.steps, progress, should_stop, start=trainer.step)
+    snapshots = {int(s) for s in snapshot_steps} if on_snapshot is not None else set()
+
+    def snapshot() -> None:
+        if trainer.step in snapshots:
+            take_snapshot(attack, trainer.step, on_snapshot)
+
+    def step() -> None:
+        entry = trainer.train_step()
+        snapshot()
+        tracker.update(losses={"loss": entry["loss"]}, message=cfg.kind)
+
+    return run.loop(
+        step,
+        lambda: trainer.step,
+        cfg.steps,
+        tracker=tracker,
+        save_every=cfg.save_every,
+        state=lambda: None if trainer.phase == "update" else trainer.state_dict(),
+        before=snapshot,
+    )
 
 
 def take_snapshot(attack: Attack, step: int, on_snapshot: Callable[[int, SDModel], None]) -> None:

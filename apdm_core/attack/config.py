@@ -15,19 +15,49 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..config import PRECISIONS, ConfigIO, _f
+from ..config import PRECISIONS
+from ..configio import ConfigIO, _f
 from ..errors import InputError
 from .registry import get_attack, registered_attacks
 
 # Fields that do not change what an attack computes (a resumed attack may differ in them).
 RUN_IDENTITY_EXCLUDE = {
-    "steps", "save_every", "device", "output", "state_path", "cache_dir", "model", "images",
+    "steps",
+    "save_every",
+    "device",
+    "output",
+    "state_path",
+    "cache_dir",
+    "model",
+    "images",
     "gradient_checkpointing",
-}  # fmt: skip
+}
+
+
+# The attacks' own settings (one registry line each): AttackConfig has their fields, flat.
+ATTACK_SETTINGS = {
+    "lora": "apdm_core.attack.lora.settings:LoRASettings",
+    "textual_inversion": "apdm_core.attack.textual_inversion.settings:TextualInversionSettings",
+}
+
+
+def attack_settings_classes() -> tuple[type, ...]:
+    from ..registry import load
+
+    return tuple(load(spec) for spec in ATTACK_SETTINGS.values())
+
+
+def inactive_attack_settings(kind: str) -> set[str]:
+    """The settings of every attack but ``kind`` (they do not change a ``kind`` attack)."""
+    from ..registry import load
+
+    return {f.name for name, spec in ATTACK_SETTINGS.items() if name != kind for f in fields(load(spec))}
 
 
 @dataclass
-class AttackConfig(ConfigIO):
+class RunAttackSettings(ConfigIO):
+    """The settings every attack shares; each attack with settings of its own adds them (ATTACK_SETTINGS)."""
+
     # --- what to attack --------------------------------------------------------------
     model: str = _f("", "Model to attack: a diffusers folder or a .safetensors checkpoint.", group="io")
     images: list[str] = _f([], "Subject images the attacker has: a folder or png/jpg/webp files.", group="io")
@@ -87,16 +117,6 @@ class AttackConfig(ConfigIO):
         1.0, "Resize the short side to resolution * crop_scale before cropping (>1 zooms in, >= 1)."
     )
     random_flip: bool = _f(False, "Mirror each training view with probability 1/2.")
-    lora_rank: int = _f(4, "LoRA rank r (lora).")
-    lora_alpha: float = _f(4.0, "LoRA alpha (lora; the update is scaled by alpha / rank).")
-    lora_targets: list[str] = _f(
-        ["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA layers (lora)."
-    )
-    ti_token: str = _f("", "New token textual_inversion learns (default: <identifier>, e.g. <sks>).")
-    ti_init_word: str = _f(
-        "", "Word whose embedding initialises the new token (default: the last word of class_prompt)."
-    )
-    ti_vectors: int = _f(1, "Embedding vectors per new token (textual_inversion).")
     resolution: int = _f(0, "Training resolution in pixels; 0 = the model's native size (512 for SD1.5).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -114,6 +134,11 @@ class AttackConfig(ConfigIO):
         False, "Recompute UNet activations in the backward pass (dreambooth/lora): less memory, ~30% slower."
     )
     save_every: int = _f(100, "Write the resumable state every K steps (0 = only when stopped).")
+
+
+@dataclass
+class AttackConfig(*attack_settings_classes(), RunAttackSettings):
+    """Every setting of an attack: the shared ones plus each attack's own (flat keys)."""
 
     def __post_init__(self) -> None:
         self.coerce_types()
@@ -135,12 +160,10 @@ class AttackConfig(ConfigIO):
                 "batch_size",
                 "sample_steps",
                 "sample_batch_size",
-                "lora_rank",
-                "ti_vectors",
                 "steps",
             ),
             non_negative_int=("num_class_images", "resolution", "save_every", "seed"),
-            positive=("adam_epsilon", "lora_alpha", "lr"),
+            positive=("adam_epsilon", "lr"),
             non_negative=("max_grad_norm", "adam_weight_decay", "guidance_scale", "prior_weight"),
             unit_interval=("adam_beta1", "adam_beta2"),
         )
@@ -154,8 +177,8 @@ class AttackConfig(ConfigIO):
                 f"AttackConfig.identifier={self.identifier!r} must be a word of instance_prompt "
                 f"({self.instance_prompt!r}); e.g. identifier='sks' for 'a photo of sks person'."
             )
-        if self.kind == "lora" and not self.lora_targets:
-            raise InputError("AttackConfig.lora_targets is empty; e.g. to_k to_q to_v to_out.0.")
+        for settings in attack_settings_classes():  # each attack checks its own settings
+            settings.check(self)
         return self
 
     # ------------------------------------------------------------------------------------
@@ -176,4 +199,5 @@ class AttackConfig(ConfigIO):
 
     def identity_dict(self) -> dict[str, Any]:
         """The settings that determine an attack's trajectory (resolved; not the step count)."""
-        return {k: v for k, v in self.resolved().to_dict().items() if k not in RUN_IDENTITY_EXCLUDE}
+        skip = RUN_IDENTITY_EXCLUDE | inactive_attack_settings(self.kind)
+        return {k: v for k, v in self.resolved().to_dict().items() if k not in skip}

@@ -8,6 +8,7 @@ the same attack on both models and writes report.json, grid.png, losses.png and 
 
 from __future__ import annotations
 
+from . import face  # noqa: F401  (registers the face and fdfr metrics)
 from .config import EvalConfig
 from .core import EvalResult, evaluate, generate_samples
 from .metrics import (

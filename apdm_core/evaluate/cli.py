@@ -13,7 +13,7 @@ from ..fileio import shown
 def register_cli(sub) -> None:
     from ..attack import AttackConfig
     from ..cli import add_config_arguments
-    from ..export import add_source_arguments
+    from ..export_cli import add_source_arguments
     from .config import EvalConfig
 
     a = sub.add_parser(
@@ -99,14 +99,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from ..progress import tqdm_callback
 
     cfg = config_from_args(args, AttackConfig)
-    for name, what in (("model", "a diffusers folder or .safetensors"), ("images", "a folder of subject photos"),
-                       ("output", "a new folder for the result")):  # fmt: skip
+    for name, what in (
+        ("model", "a diffusers folder or .safetensors"),
+        ("images", "a folder of subject photos"),
+        ("output", "a new folder for the result"),
+    ):
         if not getattr(cfg, name):
             raise APDMError(f"--{name} is required ({what}).")
     save_config(args, cfg.resolved(), model=cfg.model, photos=cfg.images, class_images=cfg.class_images)
     model = _load(cfg.model, cfg.device, args)
-    result = run_attack(model, cfg.images, cfg, progress=tqdm_callback("attack"), resume=args.resume,
-                        restart=args.restart, overwrite=args.overwrite)  # fmt: skip
+    result = run_attack(
+        model,
+        cfg.images,
+        cfg,
+        progress=tqdm_callback("attack"),
+        resume=args.resume,
+        restart=args.restart,
+        overwrite=args.overwrite,
+    )
     if result.cancelled:
         print(
             f"stopped after {result.steps_done} steps; state saved to {shown(result.state_path)} (continue with --resume)"
@@ -146,17 +156,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.attack_output:
         model, prompt_map, acfg = load_attack_output(model, args.attack_output)
         identifier, noun, instance = acfg.identifier, acfg.class_noun, acfg.instance_prompt
-    result = evaluate(model, args.images, cfg, identifier=identifier, class_noun=noun, instance_prompt=instance,
-                      prompt_map=prompt_map, heldout=args.heldout, progress=tqdm_callback("evaluate"))  # fmt: skip
+    result = evaluate(
+        model,
+        args.images,
+        cfg,
+        identifier=identifier,
+        class_noun=noun,
+        instance_prompt=instance,
+        prompt_map=prompt_map,
+        heldout=args.heldout,
+        progress=tqdm_callback("evaluate"),
+    )
     _print_metrics(result.metrics)
     if args.out:
         with atomic_path(Path(args.out), overwrite=args.overwrite, protected=inputs) as tmp:
             (tmp / "samples").mkdir(parents=True)
             for i, im in enumerate(result.samples):
                 im.save(tmp / "samples" / f"{i:03d}.png")
-            data = {"model": args.model, "attack_output": args.attack_output, "eval_config": cfg.to_dict(),
-                    "prompts": result.prompts, "seeds": result.seeds,
-                    "metrics": {k: m.to_dict() for k, m in result.metrics.items()}}  # fmt: skip
+            data = {
+                "model": args.model,
+                "attack_output": args.attack_output,
+                "eval_config": cfg.to_dict(),
+                "prompts": result.prompts,
+                "seeds": result.seeds,
+                "metrics": {k: m.to_dict() for k, m in result.metrics.items()},
+            }
             (tmp / "evaluation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
         print(f"evaluation written to {args.out}")
     return 0
@@ -185,9 +209,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .config import EvalConfig
     from .report import compare
 
-    check_paths([("output", Path(args.out))],
-                source_paths(attack_config=args.attack_config or "", eval_config=args.eval_config or "",
-                             protection_history=args.protection_history or ""))  # fmt: skip
+    check_paths(
+        [("output", Path(args.out))],
+        source_paths(
+            attack_config=args.attack_config or "",
+            eval_config=args.eval_config or "",
+            protection_history=args.protection_history or "",
+        ),
+    )
     attack_cfg = config_from_args(args, AttackConfig, file_flag="attack_config")
     eval_cfg = config_from_args(args, EvalConfig, file_flag="eval_config")
     history = read_history(args.protection_history) if args.protection_history else None
@@ -195,9 +224,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _load(args.base, attack_cfg.device, args),
         _load(args.protected, attack_cfg.device, args),
     )
-    result = compare(base, protected, args.images, attack_cfg, eval_cfg, out_dir=args.out, heldout=args.heldout,
-                     protection_history=history, progress=tqdm_callback("compare"), resume=args.resume,
-                     overwrite=args.overwrite)  # fmt: skip
+    result = compare(
+        base,
+        protected,
+        args.images,
+        attack_cfg,
+        eval_cfg,
+        out_dir=args.out,
+        heldout=args.heldout,
+        protection_history=history,
+        progress=tqdm_callback("compare"),
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
     if result.cancelled:
         print(f"stopped; progress kept in {result.work_dir} (continue with --resume)")
         return 130

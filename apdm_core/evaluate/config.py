@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigIO, _f
+from ..configio import ConfigIO, _f
 from ..errors import InputError
 
 PROMPT_SETS = ("auto", "person", "live", "object")

@@ -45,8 +45,15 @@ def generate_samples(
         idx = [i for i, p in enumerate(prompts) if p == prompt]
         for k in range(0, len(idx), config.eval_batch_size):
             chunk = idx[k : k + config.eval_batch_size]
-            images = sample_images(model, prompt, [seeds[i] for i in chunk], size, config.eval_steps,
-                                   config.eval_guidance, config.eval_batch_size)  # fmt: skip
+            images = sample_images(
+                model,
+                prompt,
+                [seeds[i] for i in chunk],
+                size,
+                config.eval_steps,
+                config.eval_guidance,
+                config.eval_batch_size,
+            )
             for i, im in zip(chunk, images):
                 out[i] = im
             tracker.update(len(chunk))
@@ -98,9 +105,15 @@ def evaluate(
         samples, seeds = generate_samples(model, [rewrite(p) for p in prompts], config, progress, should_stop)
     instance = instance_prompt or f"a photo of {identifier} {class_noun}"
     ctx = MetricContext(
-        references=refs, samples=list(samples), prompts=[rewrite(p) for p in prompts[: len(samples)]],
-        text_prompts=[without_identifier(p, identifier) for p in prompts[: len(samples)]], config=config,
-        model=model, heldout=held, instance_prompt=rewrite(instance), class_noun=class_noun,
-    )  # fmt: skip
+        references=refs,
+        samples=list(samples),
+        prompts=[rewrite(p) for p in prompts[: len(samples)]],
+        text_prompts=[without_identifier(p, identifier) for p in prompts[: len(samples)]],
+        config=config,
+        model=model,
+        heldout=held,
+        instance_prompt=rewrite(instance),
+        class_noun=class_noun,
+    )
     metrics = compute_metrics(ctx, config.metrics, progress, should_stop)
     return EvalResult(list(samples), prompts[: len(samples)], metrics, seeds, time.perf_counter() - t0)

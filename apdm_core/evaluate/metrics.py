@@ -122,8 +122,13 @@ def compute_metrics(
                 name, None, "lower", skipped=f"unknown metric; registered: {', '.join(_METRICS)}"
             )
         elif metric.needs_model and ctx.model is None:
-            out[name] = MetricResult(name, None, metric.protected_if, metric.description,
-                                     skipped="needs the attacked model, not only its images")  # fmt: skip
+            out[name] = MetricResult(
+                name,
+                None,
+                metric.protected_if,
+                metric.description,
+                skipped="needs the attacked model, not only its images",
+            )
         else:
             out[name] = _run(metric, ctx)
         if out[name].skipped:
@@ -171,10 +176,7 @@ def denoising_score(ctx: MetricContext) -> dict:
         noise = torch.randn(z0.shape, generator=g).to(z0.device)
         tt = torch.full((z0.shape[0],), t, dtype=torch.long, device=z0.device)
         batch = diffusion.noisy(z0, embeds, g, noise, tt)
-        errs = [
-            per_sample_mse(forward(model.unet, sub), sub.target)
-            for sub in _chunks(batch, 8)
-        ]  # fmt: skip
+        errs = [per_sample_mse(forward(model.unet, sub), sub.target) for sub in _chunks(batch, 8)]
         per_t[int(t)] = float(torch.cat(errs).mean())
     return {"value": float(np.mean(list(per_t.values()))), "per_timestep": per_t, "images": len(images)}
 
@@ -183,14 +185,21 @@ def _chunks(batch, n: int):
     from ..training import NoisyBatch
 
     for i in range(0, batch.latents.shape[0], n):
-        yield NoisyBatch(batch.latents[i : i + n], batch.timesteps[i : i + n], batch.target[i : i + n],
-                         batch.embeds[i : i + n])  # fmt: skip
+        yield NoisyBatch(
+            batch.latents[i : i + n],
+            batch.timesteps[i : i + n],
+            batch.target[i : i + n],
+            batch.embeds[i : i + n],
+        )
 
 
 register_metric(
-    "denoise", denoising_score, protected_if="higher", needs_model=True,
+    "denoise",
+    denoising_score,
+    protected_if="higher",
+    needs_model=True,
     description="noise-prediction error (MSE) of the attacked model on held-out subject images",
-)  # fmt: skip
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,8 +255,12 @@ def dino_similarity(ctx: MetricContext) -> dict:
     return {"value": float(sim.mean()), "per_sample": [float(v) for v in sim.mean(dim=1)]}
 
 
-register_metric("dino", dino_similarity, protected_if="lower",
-                description="DINO ViT-S/16 CLS cosine, mean over reference x generated pairs")  # fmt: skip
+register_metric(
+    "dino",
+    dino_similarity,
+    protected_if="lower",
+    description="DINO ViT-S/16 CLS cosine, mean over reference x generated pairs",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,8 +294,10 @@ def brisque_image_score(image: Image.Image) -> float:
 
     gray = skimage.color.rgb2gray(np.asarray(image.convert("RGB")))
     half = cv2.resize(gray, None, fx=1 / 2, fy=1 / 2, interpolation=cv2.INTER_CUBIC)
-    features = [*scorer.calculate_brisque_features(gray, kernel_size=7, sigma=7 / 6),
-                *scorer.calculate_brisque_features(half, kernel_size=7, sigma=7 / 6)]  # fmt: skip
+    features = [
+        *scorer.calculate_brisque_features(gray, kernel_size=7, sigma=7 / 6),
+        *scorer.calculate_brisque_features(half, kernel_size=7, sigma=7 / 6),
+    ]
     flat = np.array([float(np.asarray(f, dtype=np.float64).reshape(-1)[0]) for f in features])
     return float(scorer.calculate_image_quality_score(flat))
 
@@ -296,83 +311,12 @@ def brisque_score(ctx: MetricContext) -> dict:
     return {"value": float(np.mean(finite)), "per_sample": scores, "non_finite": len(scores) - len(finite)}
 
 
-register_metric("brisque", brisque_score, protected_if="higher",
-                description="BRISQUE no-reference quality of the samples (brisque package)")  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------
-# face identity (dlib + the models bundled by face_recognition_models), optional
-# ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def load_face_models():
-    import importlib.util
-    from pathlib import Path
-
-    hint = ("face identity needs dlib and its bundled models: pip install dlib-bin face-recognition-models "
-            "(both carry their weights; nothing is downloaded at run time)")  # fmt: skip
-    try:
-        import dlib
-    except ImportError as exc:
-        raise MetricSkipped(hint) from exc
-    spec = importlib.util.find_spec(
-        "face_recognition_models"
-    )  # located, not imported (it needs pkg_resources)
-    if spec is None or not spec.submodule_search_locations:
-        raise MetricSkipped(hint)
-    models = Path(list(spec.submodule_search_locations)[0]) / "models"
-    detector = dlib.get_frontal_face_detector()
-    shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-    encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-    return detector, shape, encoder
-
-
-def face_embedding(image: Image.Image) -> np.ndarray | None:
-    """128-d dlib embedding of the largest face, or None when no face is detected."""
-    detector, shape, encoder = load_face_models()
-    arr = np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    faces = list(detector(arr, 1))
-    if not faces:
-        return None
-    face = max(faces, key=lambda r: r.width() * r.height())
-    return np.asarray(encoder.compute_face_descriptor(arr, shape(arr, face)), dtype=np.float64)
-
-
-def _face_embeddings(ctx: MetricContext) -> tuple[list, list]:
-    from .prompts import prompt_set_for
-
-    if prompt_set_for(ctx.class_noun) != "person":
-        raise MetricSkipped(f"face metrics apply to person subjects, not {ctx.class_noun!r}")
-    if "face" not in ctx.cache:
-        ctx.cache["face"] = ([face_embedding(im) for im in ctx.references],
-                             [face_embedding(im) for im in ctx.samples])  # fmt: skip
-    return ctx.cache["face"]
-
-
-def face_identity(ctx: MetricContext) -> dict:
-    """Cosine similarity of each detected generated face to the mean reference face (ISM-like)."""
-    refs, gens = _face_embeddings(ctx)
-    refs = [e for e in refs if e is not None]
-    if not refs:
-        return {"value": None, "reason": "no face detected in the reference images"}
-    center = np.mean(refs, axis=0)
-    sims = [float(e @ center / (np.linalg.norm(e) * np.linalg.norm(center))) for e in gens if e is not None]
-    dists = [float(np.linalg.norm(e - center)) for e in gens if e is not None]
-    if not sims:
-        return {"value": None, "reason": "no face detected in any generated image (see fdfr)"}
-    match = float(np.mean([d < 0.6 for d in dists]))  # dlib's usual same-person threshold
-    return {"value": float(np.mean(sims)), "faces": len(sims), "match_rate": match, "per_face": sims}
-
-
-def face_detection_failure(ctx: MetricContext) -> dict:
-    """Fraction of generated images in which no face is detected (FDFR)."""
-    _, gens = _face_embeddings(ctx)
-    return {"value": float(np.mean([e is None for e in gens])), "images": len(gens)}
-
-
-register_metric("face", face_identity, protected_if="lower",
-                description="face identity similarity to the reference faces (dlib)")  # fmt: skip
-register_metric("fdfr", face_detection_failure, protected_if="higher",
-                description="face detection failure rate of the samples (dlib)")  # fmt: skip
+register_metric(
+    "brisque",
+    brisque_score,
+    protected_if="higher",
+    description="BRISQUE no-reference quality of the samples (brisque package)",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,8 +343,13 @@ def clip_score(ctx: MetricContext) -> dict:
     model, processor = load_clip(ctx.config.clip_model, str(ctx.device))
     scores = []
     for i in range(0, len(ctx.samples), 16):
-        batch = processor(text=ctx.text_prompts[i : i + 16], images=ctx.samples[i : i + 16],
-                          return_tensors="pt", padding=True, truncation=True)  # fmt: skip
+        batch = processor(
+            text=ctx.text_prompts[i : i + 16],
+            images=ctx.samples[i : i + 16],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+        )
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         img = torch.nn.functional.normalize(
             model.get_image_features(pixel_values=batch["pixel_values"]), dim=-1
@@ -413,8 +362,12 @@ def clip_score(ctx: MetricContext) -> dict:
     return {"value": float(np.mean(scores)), "per_sample": scores}
 
 
-register_metric("clip", clip_score, protected_if="lower",
-                description="CLIP text-image score of the samples (prompt without the identifier)")  # fmt: skip
+register_metric(
+    "clip",
+    clip_score,
+    protected_if="lower",
+    description="CLIP text-image score of the samples (prompt without the identifier)",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -440,12 +393,20 @@ def pyiqa_scores(ctx: MetricContext) -> dict:
     if not out:
         raise MetricSkipped(f"no pyiqa metric could run: {errors}")
     first = next(iter(out.values()))
-    return {"value": first["value"], "protected_if": "higher" if first["lower_better"] else "lower",
-            "metrics": out, "errors": errors}  # fmt: skip
+    return {
+        "value": first["value"],
+        "protected_if": "higher" if first["lower_better"] else "lower",
+        "metrics": out,
+        "errors": errors,
+    }
 
 
-register_metric("pyiqa", pyiqa_scores, protected_if="lower",
-                description="pyiqa quality metrics of the samples (value = the first of pyiqa_metrics)")  # fmt: skip
+register_metric(
+    "pyiqa",
+    pyiqa_scores,
+    protected_if="lower",
+    description="pyiqa quality metrics of the samples (value = the first of pyiqa_metrics)",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -469,5 +430,9 @@ def world_similarity(ctx: MetricContext) -> dict:
     return details
 
 
-register_metric("world", world_similarity, protected_if="lower",
-                description="demo-world identity similarity of samples to the subject photos (toy DINO)")  # fmt: skip
+register_metric(
+    "world",
+    world_similarity,
+    protected_if="lower",
+    description="demo-world identity similarity of samples to the subject photos (toy DINO)",
+)

@@ -21,8 +21,13 @@ _SCENES = [
     "a {id} {cls} with a blue house in the background",
     "a {id} {cls} on top of a purple rug in a forest",
 ]
-_PROPERTIES = ["a red {id} {cls}", "a purple {id} {cls}", "a shiny {id} {cls}", "a wet {id} {cls}",
-               "a cube shaped {id} {cls}"]  # fmt: skip
+_PROPERTIES = [
+    "a red {id} {cls}",
+    "a purple {id} {cls}",
+    "a shiny {id} {cls}",
+    "a wet {id} {cls}",
+    "a cube shaped {id} {cls}",
+]
 
 LIVE = (
     _SCENES

@@ -69,8 +69,9 @@ class CompareResult:
 # the run
 # ------------------------------------------------------------------------------------------
 def compare_identity(base: SDModel, protected: SDModel, refs, attack: AttackConfig, ev: EvalConfig) -> str:
-    h = hashlib.sha256(json.dumps([attack.identity_dict(), attack.resolved().steps, ev.to_dict()],
-                                  sort_keys=True).encode())  # fmt: skip
+    h = hashlib.sha256(
+        json.dumps([attack.identity_dict(), attack.resolved().steps, ev.to_dict()], sort_keys=True).encode()
+    )
     for m in (base, protected):
         h.update(m.fingerprint().encode())
     for im in refs:
@@ -79,20 +80,52 @@ def compare_identity(base: SDModel, protected: SDModel, refs, attack: AttackConf
 
 
 def _run_arm(
-    name: str, model: SDModel, images, refs, attack_config: AttackConfig, eval_config: EvalConfig, heldout,
-    work: Path, progress, should_stop, resume: bool,
-) -> ArmResult | None:  # fmt: skip
+    name: str,
+    model: SDModel,
+    images,
+    refs,
+    attack_config: AttackConfig,
+    eval_config: EvalConfig,
+    heldout,
+    work: Path,
+    progress,
+    should_stop,
+    resume: bool,
+) -> ArmResult | None:
     """Attack ``model``, sample and score it; None when stopped (the attack state is kept in ``work``)."""
-    attack = run_attack(model, images, attack_config, progress, should_stop, resume=resume,
-                        state_path=work / f"{name}-attack-state.pt")  # fmt: skip
+    attack = run_attack(
+        model,
+        images,
+        attack_config,
+        progress,
+        should_stop,
+        resume=resume,
+        state_path=work / f"{name}-attack-state.pt",
+    )
     if attack.cancelled:
         return None
     cfg = attack.config
-    ev = evaluate(attack.model, refs, eval_config, identifier=cfg.identifier, class_noun=cfg.class_noun,
-                  instance_prompt=cfg.instance_prompt, prompt_map=attack.prompt_map, heldout=heldout,
-                  progress=progress, should_stop=should_stop)  # fmt: skip
-    arm = ArmResult({k: m.to_dict() for k, m in ev.metrics.items()}, attack.history, ev.prompts, ev.samples,
-                    attack.steps_done, attack.seconds, ev.seconds)  # fmt: skip
+    ev = evaluate(
+        attack.model,
+        refs,
+        eval_config,
+        identifier=cfg.identifier,
+        class_noun=cfg.class_noun,
+        instance_prompt=cfg.instance_prompt,
+        prompt_map=attack.prompt_map,
+        heldout=heldout,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    arm = ArmResult(
+        {k: m.to_dict() for k, m in ev.metrics.items()},
+        attack.history,
+        ev.prompts,
+        ev.samples,
+        attack.steps_done,
+        attack.seconds,
+        ev.seconds,
+    )
     del attack, ev
     _free_memory()
     return arm
@@ -158,26 +191,12 @@ def compare(
     attack_config.validate()
     eval_config.validate()
     out = Path(out_dir) if out_dir else None
-    if out is not None:  # never over, in or around a model or photo folder it reads
-        files = (
-            [images]
-            if isinstance(images, (str, Path))
-            else [i for i in (images or []) if isinstance(i, (str, Path))]
-        )
-        if isinstance(heldout, (str, Path)):
-            files.append(heldout)
-        sources = tuple(Path(m.source) for m in (base, protected) if m.source) + tuple(map(Path, files))
-        check_target(out, overwrite, sources)
+    if out is not None:
+        check_report_paths(out, overwrite, (base, protected), images, heldout)
     refs = load_references(images, base.native_resolution)
     identity = compare_identity(base, protected, refs, attack_config, eval_config)
-    work = (
-        Path(str(out) + ".apdm-compare")
-        if out
-        else Path(attack_config.cache_dir or _cache()) / "compare" / identity[:20]
-    )
-    if out is not None:  # the progress folder beside the report: the same rule, and room for both
-        check_paths([("progress folder", work)], [("input", p) for p in sources])
-        preflight([("report", out, 4 << 20), ("progress folder", work / "arm", 4 << 20)])
+    cache = Path(attack_config.cache_dir or _cache()) / "compare" / identity[:20]
+    work = Path(str(out) + ".apdm-compare") if out else cache
     if work.exists() and not resume:
         remove_work_dir(work)  # only ever a folder this tool made
     make_work_dir(work)
@@ -192,13 +211,39 @@ def compare(
                 return CompareResult({}, arms, None, cancelled=True, work_dir=work)
             _save_arm(work, name, arm, identity)
         arms[name] = arm
-    report = build_report(base, protected, refs, attack_config, eval_config, arms, protection_history,
-                          heldout, time.perf_counter() - t0)  # fmt: skip
+    report = build_report(
+        base,
+        protected,
+        refs,
+        attack_config,
+        eval_config,
+        arms,
+        protection_history,
+        heldout,
+        time.perf_counter() - t0,
+    )
     result = CompareResult(report, arms)
     if out is not None:
         result.out_dir = write_report(out, report, refs, arms, protection_history, grid_columns, overwrite)
     remove_work_dir(work)
     return result
+
+
+def check_report_paths(out: Path, overwrite: bool, models, images, heldout) -> None:
+    """The report and its progress folder beside it: never over, in or around a model or photo folder
+    the comparison reads (the one path rule), and room for both, before any attack."""
+    files = (
+        [images]
+        if isinstance(images, (str, Path))
+        else [i for i in (images or []) if isinstance(i, (str, Path))]
+    )
+    if isinstance(heldout, (str, Path)):
+        files.append(heldout)
+    sources = tuple(Path(m.source) for m in models if m.source) + tuple(map(Path, files))
+    check_target(out, overwrite, sources)
+    work = Path(str(out) + ".apdm-compare")
+    check_paths([("progress folder", work)], [("input", p) for p in sources])
+    preflight([("report", out, 4 << 20), ("progress folder", work / "arm", 4 << 20)])
 
 
 def _cache() -> Path:
@@ -211,8 +256,12 @@ def _cache() -> Path:
 # the report
 # ------------------------------------------------------------------------------------------
 def _describe_source(model: SDModel) -> dict:
-    return {"source": model.source, "kind": model.kind, "fingerprint": model.fingerprint(),
-            "prediction_type": model.prediction_type}  # fmt: skip
+    return {
+        "source": model.source,
+        "kind": model.kind,
+        "fingerprint": model.fingerprint(),
+        "prediction_type": model.prediction_type,
+    }
 
 
 def metric_rows(arms: dict[str, ArmResult]) -> list[dict]:
@@ -221,8 +270,14 @@ def metric_rows(arms: dict[str, ArmResult]) -> list[dict]:
     for name in arms["unprotected"].metrics:
         u, p = arms["unprotected"].metrics[name], arms["protected"].metrics.get(name, {})
         uv, pv = u.get("value"), p.get("value")
-        row = {"metric": name, "unprotected": uv, "protected": pv, "protected_if": u["protected_if"],
-               "description": u.get("description", ""), "skipped": u.get("skipped") or p.get("skipped") or ""}  # fmt: skip
+        row = {
+            "metric": name,
+            "unprotected": uv,
+            "protected": pv,
+            "protected_if": u["protected_if"],
+            "description": u.get("description", ""),
+            "skipped": u.get("skipped") or p.get("skipped") or "",
+        }
         if uv is not None and pv is not None:
             row["change"] = pv - uv
             row["protection_effect"] = (pv < uv) if u["protected_if"] == "lower" else (pv > uv)
@@ -230,8 +285,9 @@ def metric_rows(arms: dict[str, ArmResult]) -> list[dict]:
     return rows
 
 
-def build_report(base, protected, refs, attack_config, eval_config, arms, protection_history, heldout,
-                 seconds: float) -> dict:  # fmt: skip
+def build_report(
+    base, protected, refs, attack_config, eval_config, arms, protection_history, heldout, seconds: float
+) -> dict:
     return {
         "version": REPORT_VERSION,
         "apdm_version": __version__,
@@ -252,7 +308,7 @@ def build_report(base, protected, refs, attack_config, eval_config, arms, protec
             "losses": "losses.png",
             "summary": "summary.md",
             "samples": {name: f"samples/{name}" for name in arms},
-        },  # fmt: skip
+        },
     }
 
 
@@ -277,8 +333,10 @@ def summary_markdown(report: dict) -> str:
         if r["unprotected"] is None or r["protected"] is None:
             continue
         effect = "yes" if r["protection_effect"] else "no"
-        lines.append(f"| {r['metric']} | {_fmt(r['unprotected'])} | {_fmt(r['protected'])} | "
-                     f"{r['change']:+.4g} | {r['protected_if']} | {effect} |")  # fmt: skip
+        lines.append(
+            f"| {r['metric']} | {_fmt(r['unprotected'])} | {_fmt(r['protected'])} | "
+            f"{r['change']:+.4g} | {r['protected_if']} | {effect} |"
+        )
     skipped = [r for r in report["metrics"] if r["skipped"]]
     if skipped:
         lines += ["", "Skipped metrics:", ""] + [f"- `{r['metric']}`: {r['skipped']}" for r in skipped]

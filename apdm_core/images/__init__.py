@@ -10,5 +10,13 @@ A method is one module with an ``ImageMethod`` subclass and one line in ``config
 from .config import IMAGE_METHODS, METHODS, ImageProtectConfig
 from .run import ImageProtectResult, get_image_method, image_metrics, protect_images, write_images
 
-__all__ = ["IMAGE_METHODS", "METHODS", "ImageProtectConfig", "ImageProtectResult", "get_image_method",
-           "image_metrics", "protect_images", "write_images"]  # fmt: skip
+__all__ = [
+    "IMAGE_METHODS",
+    "METHODS",
+    "ImageProtectConfig",
+    "ImageProtectResult",
+    "get_image_method",
+    "image_metrics",
+    "protect_images",
+    "write_images",
+]

@@ -33,8 +33,18 @@ class ASPL(ImageMethod):
         loss = torch.zeros(())
         for _ in range(cfg.surrogate_steps):
             opt.zero_grad(set_to_none=True)
-            loss = dreambooth_loss(unet, t.forward, t.diffusion, bank, t.instance_embeds, t.generator, len(bank),
-                                   t.prior, t.class_embeds, cfg.prior_weight)  # fmt: skip
+            loss = dreambooth_loss(
+                unet,
+                t.forward,
+                t.diffusion,
+                bank,
+                t.instance_embeds,
+                t.generator,
+                len(bank),
+                t.prior,
+                t.class_embeds,
+                cfg.prior_weight,
+            )
             loss.backward()
             opt.step()
         return float(loss.detach())
@@ -73,8 +83,11 @@ class ASPL(ImageMethod):
         return self.x.detach()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "x": self.x.detach().cpu(),
-                "surrogate": {k: v.detach().cpu() for k, v in self.surrogate.state_dict().items()}}  # fmt: skip
+        return {
+            **super().state_dict(),
+            "x": self.x.detach().cpu(),
+            "surrogate": {k: v.detach().cpu() for k, v in self.surrogate.state_dict().items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

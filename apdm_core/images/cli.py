@@ -13,20 +13,32 @@ def cmd_protect_images(args: argparse.Namespace) -> int:
     from .run import protect_images
 
     config = config_from_args(args, ImageProtectConfig)
-    for name, what in (("model", "a diffusers folder or .safetensors checkpoint: the surrogate"),
-                       ("images", "a folder of the photos to protect"), ("output", "a new folder for the PNGs")):  # fmt: skip
+    for name, what in (
+        ("model", "a diffusers folder or .safetensors checkpoint: the surrogate"),
+        ("images", "a folder of the photos to protect"),
+        ("output", "a new folder for the PNGs"),
+    ):
         if not getattr(config, name):
             raise APDMError(f"--{name if name != 'output' else 'out'} is required ({what}).")
-    result = protect_images(config, progress=tqdm_callback("protect-images"), resume=args.resume,
-                            overwrite=args.overwrite, restart=args.restart)  # fmt: skip
+    result = protect_images(
+        config,
+        progress=tqdm_callback("protect-images"),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        restart=args.restart,
+    )
     if result.cancelled:
-        print(f"stopped after {result.steps_done} iterations; state saved to {result.state_path} "
-              "(continue with --resume)")  # fmt: skip
+        print(
+            f"stopped after {result.steps_done} iterations; state saved to {result.state_path} "
+            "(continue with --resume)"
+        )
         return 130
     worst = min(result.metrics, key=lambda m: m["psnr"])
-    print(f"{len(result.images)} protected photos written to {result.output} ({config.method}, budget "
-          f"{config.budget_levels}/255, {result.steps_done} iterations, {result.seconds:.1f} s); lowest PSNR "
-          f"{worst['psnr']:.1f} dB, SSIM {worst['ssim']:.3f}")  # fmt: skip
+    print(
+        f"{len(result.images)} protected photos written to {result.output} ({config.method}, budget "
+        f"{config.budget_levels}/255, {result.steps_done} iterations, {result.seconds:.1f} s); lowest PSNR "
+        f"{worst['psnr']:.1f} dB, SSIM {worst['ssim']:.3f}"
+    )
     return 0
 
 

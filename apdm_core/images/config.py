@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MODEL_TYPES, PRECISIONS, ConfigIO, _f
+from ..config import MODEL_TYPES, PRECISIONS
+from ..configio import ConfigIO, _f
 from ..errors import InputError
 
 # name -> "module:class" of each image-level method, imported on first use (one line per method)
@@ -19,16 +20,19 @@ class ImageProtectConfig(ConfigIO):
     model: str = _f(
         "", "Surrogate model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
     )
-    model_type: str = _f("auto", "Single-file checkpoints: auto, sd1, sd2, sd2-v, or a diffusers config folder.",
-                         group="io")  # fmt: skip
+    model_type: str = _f(
+        "auto", "Single-file checkpoints: auto, sd1, sd2, sd2-v, or a diffusers config folder.", group="io"
+    )
     images: list[str] = _f([], "The photos to protect: a folder or png/jpg/webp files.", group="io")
-    output: str = _f("", "A new folder for the protected PNGs (same names as the photos, never over them).",
-                     group="io")  # fmt: skip
+    output: str = _f(
+        "", "A new folder for the protected PNGs (same names as the photos, never over them).", group="io"
+    )
     class_images: str = _f(
         "", "Optional folder of class images for the surrogate's prior preservation.", group="io"
     )
-    cache_dir: str = _f("", "Cache for generated class images (default: $APDM_CACHE_DIR or ~/.cache/apdm).",
-                        group="io")  # fmt: skip
+    cache_dir: str = _f(
+        "", "Cache for generated class images (default: $APDM_CACHE_DIR or ~/.cache/apdm).", group="io"
+    )
     state_path: str = _f("", "Resumable state file (default: <output>.apdm-images-state.pt).", group="io")
     # --- the method ------------------------------------------------------------------
     method: str = _f(
@@ -39,13 +43,16 @@ class ImageProtectConfig(ConfigIO):
         group="basic",
     )
     budget: float = _f(
-        8 / 255, "Largest change of any pixel channel (L-infinity, in [0, 1]; '8/255' is accepted).", group="basic"
-    )  # fmt: skip
+        8 / 255,
+        "Largest change of any pixel channel (L-infinity, in [0, 1]; '8/255' is accepted).",
+        group="basic",
+    )
     instance_prompt: str = _f(
         "a photo of sks person", "The prompt an attacker would fine-tune with.", group="basic"
     )
-    class_prompt: str = _f("a photo of person", "The class prompt (prior preservation, LDU's trajectory).",
-                           group="basic")  # fmt: skip
+    class_prompt: str = _f(
+        "a photo of person", "The class prompt (prior preservation, LDU's trajectory).", group="basic"
+    )
     steps: int = _f(
         50, "Outer iterations (ASPL: surrogate + PGD rounds; LDU: Lagrangian steps).", group="basic"
     )
@@ -90,12 +97,18 @@ class ImageProtectConfig(ConfigIO):
     def validate(self) -> ImageProtectConfig:
         self.check_choices()
         self.check_ranges(
-            at_least_one=("steps", "surrogate_steps", "pgd_steps", "denoise_steps", "sample_steps",
-                          "sample_batch_size"),
+            at_least_one=(
+                "steps",
+                "surrogate_steps",
+                "pgd_steps",
+                "denoise_steps",
+                "sample_steps",
+                "sample_batch_size",
+            ),
             non_negative_int=("num_class_images", "resolution", "seed", "save_every"),
             positive=("pgd_alpha", "lr", "latent_lr", "budget"),
             non_negative=("prior_weight", "dual_lr", "guidance_scale"),
-        )  # fmt: skip
+        )
         if self.budget >= 1:
             raise InputError(f"ImageProtectConfig.budget={self.budget} must be below 1 (e.g. 8/255 = 0.031).")
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():

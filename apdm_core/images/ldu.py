@@ -50,8 +50,12 @@ class LDU(ImageMethod):
         self.optimizer.step()
         self.lam = max(0.0, self.lam + t.cfg.dual_lr * float(violation.detach()))
         self.step_count += 1
-        entry = {"step": self.step_count, "personalization_loss": float(per.detach()),
-                 "violation": float(violation.detach()), "lambda": self.lam}  # fmt: skip
+        entry = {
+            "step": self.step_count,
+            "personalization_loss": float(per.detach()),
+            "violation": float(violation.detach()),
+            "lambda": self.lam,
+        }
         self.history.append(entry)
         return entry
 
@@ -60,8 +64,12 @@ class LDU(ImageMethod):
             return self.task.project(self.reconstruct())
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "shift": self.shift.detach().cpu(), "lambda": self.lam,
-                "optimizer": self.optimizer.state_dict()}  # fmt: skip
+        return {
+            **super().state_dict(),
+            "shift": self.shift.detach().cpu(),
+            "lambda": self.lam,
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -34,8 +34,15 @@ def blur(images: list[Image.Image], radius: float = 1.0) -> list[Image.Image]:
     return [im.filter(ImageFilter.GaussianBlur(radius)) for im in images]
 
 
-def diffpure(model, images: list[Image.Image], strength: float = 0.2, prompt: str = "", seed: int = 0,
-             steps: int = 25, guidance: float = 1.0) -> list[Image.Image]:  # fmt: skip
+def diffpure(
+    model,
+    images: list[Image.Image],
+    strength: float = 0.2,
+    prompt: str = "",
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 1.0,
+) -> list[Image.Image]:
     """DiffPure-style purification with the base model: noise each image to ``strength`` of the
     diffusion (img2img) and denoise it back (``prompt``, no guidance by default)."""
     import torch
@@ -45,8 +52,15 @@ def diffpure(model, images: list[Image.Image], strength: float = 0.2, prompt: st
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(images))]
     with torch.no_grad():
-        result = pipe(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=gens, output_type="pil")  # fmt: skip
+        result = pipe(
+            prompt=[prompt] * len(images),
+            image=images,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="pil",
+        )
     return [im.resize(src.size) for im, src in zip(result.images, images)]
 
 
@@ -54,6 +68,8 @@ TRANSFORMS = {  # name -> (what, function of (model, images, seed))
     "jpeg75": ("JPEG quality 75", lambda model, images, seed: jpeg(images, 75)),
     "resize05": ("resized x0.5 and back", lambda model, images, seed: resize(images, 0.5)),
     "blur": ("Gaussian blur, radius 1 px", lambda model, images, seed: blur(images, 1.0)),
-    "diffpure": ("DiffPure: noised to 0.2 and denoised by the base model",
-                 lambda model, images, seed: diffpure(model, images, 0.2, seed=seed)),
-}  # fmt: skip
+    "diffpure": (
+        "DiffPure: noised to 0.2 and denoised by the base model",
+        lambda model, images, seed: diffpure(model, images, 0.2, seed=seed),
+    ),
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -15,9 +16,9 @@ from PIL import Image
 
 from ..config import PATH_FIELDS
 from ..data import load_subject_images
-from ..driver import RunDriver, cache_folder, check_flags, preflight, source_paths
+from ..driver import RunDriver, RunKind, check_flags, check_run_files, source_paths
 from ..errors import Cancelled, InputError
-from ..fileio import atomic_path, check_paths, check_target
+from ..fileio import atomic_path, check_target
 from ..loading import load_model
 from ..models import SDModel, pil_to_tensor, resolve_device
 from ..pairs import ensure_class_images
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 RECORD_FILE = "apdm_images.json"
+IMAGES_RUN = RunKind("image protection", ".apdm-images-state.pt", "images-state", STATE_VERSION, "steps")
 
 
 def get_image_method(name: str):
-    import importlib
+    from ..registry import resolve
 
-    if name not in METHODS:
-        raise InputError(f"Unknown image protection method {name!r}; choose one of {', '.join(METHODS)}.")
-    module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return resolve(METHODS, name, "image protection method")
 
 
 @dataclass
@@ -75,16 +74,19 @@ def image_metrics(protected: list[Image.Image], originals: list[Image.Image]) ->
         a, b = np.asarray(o.convert("RGB")), np.asarray(p.convert("RGB"))
         same = np.array_equal(a, b)
         win = min(7, min(a.shape[:2]) // 2 * 2 - 1)
-        rows.append({
-            "psnr": float("inf") if same else float(peak_signal_noise_ratio(a, b, data_range=255)),
-            "ssim": float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win)),
-            "max_change": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "psnr": float("inf") if same else float(peak_signal_noise_ratio(a, b, data_range=255)),
+                "ssim": float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win)),
+                "max_change": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()),
+            }
+        )
     return rows
 
 
-def write_images(result: ImageProtectResult, output: str | Path, overwrite: bool = False,
-                 protected: tuple[Path, ...] = ()) -> Path:  # fmt: skip
+def write_images(
+    result: ImageProtectResult, output: str | Path, overwrite: bool = False, protected: tuple[Path, ...] = ()
+) -> Path:
     """The protected photos as lossless PNGs with their names, and the record, in a new folder (atomically)."""
     output = Path(output)
     with atomic_path(output, overwrite=overwrite, protected=protected) as tmp:
@@ -93,12 +95,97 @@ def write_images(result: ImageProtectResult, output: str | Path, overwrite: bool
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             (tmp / f"{name}.png").write_bytes(buf.getvalue())
-        record = {"method": result.config.method, "budget": result.config.budget,
-                  "budget_levels": result.config.budget_levels, "steps": result.steps_done,
-                  "images": [{"name": n, **m} for n, m in zip(result.names, result.metrics)],
-                  "config": {k: v for k, v in result.config.to_dict().items() if k not in PATH_FIELDS}}  # fmt: skip
+        record = {
+            "method": result.config.method,
+            "budget": result.config.budget,
+            "budget_levels": result.config.budget_levels,
+            "steps": result.steps_done,
+            "images": [{"name": n, **m} for n, m in zip(result.names, result.metrics)],
+            "config": {k: v for k, v in result.config.to_dict().items() if k not in PATH_FIELDS},
+        }
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return output
+
+
+def class_image_bank(config: ImageProtectConfig, model: SDModel, size: int, progress, should_stop):
+    """ASPL's surrogate prior-preservation images (generated once, cached) as a latent bank, else None."""
+    if not (config.method == "aspl" and config.prior_weight > 0 and config.num_class_images > 0):
+        return None
+    class_images = ensure_class_images(
+        model,
+        config.class_prompt,
+        config.num_class_images,
+        size=size,
+        seed=config.seed,
+        steps=config.sample_steps,
+        guidance=config.guidance_scale,
+        batch_size=config.sample_batch_size,
+        class_dir=config.class_images or None,
+        cache_dir=config.cache_dir or None,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    return LatentBank(*model.encode_images(class_images))
+
+
+def make_task(config: ImageProtectConfig, model: SDModel, originals, prior, device) -> ImageTask:
+    """The run's inputs on the compute device: the photos as pixels, the prompts, the random stream."""
+    embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
+    x0 = pil_to_tensor(originals).to(device, next(model.vae.parameters()).dtype)
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    forward = make_forward(device, config.mixed_precision)
+    return ImageTask(config, model, x0, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()), prior,
+                     generator, forward)  # fmt: skip
+
+
+@contextlib.contextmanager
+def gradients_to_the_pixels_only(model: SDModel):
+    """The VAE frozen for the run (gradients flow to the pixels); the caller's flags restored afterwards."""
+    modules = (model.unet, model.vae)
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    model.vae.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, saved in zip(modules, flags):
+            for p, flag in zip(m.parameters(), saved):
+                p.requires_grad_(flag)
+
+
+def iterate(method, task: ImageTask, run: RunDriver, progress, should_stop):
+    """The method's iterations from a saved state (if resumed) to ``steps`` -> (cancelled, state())."""
+    config = task.cfg
+    saved = run.load()
+    if saved is not None:
+        method.load_state_dict(saved)
+        task.generator.set_state(saved["rng"])
+        log.info(
+            "Resumed the %s image protection from %s at step %d",
+            config.method,
+            run.state_path,
+            method.step_count,
+        )
+    tracker = Tracker("protect_images", config.steps, progress, should_stop, start=method.step_count)
+    phase = ["idle"]
+
+    def state() -> dict | None:  # None inside an iteration: its changes are half made
+        return None if phase[0] == "step" else {**method.state_dict(), "rng": task.generator.get_state()}
+
+    def step() -> None:
+        phase[0] = "step"
+        entry = method.step()
+        phase[0] = "idle"
+        tracker.update(losses={k: v for k, v in entry.items() if k != "step"}, message=config.method)
+
+    cancelled = run.loop(
+        step,
+        lambda: method.step_count,
+        config.steps,
+        tracker=tracker,
+        state=state,
+        save_every=config.save_every,
+    )
+    return cancelled, state
 
 
 def protect_images(
@@ -127,10 +214,12 @@ def protect_images(
         )
     check_flags(resume, restart)
     t_start = time.perf_counter()
-    inputs = source_paths(model=[config.model, getattr(model, "source", None) or ""],
-                          photos=config.images if images is None else images, class_images=config.class_images)  # fmt: skip
-    check_paths([("output", config.output), ("state file", config.state_path),
-                 ("cache folder", cache_folder(config.cache_dir))], inputs)  # fmt: skip
+    inputs = source_paths(
+        model=[config.model, getattr(model, "source", None) or ""],
+        photos=config.images if images is None else images,
+        class_images=config.class_images,
+    )
+    check_run_files(config.output, config.state_path, config.cache_dir, inputs)
     if config.output:
         check_target(Path(config.output), overwrite, tuple(p for _, p in inputs))
     device = resolve_device(config.device)
@@ -140,71 +229,39 @@ def protect_images(
     source = images if images is not None else config.images
     subjects = load_subject_images(source, size, min_side=None if size >= 256 else size)
     originals = [s.image for s in subjects]
-    identity = {k: v for k, v in config.to_dict().items()
-                if k not in ("steps", "save_every", "device", "output", "state_path", "cache_dir", "model", "images")}  # fmt: skip
+    skip = {"steps", "save_every", "device", "output", "state_path", "cache_dir", "model", "images"}
+    identity = {k: v for k, v in config.to_dict().items() if k not in skip}
     run = RunDriver.open(
-        "image protection", identity_settings=identity, model=model, subjects=subjects,
-        state_path=config.state_path, output=config.output, cache_dir=config.cache_dir,
-        suffix=".apdm-images-state.pt", folder="images-state", version=STATE_VERSION, settings=config.to_dict(),
-        grows="steps", inputs=inputs, resume=resume, restart=restart,
-    )  # fmt: skip
+        IMAGES_RUN, config, identity, model, subjects, inputs, resume=resume, restart=restart
+    )
     photo_bytes = 4 * size * size * max(len(subjects), 1)
-    preflight([("output", config.output, 2 * photo_bytes), ("state file", run.state_path, 8 * photo_bytes)])
+    run.preflight(config.output, 2 * photo_bytes, 8 * photo_bytes)
     with torch.inference_mode(False), torch.enable_grad():
-        prior = None
-        if config.method == "aspl" and config.prior_weight > 0 and config.num_class_images > 0:
-            try:
-                class_images = ensure_class_images(
-                    model, config.class_prompt, config.num_class_images, size=size, seed=config.seed,
-                    steps=config.sample_steps, guidance=config.guidance_scale, batch_size=config.sample_batch_size,
-                    class_dir=config.class_images or None, cache_dir=config.cache_dir or None,
-                    progress=progress, should_stop=should_stop,
-                )  # fmt: skip
-            except Cancelled:
-                return ImageProtectResult(originals, [s.name for s in subjects], config, 0, cancelled=True)
-            prior = LatentBank(*model.encode_images(class_images))
-        embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
-        x0 = pil_to_tensor(originals).to(device, next(model.vae.parameters()).dtype)
-        task = ImageTask(config, model, x0, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()), prior,
-                         torch.Generator("cpu").manual_seed(config.seed), make_forward(device, config.mixed_precision))  # fmt: skip
-        modules = (model.unet, model.vae)  # gradients flow to the pixels only; flags restored afterwards
-        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-        model.vae.requires_grad_(False)
         try:
+            prior = class_image_bank(config, model, size, progress, should_stop)
+        except Cancelled:
+            return ImageProtectResult(originals, [s.name for s in subjects], config, 0, cancelled=True)
+        task = make_task(config, model, originals, prior, device)
+        with gradients_to_the_pixels_only(model):
             method = get_image_method(config.method)(task)
-            saved = run.load()
-            if saved is not None:
-                method.load_state_dict(saved)
-                task.generator.set_state(saved["rng"])
-                log.info("Resumed the %s image protection from %s at step %d", config.method, run.state_path,
-                         method.step_count)  # fmt: skip
-            tracker = Tracker("protect_images", config.steps, progress, should_stop, start=method.step_count)
-            phase = ["idle"]
-
-            def state() -> dict | None:  # None inside an iteration: its changes are half made
-                return (
-                    None if phase[0] == "step" else {**method.state_dict(), "rng": task.generator.get_state()}
-                )
-
-            def step() -> None:
-                phase[0] = "step"
-                entry = method.step()
-                phase[0] = "idle"
-                tracker.update(losses={k: v for k, v in entry.items() if k != "step"}, message=config.method)
-
-            cancelled = run.loop(step, lambda: method.step_count, config.steps, tracker=tracker, state=state,
-                                 save_every=config.save_every)  # fmt: skip
+            cancelled, state = iterate(method, task, run, progress, should_stop)
             protected = quantize(method.current(), originals, config.budget_levels)
-        finally:
-            for m, saved in zip(modules, flags):  # the caller's model as it was
-                for p, flag in zip(m.parameters(), saved):
-                    p.requires_grad_(flag)
-    result = ImageProtectResult(protected, [s.name for s in subjects], config, method.step_count, cancelled,
-                                image_metrics(protected, originals), method.history,
-                                state_path=run.state_path if cancelled else None)  # fmt: skip
+    result = ImageProtectResult(
+        protected,
+        [s.name for s in subjects],
+        config,
+        method.step_count,
+        cancelled,
+        image_metrics(protected, originals),
+        method.history,
+        state_path=run.state_path if cancelled else None,
+    )
     if not cancelled:
-        write = (lambda: write_images(result, config.output, overwrite=overwrite, protected=tuple(p for _, p in inputs))
-                 ) if config.output else (lambda: None)  # fmt: skip
+
+        def write():
+            if config.output:
+                return write_images(result, config.output, overwrite, protected=tuple(p for _, p in inputs))
+
         result.output = run.finish(write, state)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -12,6 +12,16 @@ from .placement import Weights, check_parallel
 from .trainer import STATE_VERSION, L2PTrainer
 
 __all__ = [
-    "STATE_VERSION", "AnchorSet", "Attacker", "Episode", "L2PTrainer", "ProtectionData", "Weights",
-    "check_parallel", "encode_data", "fixed_images", "identifier_prompts", "prepare_data",
-]  # fmt: skip
+    "STATE_VERSION",
+    "AnchorSet",
+    "Attacker",
+    "Episode",
+    "L2PTrainer",
+    "ProtectionData",
+    "Weights",
+    "check_parallel",
+    "encode_data",
+    "fixed_images",
+    "identifier_prompts",
+    "prepare_data",
+]

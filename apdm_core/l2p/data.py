@@ -122,9 +122,14 @@ def encode_data(
     embeds = model.encode_prompts([config.instance_prompt, config.class_prompt, *variants])
     tracker.update(message="prompts")
     return ProtectionData(
-        subject, positive, prior, embeds[:1], embeds[1:2], Diffusion(model.noise_scheduler()),
+        subject,
+        positive,
+        prior,
+        embeds[:1],
+        embeds[1:2],
+        Diffusion(model.noise_scheduler()),
         identifier_embeds=embeds[2:] if variants else None,
-    )  # fmt: skip
+    )
 
 
 def identifier_prompts(config: ProtectConfig) -> list[str]:

@@ -167,8 +167,11 @@ class Weights:
         """Once per run: the backward added into the accumulator in place (a torch that replaced
         ``.grad`` instead would leave the accumulator silently zero: a protection that does nothing)."""
         self._alias_checked = True
-        replaced = [i for i, (p, a) in enumerate(zip(self.params_p, self.accum))
-                    if p.grad is not None and p.grad.data_ptr() != a.data_ptr()]  # fmt: skip
+        replaced = [
+            i
+            for i, (p, a) in enumerate(zip(self.params_p, self.accum))
+            if p.grad is not None and p.grad.data_ptr() != a.data_ptr()
+        ]
         if replaced:
             raise RuntimeError(
                 "The protection gradient did not reach the accumulator (torch replaced .grad instead of adding "

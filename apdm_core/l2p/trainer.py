@@ -64,9 +64,13 @@ class L2PTrainer:
     """theta, the simulated attacker on theta' and the method's losses; ``outer_step`` is Algorithm 1."""
 
     def __init__(
-        self, config: ProtectConfig, model: SDModel, data: ProtectionData, device: torch.device,
+        self,
+        config: ProtectConfig,
+        model: SDModel,
+        data: ProtectionData,
+        device: torch.device,
         parallel: Parallel | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.cfg, self.model, self.data, self.device = config, model, data, device
         self.parallel = parallel or Parallel()
         self.method = get_method(config.method)
@@ -118,8 +122,11 @@ class L2PTrainer:
             where_j = f"{where}, inner step {j + 1}"
             self.weights.clear_prime_grads()
             loss = self.personalization_loss(self.run_p)
-            log.per.append(self._check(self.parallel.mean({"per": float(loss.detach())})["per"],
-                                       "personalization", where_j))  # fmt: skip
+            log.per.append(
+                self._check(
+                    self.parallel.mean({"per": float(loss.detach())})["per"], "personalization", where_j
+                )
+            )
             self.attacker.step(loss, add_to_accum=cfg.accumulation == "protect+personalize")
             if episode.h % cfg.protect_every == 0:
                 self.protection_gradient(log, where_j, self.protect_weight(episode.h))
@@ -137,7 +144,7 @@ class L2PTrainer:
     def episode_for_this_step(self):
         """A new episode (theta' <- theta) every resync_every outer steps; else the accumulator restarts."""
         if self.attacker.current is None or self.step % self.cfg.resync_every == 0:
-            self.attacker.start()
+            self.attacker.start(self.step // self.cfg.resync_every)
         else:  # the persistent attacker continues where the last outer step left it
             self.weights.zero_accum()
         if self.persistent:  # what a resume from this step's start needs
@@ -162,10 +169,17 @@ class L2PTrainer:
     def record(self, log: StepLog, episode, seconds: float) -> dict:
         """The history entry of the step just taken."""
         cfg = self.cfg
-        entry = {"step": self.step, "loss_per": mean(log.per), "loss_protect": mean(log.protect),
-                 **{k: mean(v) for k, v in log.terms.items()}, "seconds": seconds}  # fmt: skip
+        entry = {
+            "step": self.step,
+            "loss_per": mean(log.per),
+            "loss_protect": mean(log.protect),
+            **{k: mean(v) for k, v in log.terms.items()},
+            "seconds": seconds,
+        }
         if self.persistent or cfg.lr_personalize_max > cfg.lr_personalize:
             entry["attack_lr"] = episode.lr
+        if len(cfg.attacker_family) > 1 or cfg.attacker_family != ["full"]:
+            entry["attacker"] = episode.label
         if cfg.extra_identifiers:
             entry["identifier"] = ([cfg.instance_prompt] + identifier_prompts(cfg))[episode.identifier]
         self.history.append(entry)
@@ -175,9 +189,19 @@ class L2PTrainer:
     def personalization_loss(self, unet) -> torch.Tensor:
         """DreamBooth loss of the simulated attacker: instance term + lambda * prior term (one forward)."""
         d = self.data
-        return dreambooth_loss(unet, self.forward, d.diffusion, d.subject, self.instance_embeds, self.generator,
-                               self.inner_batch, d.prior, d.class_embeds, self.cfg.prior_weight,
-                               shard=self.parallel.shard(self.inner_batch))  # fmt: skip
+        return dreambooth_loss(
+            unet,
+            self.forward,
+            d.diffusion,
+            d.subject,
+            self.instance_embeds,
+            self.generator,
+            self.inner_batch,
+            d.prior,
+            d.class_embeds,
+            self.cfg.prior_weight,
+            shard=self.parallel.shard(self.inner_batch),
+        )
 
     def protection_loss(self, unet) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's protection loss at the current weights of ``unet`` (theta' after attack steps)."""

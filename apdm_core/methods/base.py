@@ -33,11 +33,16 @@ class ProtectionMethod:
     name = ""
     description = ""  # one line, recorded in the exported metadata
 
-    def check(self, config: ProtectConfig) -> None:
-        """Raise InputError for settings this method cannot run with."""
-
-    def prepare(self, config: ProtectConfig, model: SDModel, subjects, positives, size: int,
-                progress=None, should_stop=None) -> dict:  # fmt: skip
+    def prepare(
+        self,
+        config: ProtectConfig,
+        model: SDModel,
+        subjects,
+        positives,
+        size: int,
+        progress=None,
+        should_stop=None,
+    ) -> dict:
         """Extra encoded data the losses need (``trainer.data.extra``); generated images are cached."""
         return {}
 
@@ -45,6 +50,13 @@ class ProtectionMethod:
         raise NotImplementedError
 
     def theta_loss(self, trainer: L2PTrainer) -> tuple[torch.Tensor, dict[str, float]] | None:
+        return None
+
+    def success_rate(self, samples, config: ProtectConfig, judge) -> float | None:
+        """This method's own success measure on samples of the trigger (the instance prompt) after an
+        attack, beside the subject similarity every method is judged by (None: no other measure).
+        ``judge`` answers ``class_rate(samples)`` (the subject's class) and ``recognised(samples, prompt)``
+        (what a prompt names); the demo world's evaluator is one (``world.efficacy.WorldJudge``)."""
         return None
 
     def uses_theta_loss(self, config: ProtectConfig) -> bool:

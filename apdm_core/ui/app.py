@@ -136,9 +136,12 @@ class ProtectApp:
             for name in ADVANCED_FIELDS
         }
         model_path, images = self.model_and_images(
-            model, files, folder, "Choose the model to protect (a checkpoint file or a diffusers folder).",
+            model,
+            files,
+            folder,
+            "Choose the model to protect (a checkpoint file or a diffusers folder).",
             "Add the subject's photos: upload 4-6 images or give a folder of them.",
-        )  # fmt: skip
+        )
         return ProtectConfig(
             model=model_path,
             images=images,
@@ -185,20 +188,31 @@ class ProtectApp:
 
         return self._start("protection", work)
 
-    def start_protect_images(self, model, files, folder, instance_prompt, class_prompt, method, budget,
-                             steps) -> str | None:  # fmt: skip
+    def start_protect_images(
+        self, model, files, folder, instance_prompt, class_prompt, method, budget, steps
+    ) -> str | None:
         """Protect the photos themselves (ASPL/LDU) into a new folder under the output folder."""
         from ..images import ImageProtectConfig
 
         model_path, images = self.model_and_images(
-            model, files, folder, "Choose the surrogate model (the model an attacker would likely fine-tune).",
+            model,
+            files,
+            folder,
+            "Choose the surrogate model (the model an attacker would likely fine-tune).",
             "Add the photos to protect: upload them or give a folder of them.",
-        )  # fmt: skip
+        )
         stem = Path(model_path).stem or "model"
         out = self.host.output_path(f"protected-photos/{stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        config = ImageProtectConfig(model=model_path, images=images, output=str(out), method=str(method),
-                                    budget=int(budget) / 255, steps=int(steps), instance_prompt=str(instance_prompt or ""),
-                                    class_prompt=str(class_prompt or ""))  # fmt: skip
+        config = ImageProtectConfig(
+            model=model_path,
+            images=images,
+            output=str(out),
+            method=str(method),
+            budget=int(budget) / 255,
+            steps=int(steps),
+            instance_prompt=str(instance_prompt or ""),
+            class_prompt=str(class_prompt or ""),
+        )
 
         def work(progress, should_stop):
             from ..images import protect_images
@@ -207,12 +221,14 @@ class ProtectApp:
 
         return self._start("image protection", work)
 
-    def protect_images_events(self, model, files, folder, instance_prompt, class_prompt, method, budget,
-                              steps) -> Iterator[View]:  # fmt: skip
+    def protect_images_events(
+        self, model, files, folder, instance_prompt, class_prompt, method, budget, steps
+    ) -> Iterator[View]:
         """Protect photos button: start the image protection, then stream views."""
         try:
-            refused = self.start_protect_images(model, files, folder, instance_prompt, class_prompt, method,
-                                                budget, steps)  # fmt: skip
+            refused = self.start_protect_images(
+                model, files, folder, instance_prompt, class_prompt, method, budget, steps
+            )
         except APDMError as exc:
             yield View(_status_html(str(exc), kind="error"), done=True)
             return
@@ -246,9 +262,17 @@ class ProtectApp:
                 source.model, device=resolve_device(attack.device), model_type=source.model_type
             )
             try:
-                result = compare(base, protected.model, protected.config.images, attack, evaluation, out_dir=out,
-                                 protection_history=protected.history, progress=progress,
-                                 should_stop=should_stop)  # fmt: skip
+                result = compare(
+                    base,
+                    protected.model,
+                    protected.config.images,
+                    attack,
+                    evaluation,
+                    out_dir=out,
+                    protection_history=protected.history,
+                    progress=progress,
+                    should_stop=should_stop,
+                )
             finally:
                 if not self.host.keep_on_device:
                     protected.model.to("cpu")
@@ -303,8 +327,10 @@ class ProtectApp:
             )
         if job.kind == "image protection":
             if result.cancelled:
-                msg = (f"Stopped after {result.steps_done}/{result.config.steps} iterations; the state is saved: "
-                       "press Protect photos with the same settings to continue.")  # fmt: skip
+                msg = (
+                    f"Stopped after {result.steps_done}/{result.config.steps} iterations; the state is saved: "
+                    "press Protect photos with the same settings to continue."
+                )
                 return View(_status_html(msg, job.event), curve=curve, done=True)
             msg = f"{len(result.images)} protected photos written to {result.output}."
             return View(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any
 
 from ..config import MODEL_TYPES, PATH_FIELDS, ProtectConfig
+from ..configio import field_default
 from ..errors import InputError
+from ..methods import METHODS
 
 TITLE = "Anti-Personalize"
 # Fields shown in the main panel; every other ProtectConfig field is in the Advanced accordion.
@@ -22,19 +24,22 @@ ADVANCED_FIELDS = tuple(
 ATTACK_HIDDEN = ("kind", *PATH_FIELDS)
 EVAL_HIDDEN = tuple(PATH_FIELDS)
 UI_CHOICES = {"model_type": MODEL_TYPES}  # free text elsewhere (a config folder), a choice here
-GROUP_TITLES = {"basic": "Main settings", "advanced": "Algorithm, optimizer, sampling", "io": "Files",
-                "sampling": "Sampling", "metrics": "Metrics",
-                "method": "PersGuard (method persguard)", "robust": "Robustness levers"}  # fmt: skip
+GROUP_TITLES = {
+    "basic": "Main settings",
+    "advanced": "Algorithm, optimizer, sampling",
+    "io": "Files",
+    "sampling": "Sampling",
+    "metrics": "Metrics",
+    "robust": "Robustness levers",
+    "lora": "LoRA attack",
+    "textual_inversion": "Textual inversion attack",
+    **{name: f"{entry.title} (method {name})" for name, entry in METHODS.items()},
+}
 BASIC_PRESETS = ("quick", "paper", "robust", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
 
 
-def _field(cls, name: str):
-    return next(f for f in fields(cls) if f.name == name)
-
-
 def _default(name: str, cls=ProtectConfig) -> Any:
-    f = _field(cls, name)
-    return f.default if f.default is not MISSING else f.default_factory()
+    return field_default(cls, name)
 
 
 def _base_type(cls, name: str) -> tuple[Any, bool]:

@@ -22,21 +22,30 @@ def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "
 
 
 def curve_image(
-    curves: dict[str, list[tuple[int, dict[str, float]]]], names: dict[str, str] | None = None,
-    width: int = 640, height: int = 300,
-):  # fmt: skip
+    curves: dict[str, list[tuple[int, dict[str, float]]]],
+    names: dict[str, str] | None = None,
+    width: int = 640,
+    height: int = 300,
+):
     """The loss curves of a job as a PIL image (``plots.plot_losses``: no pyplot, thread safe).
     ``names``: display names of series ('attack #2' -> 'protected + attack')."""
     from ..plots import CURVE_POINTS, Panel, Series, plot_losses
 
     names = names or {}
-    series = [(f"{names.get(stage, stage)}: {k}", k, pts) for stage, pts in curves.items()
-              for k in (pts[-1][1] if pts else {})]  # fmt: skip
+    series = [
+        (f"{names.get(stage, stage)}: {k}", k, pts)
+        for stage, pts in curves.items()
+        for k in (pts[-1][1] if pts else {})
+    ]
     if not series:
         return None
     one_stage = len(curves) == 1  # one stage: the loss names alone say it
-    drawn = [Series(key if one_stage else label, [s for s, v in pts if key in v], [v[key] for _, v in pts if key in v])
-             for label, key, pts in series]  # fmt: skip
+    drawn = [
+        Series(
+            key if one_stage else label, [s for s, v in pts if key in v], [v[key] for _, v in pts if key in v]
+        )
+        for label, key, pts in series
+    ]
     longest = max(len(s.xs) for s in drawn)
     title = "losses per step" + (f" (averaged into {CURVE_POINTS} points)" if longest > CURVE_POINTS else "")
     return plot_losses([Panel(title, "step", drawn)], (width, height), bins=CURVE_POINTS, tight=False)
@@ -63,13 +72,21 @@ def images_view(result) -> dict:
     """What the page shows of an image protection: the protected photos and a PSNR/SSIM table."""
     from diffusers.utils import make_image_grid
 
-    rows = "\n".join(f"| {n} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['max_change']} |"
-                     for n, m in zip(result.names, result.metrics))  # fmt: skip
-    summary = (f"**{result.config.method.upper()}**, budget {result.config.budget_levels}/255, "
-               f"{result.steps_done} iterations, written to `{result.output}`\n\n"
-               "| photo | PSNR (dB) | SSIM | largest change (/255) |\n|---|---|---|---|\n" + rows)  # fmt: skip
+    rows = "\n".join(
+        f"| {n} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['max_change']} |"
+        for n, m in zip(result.names, result.metrics)
+    )
+    summary = (
+        f"**{result.config.method.upper()}**, budget {result.config.budget_levels}/255, "
+        f"{result.steps_done} iterations, written to `{result.output}`\n\n"
+        "| photo | PSNR (dB) | SSIM | largest change (/255) |\n|---|---|---|---|\n" + rows
+    )
     cols = min(len(result.images), 6)
     rows_n = -(-len(result.images) // cols)
     images = result.images + [result.images[-1].copy()] * (rows_n * cols - len(result.images))
-    return {"grid": make_image_grid(images, rows=rows_n, cols=cols), "losses": None,
-            "summary": summary, "folder": result.output}  # fmt: skip
+    return {
+        "grid": make_image_grid(images, rows=rows_n, cols=cols),
+        "losses": None,
+        "summary": summary,
+        "folder": result.output,
+    }

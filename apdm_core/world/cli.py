@@ -46,8 +46,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="New folder for the diffusers model.")
     p.add_argument("--overwrite", action="store_true")
     for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")  # fmt: skip
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f"(default: {f.default})",
+        )
     p.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("train-evaluator", help="Train the identity evaluator (the shipped one: defaults).")
@@ -57,11 +61,18 @@ def register_cli(subparsers) -> None:
     e.add_argument("--photos", type=int, default=3, help="Photos per individual (default: 3).")
     e.add_argument("--steps", type=int, default=2000, help="Training steps (default: 2000).")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--degenerate", type=int, default=3000,
-                   help="Degenerate images (noise, shuffled tiles, random-UNet samples) for the object head "
-                        "(default: 3000; 0 = no object head, the evaluator before it existed).")  # fmt: skip
-    e.add_argument("--model", default="", help="World model for the VAE round trip and the random-UNet samples "
-                                               "(default: the shipped one).")  # fmt: skip
+    e.add_argument(
+        "--degenerate",
+        type=int,
+        default=3000,
+        help="Degenerate images (noise, shuffled tiles, random-UNet samples) for the object head "
+        "(default: 3000; 0 = no object head, the evaluator before it existed).",
+    )
+    e.add_argument(
+        "--model",
+        default="",
+        help="World model for the VAE round trip and the random-UNet samples (default: the shipped one).",
+    )
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default).")
     e.set_defaults(func=cmd_train_evaluator)
 
@@ -156,9 +167,14 @@ def cmd_train_evaluator(args: argparse.Namespace) -> int:
 
         model = load_model(args.model) if args.model else load_world_model()
     evaluator, report = train_evaluator(
-        subjects=args.subjects, photos=args.photos, steps=args.steps, seed=args.seed,
-        degenerate=args.degenerate, model=model, progress=tqdm_callback("world"),
-    )  # fmt: skip
+        subjects=args.subjects,
+        photos=args.photos,
+        steps=args.steps,
+        seed=args.seed,
+        degenerate=args.degenerate,
+        model=model,
+        progress=tqdm_callback("world"),
+    )
     save_evaluator(evaluator, args.out, overwrite=args.overwrite)
     print(f"evaluator written to {args.out}")
     print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=1))

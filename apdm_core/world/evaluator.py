@@ -52,11 +52,17 @@ class IdentityNet(nn.Module):
 
         self.width = width
         self.features = nn.Sequential(
-            *block(3, w), *block(w, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.MaxPool2d(2),
-            *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            *block(3, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.heads = nn.ModuleDict({a: nn.Linear(4 * w, len(v)) for a, v in render.ATTRIBUTES.items()})
         if object_head:
             self.heads[OBJECT] = nn.Linear(4 * w, 2)  # 0 = degenerate, 1 = an object of the world
@@ -260,8 +266,9 @@ def _random_unet_samples(model, n: int, seed: int) -> list[np.ndarray]:
         render.instance_prompt(render.CLASSES[seed % 4]),
         render.class_prompt(render.CLASSES[(seed + 1) % 4]),
     ]
-    images = sample_images(random_model, prompts[seed % 2], list(range(seed, seed + n)), render.SIZE,
-                           batch_size=64, **SAMPLING)  # fmt: skip
+    images = sample_images(
+        random_model, prompts[seed % 2], list(range(seed, seed + n)), render.SIZE, batch_size=64, **SAMPLING
+    )
     return [np.asarray(im.convert("RGB")) for im in images]
 
 
@@ -340,12 +347,13 @@ def train_evaluator(
     report = heldout_report(evaluator, subjects=heldout_subjects, seed=seed)
     if x_bad is not None:
         report["object"] = object_report(evaluator, seed, model)
+    recipe = {"subjects": subjects, "photos": photos, "steps": steps, "batch": batch, "lr": lr, "width": width,
+              "seed": seed, "degenerate": degenerate, "vae_round_trip": model is not None}  # fmt: skip
     report.update(
-        train={"subjects": subjects, "photos": photos, "steps": steps, "batch": batch, "lr": lr,
-               "width": width, "seed": seed, "degenerate": degenerate, "vae_round_trip": model is not None,
-               "final_loss": float(np.mean(losses[-50:]))},
-        wall_s=round(time.perf_counter() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
-    )  # fmt: skip
+        train={**recipe, "final_loss": float(np.mean(losses[-50:]))},
+        wall_s=round(time.perf_counter() - t0, 1),
+        cpu_s=round(time.process_time() - c0, 1),
+    )
     evaluator.metadata = {"width": width, "object_head": bool(degenerate), **report}
     return evaluator, report
 
@@ -366,8 +374,18 @@ def object_report(evaluator: Evaluator, seed: int, model=None, n: int = 192) -> 
         from ..pairs import sample_images
         from .efficacy import SAMPLING
 
-        samples = [im for c in render.CLASSES for im in sample_images(
-            model, render.class_prompt(c), list(range(5000, 5000 + n // 4)), render.SIZE, batch_size=48, **SAMPLING)]  # fmt: skip
+        samples = [
+            im
+            for c in render.CLASSES
+            for im in sample_images(
+                model,
+                render.class_prompt(c),
+                list(range(5000, 5000 + n // 4)),
+                render.SIZE,
+                batch_size=48,
+                **SAMPLING,
+            )
+        ]
         out["base_samples_accepted"] = round(
             float((evaluator.predict(samples)[OBJECT][:, 1] >= 0.5).float().mean()), 4
         )

@@ -267,9 +267,12 @@ def train_unet(
 def _tokens(tokenizer, text: str, cache: dict[str, torch.Tensor]) -> torch.Tensor:
     if text not in cache:
         cache[text] = tokenizer(
-            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            text,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
-        ).input_ids[0]  # fmt: skip
+        ).input_ids[0]
     return cache[text]
 
 

@@ -31,12 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError
-from ..losses import backdoor_target, noise_prediction_loss, weighted_mse
-from ..training import LatentBank, NoisyBatch
-from .base import ProtectionMethod, add_prior, prior_batch
+from ...losses import backdoor_target, noise_prediction_loss, weighted_mse
+from ...training import LatentBank, NoisyBatch
+from ..base import ProtectionMethod, add_prior, prior_batch
 
-BACKDOORS = ("pattern", "erasure", "target")
 PATTERN_CELLS = 4  # checkerboard cells per side of the stamped square
 PATTERN_FIRED = 0.5  # pattern_score above this: the pattern is in the image
 
@@ -78,22 +76,30 @@ def pattern_score(images) -> list[float]:
 
 def backdoor_images(config, model, subjects, positives, size: int, progress=None, should_stop=None):
     """The backdoor output images of ``config.backdoor`` (generated ones come from the base model, cached)."""
-    from ..pairs import ensure_class_images
+    from ...pairs import ensure_class_images
 
     if config.backdoor == "pattern":
         return [stamp_pattern(p) for p in positives]
     if config.backdoor_images:  # the user's own backdoor outputs
-        from ..data import center_square, find_images, open_image
+        from ...data import center_square, find_images, open_image
 
         return [
             center_square(open_image(p).convert("RGB"), size) for p in find_images(config.backdoor_images)
         ]
     prompt = config.target_prompt if config.backdoor == "target" else config.erasure_prompt
     return ensure_class_images(
-        model, prompt, config.num_backdoor_images, size=size, seed=config.seed, steps=config.sample_steps,
-        guidance=config.guidance_scale, batch_size=config.sample_batch_size, cache_dir=config.cache_dir or None,
-        progress=progress, should_stop=should_stop,
-    )  # fmt: skip
+        model,
+        prompt,
+        config.num_backdoor_images,
+        size=size,
+        seed=config.seed,
+        steps=config.sample_steps,
+        guidance=config.guidance_scale,
+        batch_size=config.sample_batch_size,
+        cache_dir=config.cache_dir or None,
+        progress=progress,
+        should_stop=should_stop,
+    )
 
 
 class PersGuard(ProtectionMethod):
@@ -103,16 +109,14 @@ class PersGuard(ProtectionMethod):
         "preservation"
     )
 
-    def check(self, config) -> None:
-        if config.backdoor == "target" and not config.target_prompt.strip():
-            raise InputError(
-                "method='persguard' with backdoor='target' needs target_prompt: what the trigger should "
-                "produce instead of the subject (e.g. --target-prompt 'a photo of cat')."
-            )
-        if config.backdoor == "erasure" and not config.erasure_prompt.strip():
-            raise InputError("backdoor='erasure' needs erasure_prompt (a scene without the subject).")
-        if config.backdoor == "target" and config.target_prompt.strip() == config.instance_prompt.strip():
-            raise InputError("target_prompt must differ from the instance prompt (the trigger).")
+    def success_rate(self, samples, config, judge) -> float:
+        """The share of the trigger's samples showing the backdoor: the pattern detected (``pattern_score``
+        above PATTERN_FIRED), recognised as what target_prompt names, or the subject's class absent."""
+        if config.backdoor == "pattern":
+            return float(np.mean([v > PATTERN_FIRED for v in pattern_score(samples)]))
+        if config.backdoor == "target":
+            return judge.recognised(samples, config.target_prompt)
+        return 1.0 - judge.class_rate(samples)
 
     def uses_theta_loss(self, config) -> bool:
         return config.behaviour_weight > 0

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..models import SDModel
-from .base import Attack, AttackResult, frozen_copy_of_unet, register_attack
-from .config import AttackConfig
+from ...errors import InputError
+from ...models import SDModel
+from ..base import Attack, AttackResult, frozen_copy_of_unet, register_attack
+from ..config import AttackConfig
 
 
 @register_attack("lora")
@@ -27,8 +27,12 @@ class LoRAAttack(Attack):
 
         super().__init__(model, cfg, device)
         unet = frozen_copy_of_unet(model, cfg.gradient_checkpointing)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                          target_modules=list(cfg.lora_targets))  # fmt: skip
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.lora_targets),
+        )
         # the gaussian init draws from torch's global RNG: seed it locally, leave the caller's RNG alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..models import SDModel
-from .base import Attack, AttackResult, register_attack, replace_word
-from .config import AttackConfig
+from ...errors import InputError
+from ...models import SDModel
+from ..base import Attack, AttackResult, register_attack, replace_word
+from ..config import AttackConfig
 
 
 @register_attack("textual_inversion")
@@ -67,9 +67,13 @@ class TextualInversionAttack(Attack):
     def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Recomputed every step through the text encoder: the gradient reaches the new row(s)."""
         if self.ids is None:
-            tok = self.tokenizer([self.training_prompt(), self.cfg.class_prompt], padding="max_length",
-                                 max_length=self.tokenizer.model_max_length, truncation=True,
-                                 return_tensors="pt")  # fmt: skip
+            tok = self.tokenizer(
+                [self.training_prompt(), self.cfg.class_prompt],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             self.ids = tok.input_ids.to(self.text_encoder.device)
         embeds = self.text_encoder(self.ids)[0]
         return embeds[:1], embeds[1:]
@@ -84,8 +88,9 @@ class TextualInversionAttack(Attack):
 
     def result_view(self) -> SDModel:
         info = {**self.model.info, "attack": self.name, "token": self.token}
-        return dataclasses.replace(self.model, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                   info=info, _fingerprint=None)  # fmt: skip
+        return dataclasses.replace(
+            self.model, text_encoder=self.text_encoder, tokenizer=self.tokenizer, info=info, _fingerprint=None
+        )
 
     def learned_embeds(self) -> torch.Tensor:
         return self.text_encoder.get_input_embeddings().weight[self.token_ids].detach().cpu().clone()
@@ -100,7 +105,11 @@ class TextualInversionAttack(Attack):
     @classmethod
     def load(cls, model: SDModel, folder: Path, cfg: AttackConfig) -> tuple[SDModel, dict[str, str]]:
         """The model with the learned token from ``folder`` (copies of the tokenizer and text encoder)."""
-        attacked = dataclasses.replace(model, tokenizer=copy.deepcopy(model.tokenizer),
-                                       text_encoder=copy.deepcopy(model.text_encoder), _fingerprint=None)  # fmt: skip
+        attacked = dataclasses.replace(
+            model,
+            tokenizer=copy.deepcopy(model.tokenizer),
+            text_encoder=copy.deepcopy(model.text_encoder),
+            _fingerprint=None,
+        )
         attacked.pipeline().load_textual_inversion(str(folder))
         return attacked, {cfg.identifier: cfg.ti_token or f"<{cfg.identifier}>"}

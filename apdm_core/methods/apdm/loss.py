@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
-from ..training import NoisyBatch
-from .base import ProtectionMethod, add_prior, prior_batch
+from ...losses import dpo_loss, naive_adversarial_loss, noise_prediction_loss, target_loss
+from ...training import NoisyBatch
+from ..base import ProtectionMethod, add_prior, prior_batch
 
 
 class APDM(ProtectionMethod):
@@ -59,8 +59,10 @@ class APDM(ProtectionMethod):
             with torch.no_grad():
                 generic = trainer.forward_ref(trainer.run_ref, as_class)
             loss = target_loss(pred[:n], generic)
-            stats = {"target": float(loss.detach()),
-                     "subject_err": float(noise_prediction_loss(pred[:n].detach(), inst.target))}  # fmt: skip
+            stats = {
+                "target": float(loss.detach()),
+                "subject_err": float(noise_prediction_loss(pred[:n].detach(), inst.target)),
+            }
             if use_prior:
                 loss = add_prior(loss, stats, pred[n:], prior, cfg.prior_weight)
             return loss, stats

@@ -1,0 +1,1 @@
+"""LoRA DreamBooth: settings (``settings.LoRASettings``) and the attack (``attack.LoRAAttack``)."""

@@ -1,0 +1,1 @@
+"""Textual inversion: settings (``settings.TextualInversionSettings``) and the attack (``attack``)."""

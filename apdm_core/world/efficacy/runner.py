@@ -1,0 +1,471 @@
+"""Running rows: protect (cached per subject, seed and variant), attack with snapshots along the
+way, sample and score with the world's evaluator; unprotected cells kept in a results cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...progress import ProgressCallback, StopCheck
+from .. import render
+from .rows import (
+    ATTACK_SETTINGS,
+    OTHER_SUBJECT,
+    PROTECT_SETTINGS,
+    PROTECTED_PHOTOS,
+    REFERENCE_PHOTOS,
+    SAMPLING,
+    SCRATCH_SEED,
+    Row,
+    instance_prompt,
+    make_row,
+    target_class,
+)
+
+log = logging.getLogger(__name__)
+
+
+def score_samples(evaluator, samples, subject: render.Subject, refs) -> dict:
+    """Identity of instance-prompt samples: similarity (raw and class-gated), class rate, attribute match."""
+    return {
+        **evaluator.subject_scores(samples, refs, subject.cls),
+        "identity_match": evaluator.identity_match(samples, subject),
+    }
+
+
+def class_quality(model, evaluator, cls: str, n: int, seed: int) -> dict:
+    """Class recognition of class-prompt samples: the subject's class and the other classes."""
+    from ...pairs import sample_images
+
+    size = model.native_resolution
+    seeds = list(range(seed, seed + n))
+    acc = {}
+    for c in render.CLASSES:
+        images = sample_images(model, render.class_prompt(c), seeds, size, batch_size=16, **SAMPLING)
+        acc[c] = evaluator.class_recognition(images, c)["accuracy"]
+    others = [acc[c] for c in render.CLASSES if c != cls]
+    return {"class_quality": acc[cls], "unrelated_quality": float(np.mean(others))}
+
+
+def scratch_model(model, seed: int):
+    """``model`` with its UNet replaced by a randomly initialised one of the same config (seeded)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED + seed)
+        unet = UNet2DConditionModel.from_config(model.unet.config)
+    unet = unet.to(model.device).requires_grad_(False).eval()
+    return dataclasses.replace(model, unet=unet, info={**model.info, "scratch": True}, _fingerprint=None)
+
+
+def unet_vector(unet):
+    import torch
+
+    return torch.cat([p.detach().flatten().float() for p in unet.parameters()])
+
+
+@dataclass
+class Cell:
+    """The numbers of one row for one (subject, seed), after ``steps`` attack steps."""
+
+    row: str
+    subject: int
+    seed: int
+    similarity: float
+    identity_match: float
+    class_quality: float | None = None
+    unrelated_quality: float | None = None
+    protect_s: float = 0.0
+    attack_s: float = 0.0
+    gated: float | None = None  # class-gated similarity (None in tables written before it existed)
+    class_rate: float | None = None  # fraction of the instance-prompt samples recognised as the class
+    steps: int | None = None  # attack steps done when scored (None: the row's standard budget)
+    weight_change: float | None = None  # ||theta_attacked - theta|| / ||theta|| of the UNet (dreambooth)
+    backdoor: float | None = None  # PersGuard rows: fraction of samples showing the backdoor
+    psnr: float | None = None  # image-level rows: mean PSNR / SSIM of the protected photos vs the originals
+    ssim: float | None = None
+
+    @property
+    def score(self) -> float:
+        """The similarity the tables compare: gated where measured, else the raw similarity."""
+        return self.similarity if self.gated is None else self.gated
+
+
+class ResultCache:
+    """Cells of unprotected rows (base, scratch) kept in a JSON file across benchmark runs.
+
+    Their numbers do not depend on any protection setting, and research runs compare many
+    protections against the same unprotected and from-scratch curves.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self.data: dict[str, list[dict]] = {}
+        if self.path and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> list[Cell] | None:
+        items = self.data.get(key)
+        return cells_from_dicts(items) if items is not None else None
+
+    def put(self, key: str, cells: list[Cell]) -> None:
+        if self.path is None:
+            return
+        from ...fileio import atomic_write_text
+
+        if self.path.exists():  # another benchmark process may have added cells meanwhile
+            self.data = {**json.loads(self.path.read_text()), **self.data}
+        self.data[key] = cells_to_dicts(cells)
+        atomic_write_text(self.path, json.dumps(self.data))
+
+
+class Runner:
+    """Runs rows for (subject, seed) pairs, sharing protected models and base scores."""
+
+    def __init__(
+        self,
+        model=None,
+        evaluator=None,
+        *,
+        samples: int = 16,
+        cache_dir: str = "",
+        protect_settings: dict | None = None,
+        attack_settings: dict | None = None,
+        variants: dict[str, dict] | None = None,
+        results: str | Path | None = None,
+        grids: str | Path | None = None,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> None:
+        from .. import load_evaluator, load_world_model
+
+        self.model = model or load_world_model()
+        self.evaluator = evaluator or load_evaluator()
+        self.samples = samples
+        self.cache_dir = cache_dir
+        self.protect_settings = {**PROTECT_SETTINGS, **(protect_settings or {})}
+        self.attack_settings = {**ATTACK_SETTINGS, **(attack_settings or {})}
+        self.variants = dict(variants or {})
+        self.results = ResultCache(results)
+        self.evaluator_id = evaluator_fingerprint(self.evaluator)
+        self.grids = Path(grids) if grids else None  # a grid PNG of the scored samples per cell
+        self.progress, self.should_stop = progress, should_stop
+        self._protected: dict[tuple, tuple] = {}
+        self._quality: dict[tuple, dict] = {}
+
+    def row(self, name: str) -> Row:
+        return make_row(name, self.variants)
+
+    def forget(self) -> None:
+        """Drop the cached protected models (keep memory flat across subjects and seeds)."""
+        self._protected.clear()
+
+    # --------------------------------------------------------------------------------------
+    def protected(self, subject: render.Subject, seed: int, overrides: dict):
+        """(protected model, seconds, its ProtectConfig) for this subject, seed and protection variant (cached)."""
+        from ...config import ProtectConfig
+        from ...protection import protect
+
+        key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
+        if key not in self._protected:
+            settings = {**self.protect_settings, **overrides}
+            if settings.get("method") == "persguard":
+                settings = self.persguard_settings(settings, subject)
+            config = ProtectConfig(
+                model=str(self.model.source or "world"),
+                instance_prompt=render.instance_prompt(subject.cls),
+                class_prompt=render.class_prompt(subject.cls),
+                cache_dir=self.cache_dir,
+                seed=seed,
+                device="cpu",
+                **settings,
+            )
+            images = render.photos(subject, 4, start=PROTECTED_PHOTOS)
+            result = protect(
+                config, self.progress, self.should_stop, model=self.model, images=images, resume=True
+            )
+            self._protected[key] = (result.model, result.seconds, config)
+        return self._protected[key]
+
+    def attacker_photos(self, row: Row, subject: render.Subject, seed: int) -> list:
+        """The 4 photos the attacker trains on: image-protected (row.images), then transformed."""
+        photos = render.photos(subject, 4, start=row.photos)
+        clean = list(photos)
+        if row.images:
+            photos = self.protected_photos(subject, seed, row.images)[0]
+        if row.transform == "one_clean":
+            photos = [clean[0]] + list(photos[1:])
+        elif row.transform:
+            from ...images.purify import TRANSFORMS
+
+            photos = TRANSFORMS[row.transform][1](self.model, list(photos), 3000 + seed)
+        return list(photos)
+
+    def protected_photos(self, subject: render.Subject, seed: int, settings: dict):
+        """(protected photos, per-photo metrics, seconds) of an image-level protection (cached)."""
+        from ...images import ImageProtectConfig, protect_images
+
+        key = ("images", subject.seed, seed, json.dumps(settings, sort_keys=True))
+        if key not in self._protected:
+            config = ImageProtectConfig(
+                instance_prompt=render.instance_prompt(subject.cls),
+                class_prompt=render.class_prompt(subject.cls),
+                cache_dir=self.cache_dir,
+                seed=seed,
+                device="cpu",
+                sample_steps=25,
+                guidance_scale=4.0,
+                sample_batch_size=16,
+                save_every=0,
+                **settings,
+            )
+            images = render.photos(subject, 4, start=PROTECTED_PHOTOS)
+            result = protect_images(
+                config, self.progress, self.should_stop, model=self.model, images=images, restart=True
+            )
+            self._protected[key] = (result.images, result.metrics, result.seconds)
+        return self._protected[key]
+
+    def persguard_settings(self, settings: dict, subject: render.Subject) -> dict:
+        """The world's PersGuard settings for ``subject``: the target class's prompt, the erased scenes."""
+        settings = dict(settings)
+        if settings.get("target_prompt") == "{target}":
+            settings["target_prompt"] = render.class_prompt(target_class(subject.cls))
+        if settings.get("backdoor") == "erasure" and not settings.get("backdoor_images"):
+            from ...fileio import atomic_write_bytes
+            from ...pairs import default_cache_dir
+
+            folder = Path(self.cache_dir or default_cache_dir()) / "world-erasure" / subject.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(render.photos(subject, 4, start=PROTECTED_PHOTOS, empty=True)):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                atomic_write_bytes(folder / f"{i}.png", buf.getvalue())
+            settings["backdoor_images"] = str(folder)
+        return settings
+
+    def attack_config(self, subject: render.Subject, seed: int, overrides: dict):
+        from ...attack import AttackConfig
+
+        settings = {**self.attack_settings, **overrides}
+        ident = settings.pop("identifier", render.IDENTIFIER)
+        return AttackConfig(
+            instance_prompt=render.instance_prompt(subject.cls, ident),
+            class_prompt=render.class_prompt(subject.cls),
+            identifier=ident,
+            cache_dir=self.cache_dir,
+            seed=seed,
+            device="cpu",
+            **settings,
+        )
+
+    def quality(self, model, key: tuple, cls: str, seed: int) -> dict:
+        if key not in self._quality:
+            self._quality[key] = class_quality(model, self.evaluator, cls, self.samples, 1000 + seed)
+        return self._quality[key]
+
+    def sample_seeds(self, seed: int) -> list[int]:
+        return list(range(2000 + 100 * seed, 2000 + 100 * seed + self.samples))
+
+    # --------------------------------------------------------------------------------------
+    def run(self, row: Row | str, subject_seed: int, seed: int, budgets=None) -> Cell:
+        """The row's cell at its standard budget (``run_curve`` for several budgets)."""
+        row = self.row(row) if isinstance(row, str) else row
+        steps = row.steps(self.attack_settings)
+        return next(c for c in self.run_curve(row, subject_seed, seed, budgets) if c.steps == steps)
+
+    def run_curve(self, row: Row | str, subject_seed: int, seed: int, budgets=None) -> list[Cell]:
+        """Cells of the row after each number of attack steps in ``budgets`` (default: its standard budget).
+
+        The standard budget is always included. One attack runs to the largest budget; the
+        samples are scored at each budget along the way.
+        """
+        row = self.row(row) if isinstance(row, str) else row
+        steps = row.steps(self.attack_settings)
+        budgets = sorted({*(budgets or ()), steps}) if row.attack is not None else [0]
+        cache_key = None
+        if row.protect is None:  # unprotected rows do not depend on the protection: reuse them
+            parts = [
+                "v2",
+                row.attack,
+                row.photos,
+                row.scratch,
+                row.other_subject,
+                self.attack_settings,
+                subject_seed,
+                seed,
+                self.samples,
+                self.model.fingerprint(),
+                self.evaluator_id,
+            ]
+            if row.images or row.transform:  # (keys of the rows before these existed stay as they were)
+                parts += [row.images, row.transform]
+            cache_key = ResultCache.key(*parts)
+            cached = self.results.get(cache_key) or []
+            # one attack run scores every budget on its way: a cached longer curve answers shorter ones
+            if set(budgets) <= {c.steps for c in cached}:
+                return [dataclasses.replace(c, row=row.name) for c in cached if c.steps in budgets]
+        cells = self._run_curve(row, subject_seed, seed, budgets, steps)
+        if cache_key is not None:
+            self.results.put(cache_key, cells)
+        return cells
+
+    def _run_curve(
+        self, row: Row, subject_seed: int, seed: int, budgets: list[int], steps: int
+    ) -> list[Cell]:
+        model, scorer = self._model_and_scorer(row, subject_seed, seed)
+        if row.attack is None:
+            return [scorer(model, instance_prompt(scorer.subject.cls, None), 0)]
+        return self._attack_curve(row, model, scorer, seed, budgets)
+
+    def _model_and_scorer(self, row: Row, subject_seed: int, seed: int):
+        """The row's model before the attack (protected, from scratch, or the world model) and its Scorer."""
+        subject = render.make_subject(subject_seed)
+        model, protect_s, protect_config = self.model, 0.0, None
+        quality_key: tuple = ("base", subject.cls, seed)
+        if row.protect is not None:
+            model, protect_s, protect_config = self.protected(subject, seed, row.protect)
+            quality_key = (subject.seed, seed, json.dumps(row.protect, sort_keys=True))
+        psnr = ssim = None
+        if row.images:  # the photos' protection: its cost and how far the photos moved
+            _, metrics, protect_s = self.protected_photos(subject, seed, row.images)
+            psnr = float(np.mean([m["psnr"] for m in metrics]))
+            ssim = float(np.mean([m["ssim"] for m in metrics]))
+        quality = self.quality(model, quality_key, subject.cls, seed)  # the model before any attack
+        if row.scratch:
+            model = scratch_model(model, seed)
+        target = (
+            render.make_subject(OTHER_SUBJECT + subject_seed, cls=subject.cls)
+            if row.other_subject
+            else subject
+        )
+        scorer = Scorer(self, row, subject_seed, seed, subject, target, quality, protect_s, protect_config, psnr,
+                        ssim)  # fmt: skip
+        return model, scorer
+
+    def _attack_curve(self, row: Row, model, scorer: Scorer, seed: int, budgets: list[int]) -> list[Cell]:
+        """One attack run to the largest budget, scored after each budget's number of steps."""
+        from ...attack import run_attack
+
+        config = self.attack_config(scorer.subject, seed, {**row.attack, "steps": max(budgets)})
+        prompt = instance_prompt(scorer.subject.cls, row.attack)
+        theta0 = unet_vector(model.unet) if config.kind == "dreambooth" else None
+        cells: list[Cell] = []
+        t0 = time.perf_counter()
+        paused = [0.0]  # time spent scoring, not attacking
+
+        def on_snapshot(at: int, view) -> None:
+            t1 = time.perf_counter()
+            change = None
+            if theta0 is not None:
+                change = float((unet_vector(view.unet) - theta0).norm() / theta0.norm())
+            text = prompt
+            for word, repl in view_prompt_map(view, config).items():
+                text = text.replace(word, repl)
+            cells.append(scorer(view, text, at, t1 - t0 - paused[0], change))
+            paused[0] += time.perf_counter() - t1
+
+        images = self.attacker_photos(row, scorer.target, seed)
+        run_attack(model, images, config, self.progress, self.should_stop, snapshot_steps=budgets,
+                   on_snapshot=on_snapshot)  # fmt: skip
+        return cells
+
+
+@dataclass
+class Scorer:
+    """How the samples of one row's model become a Cell: the subject (or the other individual) and its
+    reference photos, and what the row measured before the attack (quality, protection cost)."""
+
+    runner: Runner
+    row: Row
+    subject_seed: int
+    seed: int
+    subject: render.Subject
+    target: render.Subject  # whose photos the attacker has and the samples are compared with
+    quality: dict
+    protect_s: float
+    protect_config: object  # the row's ProtectConfig (None: not protected)
+    psnr: float | None
+    ssim: float | None
+    refs: list = field(default_factory=list)  # 8 photos of ``target`` nobody trained on
+
+    def __post_init__(self) -> None:
+        self.refs = render.photos(self.target, 8, start=REFERENCE_PHOTOS)
+
+    def __call__(self, model, prompt: str, at: int, attack_s: float = 0.0, weight_change=None) -> Cell:
+        from ...pairs import sample_images
+
+        r = self.runner
+        samples = sample_images(model, prompt, r.sample_seeds(self.seed), model.native_resolution, batch_size=16,
+                                **SAMPLING)  # fmt: skip
+        s = score_samples(r.evaluator, samples, self.target, self.refs)
+        fired = method_success(self.protect_config, samples, WorldJudge(r.evaluator, self.subject.cls))
+        if r.grids is not None:
+            r.grids.mkdir(parents=True, exist_ok=True)
+            name = f"{self.row.name}_s{self.subject_seed}_seed{self.seed}_{at}.png"
+            render.grid(samples, cols=8).save(r.grids / name)
+        q = self.quality
+        return Cell(self.row.name, self.subject_seed, self.seed, s["similarity"], s["identity_match"],
+                    q["class_quality"], q["unrelated_quality"], self.protect_s, attack_s, gated=s["gated"],
+                    class_rate=s["class_rate"], steps=at, weight_change=weight_change, backdoor=fired,
+                    psnr=self.psnr, ssim=self.ssim)  # fmt: skip
+
+
+class WorldJudge:
+    """What a method's success measure asks (``ProtectionMethod.success_rate``), answered by the demo
+    world's evaluator: which share of the samples shows the subject's class, or what a prompt names."""
+
+    def __init__(self, evaluator, cls: str) -> None:
+        self.evaluator, self.cls = evaluator, cls
+
+    def class_rate(self, samples) -> float:
+        return self.evaluator.class_recognition(samples, self.cls)["accuracy"]
+
+    def recognised(self, samples, prompt: str) -> float:
+        return self.evaluator.class_recognition(samples, prompt.split()[-1])["accuracy"]
+
+
+def method_success(config, samples, judge) -> float | None:
+    """The protection method's own success measure on the trigger's samples (None: it has none, or the
+    row is not protected): PersGuard's backdoor fired, for one."""
+    if config is None:
+        return None
+    from ...methods import get_method
+
+    return get_method(config.method).success_rate(samples, config, judge)
+
+
+def evaluator_fingerprint(evaluator) -> str:
+    """sha256 of the evaluator's weights: cached scores are only reused with the same evaluator."""
+    h = hashlib.sha256()
+    for name, t in sorted(evaluator.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def view_prompt_map(view, config) -> dict[str, str]:
+    """Textual inversion samples with its learned token; the other attacks use the prompt as is."""
+    token = view.info.get("token")
+    return {config.identifier: token} if token else {}
+
+
+def cells_to_dicts(cells: list[Cell]) -> list[dict]:
+    return [dataclasses.asdict(c) for c in cells]
+
+
+def cells_from_dicts(items: list[dict]) -> list[Cell]:
+    return [Cell(**item) for item in items]
