@@ -117,6 +117,12 @@ def main() -> None:
     ap.add_argument("--plot", default="", help="draw the robustness curve of the rows into this PNG")
     ap.add_argument("--frontier", default="",
                     help="draw efficiency vs quality drop and vs protection cost of the protected rows into this PNG")  # fmt: skip
+    ap.add_argument("--sweep", action="store_true",
+                    help="also run every attacker of the sweep (efficacy.SWEEP_ATTACKS) on each protected model of "
+                         "--rows, and print the worst case per subject and seed")  # fmt: skip
+    ap.add_argument("--recovery", action="store_true",
+                    help="also run the attacks on the protection itself (efficacy.RECOVERY_ATTACKS: recovery "
+                         "fine-tunes, fp16 / int8 weight round trips) on each protected model of --rows")  # fmt: skip
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="print one table from the cells of earlier --json files (parallel runs); runs nothing")  # fmt: skip
     args = ap.parse_args()
@@ -138,6 +144,7 @@ def main() -> None:
         print(efficacy.markdown_table(summary))
         print_comparison(summary)
         print_curves(cells, rows, standard)
+        print_worst_case(cells, rows, standard)
         if args.plot:
             efficacy.plot_curves(cells, [r for r in rows if r != "base"], args.plot)
         print_frontier(cells, attack_settings, variants, args.frontier)
@@ -148,6 +155,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = list(efficacy.ROWS) if args.rows == ["all"] else args.rows
+    rows = with_sweep(rows, variants, args.sweep, args.recovery)
     for r in rows:
         try:
             efficacy.make_row(r, variants)
@@ -196,6 +204,7 @@ def main() -> None:
     print(efficacy.markdown_table(summary))
     print_comparison(summary)
     print_curves(cells, rows, standard)
+    print_worst_case(cells, rows, standard)
     print(f"\nsubjects {args.subjects} x seeds {args.seeds}; {args.samples} samples per score; "
           f"protection {runner.protect_settings}; variants {variants}; attack {runner.attack_settings}; "
           f"wall {wall:.0f} s, CPU {cpu:.0f} s, torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -204,6 +213,27 @@ def main() -> None:
     print_frontier(cells, runner.attack_settings, variants, args.frontier)
     if args.json:
         write_json(args.json, args, variants, cells, summary, wall, cpu)
+
+
+def with_sweep(rows: list[str], variants: dict, sweep: bool, recovery: bool) -> list[str]:
+    """``rows`` plus, for each protected model among them, its rows for every attacker of the sweep
+    (``sweep``) and every attack on the protection itself (``recovery``)."""
+    attacks = (efficacy.SWEEP_ATTACKS if sweep else ()) + (efficacy.RECOVERY_ATTACKS if recovery else ())
+    models = [
+        r.split("+", 1)[0] for r in rows if "+" in r and efficacy.make_row(r, variants).protect is not None
+    ]
+    extra = [f"{m}+{a}" for m in dict.fromkeys(models) for a in attacks]
+    return list(dict.fromkeys([*rows, *extra]))
+
+
+def print_worst_case(cells, rows, standard: int) -> None:
+    models = dict.fromkeys(r.split("+", 1)[0] for r in rows if "+" in r and efficacy.unprotected_twin(r))
+    for model in models:
+        table = efficacy.markdown_worst_case(efficacy.worst_case(cells, model, standard))
+        if table and sum(r.startswith(f"{model}+") for r in rows) > 1:
+            print(f"\nEfficiency of {model} against the attacker sweep (efficiency per attacker where it learns the "
+                  "subject on the unprotected model):\n")  # fmt: skip
+            print(table)
 
 
 def print_comparison(summary) -> None:

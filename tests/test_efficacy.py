@@ -193,3 +193,72 @@ def test_attacker_photos_one_clean_and_transforms():
     assert all(a.size == b.size and a.tobytes() != b.tobytes() for a, b in zip(jpeg, clean))
     empty = render.photos(subject, 1, empty=True)[0]  # the erasure backdoor's scene: same background
     assert empty.tobytes() != clean[0].tobytes()
+
+
+def test_worst_case_over_the_sweep():
+    """Per subject and seed: efficiency of every sweep attacker that learns on the unprotected model, the
+    standard attack at 2x and 4x, and the worst; attackers that learn nothing are left out."""
+    C = efficacy.Cell
+
+    def cells_for(attack, base0, base, scratch, prot, steps=400):
+        return [C(f"base+{attack}", 1, 0, 0, 0, gated=base0, steps=0), C(f"base+{attack}", 1, 0, 0, 0, gated=base, steps=steps),
+                C(f"scratch+{attack}", 1, 0, 0, 0, gated=scratch, steps=steps),
+                C(f"apdm+{attack}", 1, 0, 0, 0, gated=prot, steps=steps)]  # fmt: skip
+
+    cells = (
+        cells_for("attack", 0.2, 0.8, 0.1, 0.45)
+        + cells_for("attack", 0.2, 0.9, 0.5, 0.8, steps=800)[1:]
+        + cells_for("lora", 0.2, 0.6, 0.0, 0.5)
+        + cells_for("lr2x", 0.2, 0.25, 0.0, 0.1)  # lr2x learns nothing
+        + cells_for("lora16", 0.2, 0.6, 0.55, 0.1)
+    )  # fmt: skip  (lora16: as good from scratch: no ratio)
+    (entry,) = efficacy.worst_case(cells, "apdm", 400)
+    assert entry["standard"] == pytest.approx(0.5) and entry["at_2x"] == pytest.approx(0.25)
+    assert entry["efficiency"]["lora"] == pytest.approx(1 / 6) and "lr2x" not in entry["efficiency"]
+    assert "lora16" not in entry["efficiency"] and entry["at_4x"] is None
+    assert entry["worst_row"] == "lora" and entry["worst"] == pytest.approx(1 / 6)
+    table = efficacy.markdown_worst_case([entry])
+    assert "| 1, 0 | 0.50 | 0.25 |  | 0.17 | lora | 3 |" in table
+
+
+def test_the_sweep_expands_the_protected_rows_only():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "eff_bench", Path(__file__).parents[1] / "benchmarks" / "efficacy.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.with_sweep(["base+attack", "apdm+attack"], {}, sweep=True, recovery=True)
+    assert rows[:2] == ["base+attack", "apdm+attack"]
+    assert {r for r in rows[2:]} == {
+        f"apdm+{a}" for a in (*efficacy.SWEEP_ATTACKS, *efficacy.RECOVERY_ATTACKS)
+    } - {"apdm+attack"}
+
+
+def test_attacks_on_the_protection_itself(monkeypatch):
+    """Weight round trips change the UNet within their format's precision; a recovery fine-tune trains the
+    model on other individuals' photos with the class prompt before the attack."""
+    import torch
+
+    from apdm_core.attack.roundtrip import quantize_int8, round_trip
+    from apdm_core.world import load_world_model, render
+
+    model = load_world_model()
+    for kind, bound in (("fp16", 1e-3), ("int8", 0.02)):
+        unet = round_trip(model.unet, kind)
+        for (name, a), b in zip(model.unet.named_parameters(), unet.parameters()):
+            if a.dim() >= 2 or kind == "fp16":
+                assert float((a - b).abs().max()) <= bound * float(a.abs().max()) + 1e-12, (kind, name)
+            else:
+                assert torch.equal(a, b)  # int8: biases and norms stay
+    w = torch.randn(8, 5)
+    assert len(torch.unique(quantize_int8(w)[0] / (w[0].abs().max() / 127))) <= 255
+    runner = efficacy.Runner(model=model, samples=1)
+    subject = render.make_subject(8)
+    assert efficacy.make_row("apdm+int8").before == "int8"
+    monkeypatch.setattr(efficacy.runner, "RECOVERY_STEPS", 2)
+    recovered = runner.before_attack("recover_unrelated", model, subject, 0)
+    assert recovered.unet is not model.unet
+    assert any(not torch.equal(a, b) for a, b in zip(model.unet.parameters(), recovered.unet.parameters()))

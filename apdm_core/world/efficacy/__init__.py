@@ -33,7 +33,7 @@ Layout: ``rows`` (the rows and their settings), ``runner`` (``Runner``, ``Cell``
 
 from __future__ import annotations
 
-from .report import markdown_comparison, markdown_table, plot_curves, plot_frontier
+from .report import markdown_comparison, markdown_table, markdown_worst_case, plot_curves, plot_frontier
 from .rows import *  # noqa: F403  (the rows and their settings: efficacy.PROTECT_SETTINGS, ...)
 from .rows import __all__ as _rows_all
 from .runner import (
@@ -55,6 +55,7 @@ from .summary import (
     break_even,
     curve_points,
     curve_summary,
+    efficiency_at,
     frontier,
     row_of,
     standard_cells,
@@ -62,6 +63,7 @@ from .summary import (
     twin,
     unprotected_twin,
     utility_ratios,
+    worst_case,
 )
 
 __all__ = [
@@ -81,6 +83,9 @@ __all__ = [
     "frontier",
     "markdown_comparison",
     "markdown_table",
+    "markdown_worst_case",
+    "efficiency_at",
+    "worst_case",
     "plot_curves",
     "plot_frontier",
     "row_of",

@@ -125,3 +125,28 @@ def plot_frontier(points: list[dict], path: str | Path, title: str = "") -> Path
         ax.grid(alpha=0.3)
     fig.suptitle(title or "protection vs quality vs cost (mean over subjects x seeds)", fontsize="small")
     return save_figure(fig, path)
+
+
+def markdown_worst_case(entries: list[dict]) -> str:
+    """The sweep per subject and seed: efficiency at the standard budget, at 2x and 4x, and the worst
+    attacker of the sweep (and which it was); a mean row. Empty without entries."""
+    if not entries:
+        return ""
+
+    def f(v) -> str:
+        return "" if v is None else f"{v:.2f}"
+
+    lines = ["| subject, seed | standard | 2x budget | 4x budget | worst over the sweep | worst attacker | attackers |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in entries:
+        lines.append(f"| {e['subject']}, {e['seed']} | {f(e['standard'])} | {f(e['at_2x'])} | {f(e['at_4x'])} "
+                     f"| {f(e['worst'])} | {e['worst_row']} | {len(e['efficiency'])} |")  # fmt: skip
+
+    def mean(key: str) -> str:
+        values = [e[key] for e in entries if e[key] is not None]
+        return f"{np.mean(values):.2f} (min {np.min(values):.2f})" if values else ""
+
+    lines.append(
+        f"| mean (min) | {mean('standard')} | {mean('at_2x')} | {mean('at_4x')} | {mean('worst')} | | |"
+    )
+    return "\n".join(lines)

@@ -87,6 +87,7 @@ class Row:
     transform: str = (
         ""  # what happened to the photos before the attack: one_clean or images.purify.TRANSFORMS
     )
+    before: str = ""  # what happened to the model before the attack: RECOVERY rows, or a weight round trip
 
     @property
     def model_name(self) -> str:
@@ -136,6 +137,15 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
         {},
     ),
     "unseen_photos": ("photos the protection never saw", {}, {"photos": UNSEEN_PHOTOS}),
+    # attacks on the protection itself, before the personalization: recovery fine-tunes, weight round trips
+    "recover_class": (
+        "fine-tuned 300 steps on other individuals of the class first",
+        {},
+        {"before": "recover_class"},
+    ),
+    "recover_unrelated": ("fine-tuned 300 steps on another class first", {}, {"before": "recover_unrelated"}),
+    "fp16": ("weights through float16 first", {}, {"before": "fp16"}),
+    "int8": ("weights through 8-bit quantization first", {}, {"before": "int8"}),
     "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
     # what happens to the photos before the attacker trains on them (the image-level comparison)
     "one_clean": ("one clean photo among the protected ones", {}, {"transform": "one_clean"}),
@@ -145,6 +155,16 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
     "diffpure": ("photos purified (DiffPure, strength 0.2)", {}, {"transform": "diffpure"}),
 }
 COMPARISON_ATTACKS = ("attack", "one_clean", "jpeg75", "resize05", "blur", "diffpure")
+# The attacker sweep (README "Protection that holds"): every attacker a protection is judged by; the
+# headline is the worst case over these (with the standard attack at 2x its budget) per subject and seed.
+SWEEP_ATTACKS = ("attack", "lr05x", "lr2x", "lr4x", "identifier", "unseen_photos", "lora", "lora_lr4x", "lora_lr10x",
+                 "lora16", "lora16_lr4x", "lora16_lr10x")  # fmt: skip
+RECOVERY_ATTACKS = ("recover_class", "recover_unrelated", "fp16", "int8")
+# The recovery fine-tune: the attacker's DreamBooth recipe on 4 photos each of RECOVERY_INDIVIDUALS other
+# individuals (render.make_subject(RECOVERY_SEED + i, cls)), with the class prompt and no prior.
+RECOVERY_SEED = 5000
+RECOVERY_INDIVIDUALS = 2
+RECOVERY_STEPS = 300
 # Image-level protections of the world's photos (ImageProtectConfig settings; the attacker's lr for
 # ASPL's surrogate, as the world's DreamBooth). Budget 8/255 as Anti-DreamBooth.
 IMAGE_SETTINGS = {
@@ -240,6 +260,11 @@ def instance_prompt(cls: str, attack: dict | None) -> str:
 
 
 __all__ = [
+    "RECOVERY_ATTACKS",
+    "RECOVERY_INDIVIDUALS",
+    "RECOVERY_SEED",
+    "RECOVERY_STEPS",
+    "SWEEP_ATTACKS",
     "ABLATIONS",
     "ANCHOR_PROMPTS",
     "ATTACKS",

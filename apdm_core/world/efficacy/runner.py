@@ -21,6 +21,9 @@ from .rows import (
     OTHER_SUBJECT,
     PROTECT_SETTINGS,
     PROTECTED_PHOTOS,
+    RECOVERY_INDIVIDUALS,
+    RECOVERY_SEED,
+    RECOVERY_STEPS,
     REFERENCE_PHOTOS,
     SAMPLING,
     SCRATCH_SEED,
@@ -257,6 +260,29 @@ class Runner:
             settings["backdoor_images"] = str(folder)
         return settings
 
+    def before_attack(self, what: str, model, subject: render.Subject, seed: int):
+        """The model after an attack on the protection itself: a recovery fine-tune (the attacker's recipe,
+        RECOVERY_STEPS steps on photos of other individuals of the class or of the next class, with that
+        class's prompt, no prior) or a weight round trip (fp16, int8)."""
+        from ...attack import AttackConfig, run_attack
+        from ...attack.roundtrip import ROUND_TRIPS, round_trip
+
+        if what in ROUND_TRIPS:
+            return dataclasses.replace(model, unet=round_trip(model.unet, what), _fingerprint=None)
+        cls = subject.cls if what == "recover_class" else target_class(subject.cls)
+        photos = [im for i in range(RECOVERY_INDIVIDUALS)
+                  for im in render.photos(render.make_subject(RECOVERY_SEED + i, cls=cls), 4)]  # fmt: skip
+        prompt = render.class_prompt(cls)
+        settings = {
+            **self.attack_settings,
+            "steps": RECOVERY_STEPS,
+            "prior_weight": 0.0,
+            "num_class_images": 0,
+        }
+        config = AttackConfig(instance_prompt=prompt, class_prompt=prompt, identifier=cls, cache_dir=self.cache_dir,
+                              seed=seed, device="cpu", **settings)  # fmt: skip
+        return run_attack(model, photos, config, self.progress, self.should_stop).model
+
     def attack_config(self, subject: render.Subject, seed: int, overrides: dict):
         from ...attack import AttackConfig
 
@@ -313,6 +339,8 @@ class Runner:
             ]
             if row.images or row.transform:  # (keys of the rows before these existed stay as they were)
                 parts += [row.images, row.transform]
+            if row.before:
+                parts += ["before", row.before]
             cache_key = ResultCache.key(*parts)
             cached = self.results.get(cache_key) or []
             # one attack run scores every budget on its way: a cached longer curve answers shorter ones
@@ -347,6 +375,8 @@ class Runner:
         quality = self.quality(model, quality_key, subject.cls, seed)  # the model before any attack
         if row.scratch:
             model = scratch_model(model, seed)
+        if row.before:
+            model = self.before_attack(row.before, model, subject, seed)
         target = (
             render.make_subject(OTHER_SUBJECT + subject_seed, cls=subject.cls)
             if row.other_subject
