@@ -232,7 +232,9 @@ def frontier(cells: list[Cell], attack_settings: dict | None = None, variants=No
 # the attacker sweep: the worst case per subject and seed
 # ------------------------------------------------------------------------------------------
 LEARNS = 0.1  # an unprotected attack that gains less than this over the unattacked model learns nothing
-MARGIN = 0.1  # where the pretrained model is not learned this much better than a random one, the ratio is noise
+MARGIN = (
+    0.1  # where the pretrained model is not learned this much better than a random one, the ratio is noise
+)
 
 
 def efficiency_at(cells: list[Cell], name: str, subject: int, seed: int, steps: int) -> float | None:
