@@ -25,7 +25,7 @@ ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 ATTENTIONS = ("sdpa", "xformers")
 DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
 MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
-PROTECT_LAYERS = ("all", "attention", "cross_attention")
+PROTECT_LAYERS = ("all", "attention", "cross_attention", "cross_attention_kv")
 ATTACKER_KINDS = ("full", "lora")  # the simulated attacker's kinds (l2p/episode.py)
 # Settings that name files or folders (of every config class). They come only from a host's own
 # widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
@@ -207,10 +207,24 @@ class RunSettings(ConfigIO):
     protect_layers: str = _f(
         "all",
         "UNet layers the protection changes: all (the paper), attention (self + cross), cross_attention "
-        "(IMMA's choice); the simulated attacker always trains the whole UNet, as the real one does.",
+        "(IMMA's choice), cross_attention_kv (only the keys and values of the text: the weights null_space "
+        "controls); the simulated attacker always trains the whole UNet, as the real one does.",
         PROTECT_LAYERS,
         group="robust",
     )
+    null_space: float = _f(
+        0.0,
+        "Keep the class prompt's (and anchor_prompts', with null_space_anchors) keys and values in the "
+        "cross-attention as they were: every change of a to_k / to_v weight is projected away from the "
+        "directions that hold this share of those prompts' token-embedding energy (e.g. 0.999; 0 = off). "
+        "With protect_layers='cross_attention_kv' the class prompt then generates as before, whatever the "
+        "protection does (SPEED-style null-space edit).",
+        group="robust",
+    )
+    null_space_anchors: bool = _f(
+        False, "null_space also keeps the anchor prompts' keys and values (not only the class prompt's).",
+        group="robust",
+    )  # fmt: skip
     num_class_images: int = _f(200, "Class images for prior preservation (DreamBooth uses 200).")
     resolution: int = _f(0, "Training resolution in pixels; 0 = the model's native size (512 for SD1.5).")
     batch_size: int = _f(1, "Images per step for each term.")
@@ -348,7 +362,7 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
                 "lora_lr_max",
                 "anchor_weight",
             ),
-            unit_interval=("adam_beta1", "adam_beta2"),
+            unit_interval=("adam_beta1", "adam_beta2", "null_space"),
         )
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(

@@ -81,6 +81,9 @@ def demo_configs(out: Path, subject, attack_overrides: dict | None = None, **ove
         eval_guidance=efficacy.SAMPLING["guidance"],
         eval_batch_size=16,
         metrics=list(DEMO_METRICS),
+        # what the protection costs: the subject's class and another class of the world, no attack
+        utility_prompts=["a photo of {cls}", render.class_prompt(efficacy.target_class(subject.cls))],
+        utility_samples=16,
     )
     return protect, attack, evaluation
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,14 @@ from typing import Any
 import torch
 
 from . import __version__
+from .card import CARD_FILE, MEASURED_FILE, card_path, model_card
 from .checkpoint import (
     EMA_PREFIX,
-    MODEL_TYPE_HELP,
     MODEL_TYPES,
     UNET_PREFIX,
     CheckpointFile,
     model_family,
     read_checkpoint,
-    resolve_model_type,
 )
 from .errors import InputError
 from .fileio import atomic_path, check_target, require_utf8, sha256_file
@@ -219,6 +217,8 @@ def apdm_metadata(
         settings, record = protection_record(config, subjects)
         meta["apdm.config"] = json.dumps(settings, sort_keys=True)
         meta["apdm.subjects"] = json.dumps(record, sort_keys=True)
+    if model.info.get("measured"):
+        meta["apdm.measured"] = json.dumps(model.info["measured"], sort_keys=True)
     if dropped:
         meta["apdm.dropped"] = json.dumps(dropped, sort_keys=True)
     return meta
@@ -230,7 +230,8 @@ def read_apdm_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     for k, v in metadata.items():
         if k.startswith("apdm."):
             try:
-                out[k[5:]] = json.loads(v) if k in ("apdm.config", "apdm.subjects", "apdm.dropped") else v
+                decoded = ("apdm.config", "apdm.subjects", "apdm.dropped", "apdm.measured")
+                out[k[5:]] = json.loads(v) if k in decoded else v
             except json.JSONDecodeError:
                 out[k[5:]] = v
     return out
@@ -304,6 +305,8 @@ def check_export(
     require_utf8(output, "output")
     if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         plan_export(model, output, overwrite, template, inputs=inputs)
+        sources = ((Path(model.source),) if model.source else ()) + tuple(map(Path, inputs))
+        check_target(card_path(output), overwrite, sources)  # the model card beside the file
     else:
         check_target(
             output, overwrite, ((Path(model.source),) if model.source else ()) + tuple(map(Path, inputs))
@@ -356,6 +359,9 @@ def export_single_file(
     tracker.update(message="prepared the tensors")
     with atomic_path(output, overwrite=overwrite, protected=plan.protected) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+    if config is not None:
+        with atomic_path(card_path(output), overwrite=overwrite, protected=plan.protected) as tmp:
+            tmp.write_text(card_text(model, output, read_apdm_metadata(metadata)), encoding="utf-8")
     tracker.update(message=f"wrote {output}")
     log.info("Exported %s (%d UNet tensors replaced, source %s)", output, len(by_src), ckpt.path)
     return output
@@ -388,7 +394,39 @@ def write_model(
     if config is not None:
         settings, record = protection_record(config, subjects)
         extra = {CONFIG_FILE: json.dumps(settings, indent=2), SUBJECTS_FILE: json.dumps(record, indent=2)}
+        measured = model.info.get("measured") or []
+        if measured:
+            extra[MEASURED_FILE] = json.dumps(measured, indent=2)
+        record_all = {
+            "method": method_description(config),
+            "config": settings,
+            "subjects": record,
+            "measured": measured,
+        }
+        extra[CARD_FILE] = card_text(model, output, record_all)
     return save_diffusers(model, output, overwrite=overwrite, extra_files=extra, inputs=inputs)
+
+
+def card_text(model: SDModel, output: Path, record: dict[str, Any]) -> str:
+    """The model card of an export from its protection record (method, config, subjects, measured)."""
+    title = Path(model.source).stem if model.source else Path(output).stem
+    return model_card(title, record.get("method", ""), record.get("config"), record.get("measured") or [],
+                      record.get("subjects"))  # fmt: skip
+
+
+def read_measured(path: str | Path) -> list[dict]:
+    """The protection tests recorded in an export (a single file's metadata or a folder's
+    apdm_measured.json); [] when there are none."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            f = path / MEASURED_FILE
+            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
+        if path.suffix.lower() == ".safetensors":
+            return read_apdm_metadata(read_checkpoint(path).metadata).get("measured") or []
+    except (OSError, ValueError):
+        return []
+    return []
 
 
 def read_protection(folder: str | Path) -> tuple[Any, Any]:
@@ -401,84 +439,3 @@ def read_protection(folder: str | Path) -> tuple[Any, Any]:
         return tuple(json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None for f in files)
     except (OSError, ValueError) as exc:
         raise InputError(f"Cannot read the protection record in {folder}: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------
-# inspect
-# ------------------------------------------------------------------------------------------
-def inspect_checkpoint(
-    path: str | Path, model_type: str | None = None, allow_pickle: bool = False
-) -> dict[str, Any]:
-    """What a checkpoint file is: format, tensors, detected type (and why), APDM and other metadata."""
-    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
-    dtypes: dict[str, int] = {}
-    for _, dt in ckpt.index.values():
-        name = str(dt).replace("torch.", "")
-        dtypes[name] = dtypes.get(name, 0) + 1
-    info: dict[str, Any] = {
-        "file": str(ckpt.path),
-        "format": ckpt.format,
-        "bytes": ckpt.path.stat().st_size,
-        "tensors": len(ckpt.index),
-        "dtypes": dtypes,
-        "unet_tensors": sum(k.startswith(UNET_PREFIX) for k in ckpt.keys()),
-        "ema_tensors": sum(k.startswith(EMA_PREFIX) for k in ckpt.keys()),
-    }
-    try:
-        kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
-        info.update(model_type=kind, description=MODEL_TYPE_HELP.get(kind, kind), reasons=reasons)
-    except InputError as exc:
-        info.update(model_type=None, error=str(exc))
-    info["apdm"] = read_apdm_metadata(ckpt.metadata)
-    info["metadata"] = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
-    return info
-
-
-def format_inspection(info: dict[str, Any], matches: Sequence[tuple[str, bool]] | None = None) -> str:
-    """A human-readable report of ``inspect_checkpoint`` (and of ``match_subjects``)."""
-    dts = ", ".join(f"{n} {d}" for d, n in sorted(info["dtypes"].items()))
-    lines = [
-        f"file:    {info['file']}",
-        f"format:  {info['format']}, {info['bytes'] / 1e9:.2f} GB, {info['tensors']} tensors ({dts})",
-    ]
-    if info.get("model_type"):
-        lines.append(f"type:    {info['model_type']}: {info['description']}")
-        lines += [f"         - {r}" for r in info["reasons"]]
-    else:
-        lines.append(f"type:    unknown: {info.get('error')}")
-    if info["ema_tensors"]:
-        lines.append(f"ema:     {info['ema_tensors']} model_ema.* tensors (an EMA copy of the UNet)")
-    apdm = info["apdm"]
-    if not apdm:
-        lines.append("apdm:    no APDM metadata (not written by apdm)")
-    else:
-        state = "protected" if apdm.get("protected") == "true" else "not protected (conversion only)"
-        lines.append(
-            f"apdm:    {state}; written by {apdm.get('tool')} {apdm.get('version')} on {apdm.get('created')}"
-        )
-        lines.append(f"         source sha256 {apdm.get('source_sha256')}")
-        if isinstance(apdm.get("config"), dict):
-            cfg = apdm["config"]
-            keys = (
-                "loss",
-                "accumulation",
-                "outer_steps",
-                "inner_steps",
-                "lr_protect",
-                "beta",
-                "class_prompt",
-                "seed",
-            )
-            lines.append("         config: " + ", ".join(f"{k}={cfg[k]!r}" for k in keys if k in cfg))
-        if isinstance(apdm.get("subjects"), dict):
-            s = apdm["subjects"]
-            lines.append(f"         subjects: {s.get('count')} image(s), stored as salted sha256 only")
-        if apdm.get("dropped"):
-            lines.append(f"         dropped from the source: {apdm['dropped']}")
-    for name, ok in matches or []:
-        lines.append(
-            f"subject: {name}: {'PROTECTED in this file' if ok else 'not among the protected subjects'}"
-        )
-    if info["metadata"]:
-        lines.append("other metadata: " + ", ".join(sorted(info["metadata"])))
-    return "\n".join(lines)

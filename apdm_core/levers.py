@@ -38,6 +38,8 @@ PROTECT_LAYERS = {  # protect_layers -> which UNet parameters the protection cha
     "all": lambda name: True,
     "attention": lambda name: ".attn1." in name or ".attn2." in name,
     "cross_attention": lambda name: ".attn2." in name,
+    # the keys and values of the cross-attention: the only weights that read the text embeddings
+    "cross_attention_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
 }
 
 

@@ -197,6 +197,20 @@ def test_compare_writes_a_readable_report(tiny_model_dir, subject_dir, tmp_path,
     assert len(list((out / "samples" / "protected").glob("*.png"))) == 3
     assert not (tmp_path / "report.apdm-compare").exists()
     assert result.value("dino", "unprotected") == rows["dino"]["unprotected"]
+    # where the attack started (the unprotected model without it) and the efficiency against it
+    u, p, b = rows["denoise"]["unprotected"], rows["denoise"]["protected"], rows["denoise"]["unattacked"]
+    assert isinstance(b, float) and rows["denoise"]["efficiency"] == pytest.approx((u - p) / (u - b))
+    # what the protection cost before any attack: the utility prompts on both models, same seeds
+    (cls_row, unrelated) = report["utility"]
+    assert cls_row["prompt"] == "a photo of person" and unrelated["prompt"] == "a photo of a house"
+    assert 0 < cls_row["similarity"] < 1 and cls_row["quality"] is None  # no judge for these prompts
+    assert "What the protection cost (no attack)" in summary and "| a photo of a house |" in summary
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] > 8 * 150  # reference, unattacked, 2 attacked, 2 x 2 utility rows
+    same = compare(
+        base, base, subject_dir, attack, ev.replace(metrics=["denoise"], utility_prompts=["a photo of {cls}"])
+    )
+    assert same.report["utility"][0]["similarity"] == pytest.approx(1.0)
 
 
 def test_compare_stops_and_resumes_without_redoing_a_finished_arm(tiny_model_dir, subject_dir, tmp_path,

@@ -243,3 +243,33 @@ def test_a_run_stopped_inside_a_lora_episode_resumes_exactly(fast_config, tmp_pa
     assert {h["attacker"] for h in full.history} >= {"full"} and any(
         h["attacker"].startswith("lora") for h in full.history
     )
+
+
+def test_the_null_space_edit_keeps_the_class_prompts_keys_and_values(fast_config):
+    """With null_space, no change of a cross-attention to_k / to_v weight has a component along the kept
+    span of the class prompt's token embeddings: those keys and values stay as they were (what can move is
+    the energy share left out), and nothing but to_k / to_v changes with protect_layers='cross_attention_kv'."""
+    from apdm_core.l2p.nullspace import kept_basis
+
+    cfg = fast_config(protect_layers="cross_attention_kv", null_space=0.99, loss="target", outer_steps=2,
+                      lr_protect=1e-2)  # fmt: skip
+    trainer = make_trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    for _ in range(2):
+        trainer.outer_step()
+    tokens = trainer.data.class_embeds[0].double()
+    basis = kept_basis(tokens, 0.99)
+    kept = tokens @ basis.T @ basis  # the class tokens' part inside the kept span
+    assert (
+        basis.shape[0] < tokens.shape[-1] and float((tokens - kept).norm() ** 2 / tokens.norm() ** 2) <= 0.01
+    )
+    kv = 0
+    for n, p in trainer.unet.named_parameters():
+        dw = (p.detach() - before[n]).double()
+        if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")):
+            kv += 1
+            assert float(dw.abs().max()) > 0, n
+            assert float((kept @ dw.T).abs().max()) <= 1e-5 * float(dw.abs().max()) * tokens.abs().max(), n
+        else:
+            assert torch.equal(dw, torch.zeros_like(dw)), n  # nothing else changes
+    assert kv > 0

@@ -365,7 +365,7 @@ def test_a1111_save_goes_to_the_checkpoint_folder_and_refreshes_the_list(a1111, 
     module, _ = a1111
     from modules import sd_models
 
-    from apdm_core.export import inspect_checkpoint
+    from apdm_core.export_cli import inspect_checkpoint
 
     app = ui.ProtectApp(module.A1111Host())
     views = run_protect(app, sd_models.checkpoint_tiles()[0], subject_dir, tmp_path / "cache",

@@ -34,6 +34,15 @@ class EvalConfig(ConfigIO):
     eval_guidance: float = _f(7.5, "Classifier-free guidance of the samples.", group="sampling")
     eval_batch_size: int = _f(4, "Samples generated per batch.", group="sampling")
     eval_resolution: int = _f(0, "Sample size in pixels; 0 = the model's native size.", group="sampling")
+    utility_prompts: list[str] = _f(
+        ["a photo of {cls}", "a photo of a house"],
+        "What the protection may cost, shown in the report before any attack: these prompts ({cls} = the class "
+        "noun) on the unprotected and the protected model with the same seeds; empty = none.",
+        group="sampling",
+    )
+    utility_samples: int = _f(
+        8, "Samples per utility prompt and model (0 = no utility rows).", group="sampling"
+    )
     metrics: list[str] = _f(
         list(DEFAULT_METRICS),
         "Metrics to compute (registered names); one whose library or weights are missing is skipped "
@@ -73,7 +82,7 @@ class EvalConfig(ConfigIO):
         self.check_choices()
         self.check_ranges(
             at_least_one=("num_samples", "eval_steps", "eval_batch_size", "denoise_repeats"),
-            non_negative_int=("eval_seed", "eval_resolution"),
+            non_negative_int=("eval_seed", "eval_resolution", "utility_samples"),
             non_negative=("eval_guidance",),
         )
         if self.eval_resolution % 8:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .. import __version__
 from ..attack import AttackConfig, run_attack
+from ..card import measured_record
 from ..data import center_square
 from ..driver import preflight
 from ..errors import InputError
@@ -34,12 +35,15 @@ from ..progress import ProgressCallback, StopCheck
 from .config import EvalConfig
 from .core import evaluate, load_references
 from .metrics import MetricResult
+from .utility import utility_rows
 
 log = logging.getLogger(__name__)
 
 ARMS = ("unprotected", "protected")
-ARM_LABELS = {"unprotected": "unprotected + attack", "protected": "protected + attack"}
-REPORT_VERSION = 1
+UNATTACKED = "unattacked"  # the unprotected model before the attack: where the attack started from
+ARM_LABELS = {"unprotected": "unprotected + attack", "protected": "protected + attack",
+              UNATTACKED: "unprotected, no attack"}  # fmt: skip
+REPORT_VERSION = 2  # 2: the unattacked arm, efficiency, utility rows
 
 
 @dataclass
@@ -60,6 +64,7 @@ class CompareResult:
     out_dir: Path | None = None
     cancelled: bool = False
     work_dir: Path | None = None  # where a stopped compare keeps its progress
+    utility: list = field(default_factory=list)  # UtilityRow per utility prompt (no attack)
 
     def value(self, metric: str, arm: str) -> float | None:
         return self.arms[arm].metrics.get(metric, {}).get("value")
@@ -200,33 +205,52 @@ def compare(
     if work.exists() and not resume:
         remove_work_dir(work)  # only ever a folder this tool made
     make_work_dir(work)
-    arms: dict[str, ArmResult] = {}
     t0 = time.perf_counter()
+    arms = _run_arms(base, protected, images, refs, attack_config, eval_config, heldout, work, progress,
+                     should_stop, resume, identity)  # fmt: skip
+    if arms is None:
+        return CompareResult({}, {}, None, cancelled=True, work_dir=work)
+    utility = utility_rows(
+        base, protected, attack_config.resolved().class_noun, eval_config, progress, should_stop
+    )
+    report = build_report(base, protected, refs, attack_config, eval_config, arms, protection_history, heldout,
+                          time.perf_counter() - t0, utility)  # fmt: skip
+    protected.info.setdefault("measured", []).append(measured_record(report))  # an export carries it
+    result = CompareResult(report, arms, utility=utility)
+    if out is not None:
+        result.out_dir = write_report(
+            out, report, refs, arms, protection_history, grid_columns, overwrite, utility
+        )
+    remove_work_dir(work)
+    return result
+
+
+def _run_arms(base, protected, images, refs, attack_config, eval_config, heldout, work, progress, should_stop,
+              resume, identity) -> dict[str, ArmResult] | None:  # fmt: skip
+    """The attack on each model, evaluated, and the unprotected model evaluated without an attack (where
+    the attack started from); each kept in ``work`` as it finishes. None when stopped."""
+    arms: dict[str, ArmResult] = {}
     for name, model in zip(ARMS, (base, protected)):
         arm = _load_arm(work, name, identity) if resume else None
         if arm is None:
             arm = _run_arm(name, model, images, refs, attack_config, eval_config, heldout, work, progress,
                            should_stop, resume)  # fmt: skip
             if arm is None:
-                return CompareResult({}, arms, None, cancelled=True, work_dir=work)
+                return None
             _save_arm(work, name, arm, identity)
         arms[name] = arm
-    report = build_report(
-        base,
-        protected,
-        refs,
-        attack_config,
-        eval_config,
-        arms,
-        protection_history,
-        heldout,
-        time.perf_counter() - t0,
-    )
-    result = CompareResult(report, arms)
-    if out is not None:
-        result.out_dir = write_report(out, report, refs, arms, protection_history, grid_columns, overwrite)
-    remove_work_dir(work)
-    return result
+    arm = _load_arm(work, UNATTACKED, identity) if resume else None
+    if arm is None:
+        cfg = attack_config.resolved()
+        ev = evaluate(base, refs, eval_config, identifier=cfg.identifier, class_noun=cfg.class_noun,
+                      instance_prompt=cfg.instance_prompt, heldout=heldout, progress=progress,
+                      should_stop=should_stop)  # fmt: skip
+        arm = ArmResult(
+            {k: m.to_dict() for k, m in ev.metrics.items()}, [], ev.prompts, ev.samples, 0, 0.0, ev.seconds
+        )
+        _save_arm(work, UNATTACKED, arm, identity)
+    arms[UNATTACKED] = arm
+    return arms
 
 
 def check_report_paths(out: Path, overwrite: bool, models, images, heldout) -> None:
@@ -265,15 +289,21 @@ def _describe_source(model: SDModel) -> dict:
 
 
 def metric_rows(arms: dict[str, ArmResult]) -> list[dict]:
-    """One row per metric: both values, the change, and whether it points to 'attack failed'."""
+    """One row per metric: both values after the attack, the change, whether it points to 'attack
+    failed', and (with the unattacked model measured) the efficiency: the share of the attack's change
+    on the unprotected model that the protection took away, (unprotected - protected) / (unprotected -
+    unattacked); 1 = the protected model after the attack is where the attack started, 0 = no protection."""
     rows = []
+    before = arms.get(UNATTACKED)
     for name in arms["unprotected"].metrics:
         u, p = arms["unprotected"].metrics[name], arms["protected"].metrics.get(name, {})
         uv, pv = u.get("value"), p.get("value")
+        bv = before.metrics.get(name, {}).get("value") if before is not None else None
         row = {
             "metric": name,
             "unprotected": uv,
             "protected": pv,
+            "unattacked": bv,
             "protected_if": u["protected_if"],
             "description": u.get("description", ""),
             "skipped": u.get("skipped") or p.get("skipped") or "",
@@ -281,13 +311,16 @@ def metric_rows(arms: dict[str, ArmResult]) -> list[dict]:
         if uv is not None and pv is not None:
             row["change"] = pv - uv
             row["protection_effect"] = (pv < uv) if u["protected_if"] == "lower" else (pv > uv)
+            if bv is not None and abs(uv - bv) > 1e-9:
+                row["efficiency"] = (uv - pv) / (uv - bv)
         rows.append(row)
     return rows
 
 
 def build_report(
-    base, protected, refs, attack_config, eval_config, arms, protection_history, heldout, seconds: float
-) -> dict:
+    base, protected, refs, attack_config, eval_config, arms, protection_history, heldout, seconds: float,
+    utility=(),
+) -> dict:  # fmt: skip
     return {
         "version": REPORT_VERSION,
         "apdm_version": __version__,
@@ -299,6 +332,7 @@ def build_report(
         "references": len(refs),
         "heldout": "given" if heldout else "the attack images (in-sample)",
         "metrics": metric_rows(arms),
+        "utility": [row.to_dict() for row in utility],
         "arms": {
             name: {k: v for k, v in arm.__dict__.items() if k != "samples"} for name, arm in arms.items()
         },
@@ -326,17 +360,30 @@ def summary_markdown(report: dict) -> str:
         f"Samples: {report['eval_config']['num_samples']} per model, {report['eval_config']['eval_steps']} steps, "
         f"guidance {report['eval_config']['eval_guidance']:g}. Held-out images: {report['heldout']}.",
         "",
-        "| metric | unprotected + attack | protected + attack | change | protected if | protection effect |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| metric | unprotected, no attack | unprotected + attack | protected + attack | change | protected if "
+        "| protection effect | efficiency |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["metrics"]:
         if r["unprotected"] is None or r["protected"] is None:
             continue
         effect = "yes" if r["protection_effect"] else "no"
         lines.append(
-            f"| {r['metric']} | {_fmt(r['unprotected'])} | {_fmt(r['protected'])} | "
-            f"{r['change']:+.4g} | {r['protected_if']} | {effect} |"
+            f"| {r['metric']} | {_fmt(r.get('unattacked'))} | {_fmt(r['unprotected'])} | {_fmt(r['protected'])} | "
+            f"{r['change']:+.4g} | {r['protected_if']} | {effect} | {_fmt(r.get('efficiency'))} |"
         )
+    lines += ["", "Efficiency: the share of the attack's change on the unprotected model that the protection took "
+              "away (1 = the protected model after the attack is where the unprotected one started)."]  # fmt: skip
+    if report.get("utility"):
+        lines += ["", "## What the protection cost (no attack)", "",
+                  "The same prompts and seeds on both models before any attack. Similarity: SSIM of the protected "
+                  "model's image to the unprotected one's (1 = unchanged). Quality: share of the images showing what "
+                  "the prompt names, where a judge knows it.", "",
+                  "| prompt | similarity | quality unprotected | quality protected |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for u in report["utility"]:
+            q = u.get("quality") or {}
+            lines.append(f"| {u['prompt']} | {u['similarity']:.3f} | {_fmt(q.get('unprotected'))} "
+                         f"| {_fmt(q.get('protected'))} |")  # fmt: skip
     skipped = [r for r in report["metrics"] if r["skipped"]]
     if skipped:
         lines += ["", "Skipped metrics:", ""] + [f"- `{r['metric']}`: {r['skipped']}" for r in skipped]
@@ -358,10 +405,15 @@ def _figure(width: float, height: float):
 
 
 def save_grid(
-    path: Path, refs, arms: dict[str, ArmResult], title: str, columns: int = 6, thumb: int = 256
+    path: Path, refs, arms: dict[str, ArmResult], title: str, columns: int = 6, thumb: int = 256, utility=()
 ) -> Path:
-    """A labelled PNG grid: reference row, then one row of samples per arm."""
-    rows = [("reference", refs)] + [(ARM_LABELS[n], arms[n].samples) for n in ARMS if n in arms]
+    """A labelled PNG grid: reference row, the unattacked model, one row of samples per attacked model,
+    then what the protection cost: each utility prompt on the unprotected and the protected model."""
+    rows = [("reference", refs)] + [
+        (ARM_LABELS[n], arms[n].samples) for n in (UNATTACKED, *ARMS) if n in arms
+    ]
+    for u in utility:
+        rows += [(f"{name}:\n{u.prompt}", u.samples[name]) for name in ("unprotected", "protected")]
     ncols = max(1, min(columns, max(len(images) for _, images in rows)))
     fig = _figure(1.0 + 2.0 * ncols, 0.6 + 2.1 * len(rows))
     axes = fig.subplots(len(rows), ncols, squeeze=False)
@@ -401,7 +453,7 @@ def save_loss_plot(path: Path, arms: dict[str, ArmResult], protection_history: l
 
 
 def write_report(
-    out: Path, report: dict, refs, arms, protection_history, columns: int, overwrite: bool
+    out: Path, report: dict, refs, arms, protection_history, columns: int, overwrite: bool, utility=()
 ) -> Path:
     rows = {r["metric"]: r for r in report["metrics"]}
     title = f"{report['attack_config']['kind']} attack"
@@ -418,7 +470,7 @@ def write_report(
             for i, im in enumerate(arm.samples):
                 im.save(tmp / "samples" / name / f"{i:03d}.png")
             (tmp / "samples" / name / "prompts.json").write_text(json.dumps(arm.prompts, indent=1))
-        save_grid(tmp / "grid.png", refs, arms, title, columns)
+        save_grid(tmp / "grid.png", refs, arms, title, columns, utility=utility)
         save_loss_plot(tmp / "losses.png", arms, protection_history)
         (tmp / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")

@@ -33,6 +33,7 @@ from ..progress import Tracker
 from ..training import dreambooth_loss
 from .data import ProtectionData, identifier_prompts
 from .episode import Attacker
+from .nullspace import NullSpace
 from .placement import Weights
 
 STATE_VERSION = 1
@@ -80,6 +81,12 @@ class L2PTrainer:
         self.optimizer = self.weights.adamw(self.weights.protected_params, config.lr_protect)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.attacker = Attacker(config, self.weights, self.generator)
+        self.null_space = None  # the class (and anchor) prompts' keys and values kept as they were
+        if config.null_space > 0:
+            kept = [data.class_embeds]
+            if config.null_space_anchors and data.anchor is not None:
+                kept.append(data.anchor.embeds)
+            self.null_space = NullSpace(self.weights.unet, torch.cat(kept), config.null_space)
         self.persistent = config.resync_every > 1
         self.inner_batch = config.inner_batch_size or config.batch_size
         self.step = 0
@@ -235,7 +242,10 @@ class L2PTrainer:
             self._check(loss, self.method.name, f"outer step {self.step + 1}")
             stats.update(method_stats)
         before = [p.detach().clone() for p in w.params] if self.persistent else None
+        kept = self.null_space.snapshot() if self.null_space is not None else None
         self.optimizer.step()
+        if kept is not None:
+            self.null_space.project(kept)
         w.clear_theta_grads()
         if before is not None:
             w.follow_theta(before)

@@ -33,18 +33,14 @@ Layout: ``rows`` (the rows and their settings), ``runner`` (``Runner``, ``Cell``
 
 from __future__ import annotations
 
+from .cells import Cell, ResultCache, cells_from_dicts, cells_to_dicts, evaluator_fingerprint
 from .report import markdown_comparison, markdown_table, markdown_worst_case, plot_curves, plot_frontier
 from .rows import *  # noqa: F403  (the rows and their settings: efficacy.PROTECT_SETTINGS, ...)
 from .rows import __all__ as _rows_all
 from .runner import (
-    Cell,
-    ResultCache,
     Runner,
     WorldJudge,
-    cells_from_dicts,
-    cells_to_dicts,
     class_quality,
-    evaluator_fingerprint,
     method_success,
     score_samples,
     scratch_model,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ...plots import save_figure
+from .cells import Cell
 from .rows import ATTACKS, COMPARISON_ATTACKS, IMAGE_SETTINGS
-from .runner import Cell
 from .summary import curve_points
 
 

@@ -4,7 +4,6 @@ way, sample and score with the world's evaluator; unprotected cells kept in a re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -16,6 +15,7 @@ import numpy as np
 
 from ...progress import ProgressCallback, StopCheck
 from .. import render
+from .cells import Cell, ResultCache, evaluator_fingerprint
 from .rows import (
     ATTACK_SETTINGS,
     OTHER_SUBJECT,
@@ -74,65 +74,6 @@ def unet_vector(unet):
     import torch
 
     return torch.cat([p.detach().flatten().float() for p in unet.parameters()])
-
-
-@dataclass
-class Cell:
-    """The numbers of one row for one (subject, seed), after ``steps`` attack steps."""
-
-    row: str
-    subject: int
-    seed: int
-    similarity: float
-    identity_match: float
-    class_quality: float | None = None
-    unrelated_quality: float | None = None
-    protect_s: float = 0.0
-    attack_s: float = 0.0
-    gated: float | None = None  # class-gated similarity (None in tables written before it existed)
-    class_rate: float | None = None  # fraction of the instance-prompt samples recognised as the class
-    steps: int | None = None  # attack steps done when scored (None: the row's standard budget)
-    weight_change: float | None = None  # ||theta_attacked - theta|| / ||theta|| of the UNet (dreambooth)
-    backdoor: float | None = None  # PersGuard rows: fraction of samples showing the backdoor
-    psnr: float | None = None  # image-level rows: mean PSNR / SSIM of the protected photos vs the originals
-    ssim: float | None = None
-
-    @property
-    def score(self) -> float:
-        """The similarity the tables compare: gated where measured, else the raw similarity."""
-        return self.similarity if self.gated is None else self.gated
-
-
-class ResultCache:
-    """Cells of unprotected rows (base, scratch) kept in a JSON file across benchmark runs.
-
-    Their numbers do not depend on any protection setting, and research runs compare many
-    protections against the same unprotected and from-scratch curves.
-    """
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path else None
-        self.data: dict[str, list[dict]] = {}
-        if self.path and self.path.exists():
-            self.data = json.loads(self.path.read_text())
-
-    @staticmethod
-    def key(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-    def get(self, key: str) -> list[Cell] | None:
-        items = self.data.get(key)
-        return cells_from_dicts(items) if items is not None else None
-
-    def put(self, key: str, cells: list[Cell]) -> None:
-        if self.path is None:
-            return
-        from ...fileio import atomic_write_text
-
-        if self.path.exists():  # another benchmark process may have added cells meanwhile
-            self.data = {**json.loads(self.path.read_text()), **self.data}
-        self.data[key] = cells_to_dicts(cells)
-        atomic_write_text(self.path, json.dumps(self.data))
 
 
 class Runner:
@@ -478,24 +419,7 @@ def method_success(config, samples, judge) -> float | None:
     return get_method(config.method).success_rate(samples, config, judge)
 
 
-def evaluator_fingerprint(evaluator) -> str:
-    """sha256 of the evaluator's weights: cached scores are only reused with the same evaluator."""
-    h = hashlib.sha256()
-    for name, t in sorted(evaluator.net.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def view_prompt_map(view, config) -> dict[str, str]:
     """Textual inversion samples with its learned token; the other attacks use the prompt as is."""
     token = view.info.get("token")
     return {config.identifier: token} if token else {}
-
-
-def cells_to_dicts(cells: list[Cell]) -> list[dict]:
-    return [dataclasses.asdict(c) for c in cells]
-
-
-def cells_from_dicts(items: list[dict]) -> list[Cell]:
-    return [Cell(**item) for item in items]

@@ -7,8 +7,8 @@ import dataclasses
 
 import numpy as np
 
+from .cells import Cell
 from .rows import RECOVERY_ATTACKS, SWEEP_ATTACKS, Row, make_row
-from .runner import Cell
 
 
 def row_of(name: str, variants: dict[str, dict] | None = None) -> Row:

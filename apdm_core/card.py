@@ -1,0 +1,139 @@
+"""What a protected checkpoint says about itself: what its protection was measured to resist, and a
+model card in Hugging Face's layout.
+
+- ``measured_record(report)``: one protection test (``evaluate.compare``) as a record: the attack,
+  per metric the unprotected model before and after the attack and the protected model after it,
+  the efficiency, and what the protection cost (the utility rows). ``compare`` adds it to the
+  protected model's ``info["measured"]``; every export writes the records into the safetensors
+  metadata (``apdm.measured``) or ``apdm_measured.json`` of a folder, and into the card.
+- ``model_card(...)``: README.md for a folder export, ``<name>.md`` beside a single file: the method,
+  its settings (no paths; the instance prompt hashed), the measured rows, the threat model in short.
+- ``format_measured(records)``: the rows as text (``apdm compare`` and ``apdm inspect`` print them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+MEASURED_FILE = "apdm_measured.json"
+CARD_FILE = "README.md"
+ATTACK_KEYS = ("kind", "steps", "lr", "batch_size", "prior_weight")  # no identifier: it may name the subject
+
+
+def measured_record(report: dict) -> dict[str, Any]:
+    """A compare report as a record for the checkpoint (no paths, no prompts with the identifier)."""
+    cfg = report["attack_config"]
+    attack = {k: cfg.get(k) for k in ATTACK_KEYS}
+    if cfg.get("kind") == "lora":
+        attack["lora_rank"] = cfg.get("lora_rank")
+    metrics = {
+        r["metric"]: {
+            k: r.get(k) for k in ("unattacked", "unprotected", "protected", "efficiency", "protected_if")
+        }
+        for r in report["metrics"]
+        if r.get("unprotected") is not None and r.get("protected") is not None
+    }
+    return {"date": report.get("created"), "tool": f"apdm {report.get('apdm_version', __version__)}", "attack": attack,
+            "metrics": metrics, "utility": report.get("utility", [])}  # fmt: skip
+
+
+def card_path(output: str | Path) -> Path:
+    """Where an export's model card goes: README.md inside a folder, ``<name>.md`` beside a single file."""
+    output = Path(output)
+    if output.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        return output.with_suffix(".md")
+    return output / CARD_FILE
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def measured_rows(records: list[dict]) -> list[str]:
+    """One Markdown table row per (test, metric)."""
+    rows = []
+    for rec in records:
+        a = rec.get("attack", {})
+        attack = f"{a.get('kind')} {a.get('steps')} steps, lr {_fmt(a.get('lr'))}" + (
+            f", rank {a['lora_rank']}" if a.get("lora_rank") else ""
+        )
+        for name, m in rec.get("metrics", {}).items():
+            rows.append(f"| {attack} | {name} | {_fmt(m.get('unattacked'))} | {_fmt(m.get('unprotected'))} "
+                        f"| {_fmt(m.get('protected'))} | {_fmt(m.get('efficiency'))} | {(rec.get('date') or '')[:10]} |")  # fmt: skip
+    return rows
+
+
+MEASURED_HEAD = [
+    "| attack | metric | unprotected, no attack | unprotected + attack | protected + attack | efficiency | date |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+]
+
+
+def format_measured(records: list[dict]) -> str:
+    """What the checkpoint was measured to resist, as a Markdown table ('' when nothing was measured)."""
+    if not records:
+        return ""
+    lines = ["What this checkpoint's protection was measured to resist (apdm compare):", "", *MEASURED_HEAD,
+             *measured_rows(records)]  # fmt: skip
+    for rec in records:
+        for u in rec.get("utility") or []:
+            q = u.get("quality") or {}
+            lines.append(f"- no attack, \"{u['prompt']}\": similarity to the unprotected model {u['similarity']:.3f}"
+                         + (f", quality {_fmt(q.get('unprotected'))} -> {_fmt(q.get('protected'))}" if q else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def model_card(
+    title: str, method: str, settings: dict | None, measured: list[dict], subjects: dict | None
+) -> str:
+    """The model card (Hugging Face layout: YAML front matter, then Markdown) of a protected export."""
+    count = (subjects or {}).get("count")
+    front = ["---", "library_name: diffusers", "tags:", "- stable-diffusion", "- apdm", "- anti-personalization",
+             "- protected", "---", ""]  # fmt: skip
+    lines = [
+        *front,
+        f"# {title} (protected with APDM)",
+        "",
+        f"This checkpoint was changed by [apdm]({'https://arxiv.org/abs/2511.01307'}) {__version__} so that "
+        f"personalizing it on {count or 'some'} protected subject(s) (DreamBooth-style fine-tuning on their photos) "
+        "learns less of them, while everything else should still generate and personalize as before.",
+        "",
+        "## Protection",
+        "",
+        f"Method: {method}.",
+        "",
+    ]
+    if settings:
+        lines += ["| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(settings.items())]
+        lines.append("")
+    lines += ["## Measured", ""]
+    if measured:
+        lines += [
+            "Each row: one attack run the same way on the unprotected and this model (`apdm compare`). Efficiency: the "
+            "share of the attack's change on the unprotected model that the protection took away (1 = after the "
+            "attack the protected model is where the unprotected one started, 0 = no protection).",
+            "",
+            *MEASURED_HEAD,
+            *measured_rows(measured),
+            "",
+        ]
+    else:
+        lines += ["No protection test was run before this export (`apdm compare`, the Test Personalization node or "
+                  "the tab's Test personalization add one).", ""]  # fmt: skip
+    lines += [
+        "## What the protection promises, and what it does not",
+        "",
+        "- It is meant for a model whose unprotected original the attacker cannot get: with the original, "
+        "the protection is void.",
+        "- It makes personalization of the protected subjects slower, not impossible: an attacker who fine-tunes "
+        "long enough (or with other settings than those measured) learns the subject. The apdm README's "
+        '"Protection that holds" section reports how much longer, and against which attackers, on its demo world.',
+        "- The subjects are recorded as salted hashes only (`apdm inspect --subjects PHOTOS` checks a photo).",
+        "",
+    ]
+    return "\n".join(lines)
