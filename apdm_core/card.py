@@ -137,3 +137,19 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def format_rounds(record: dict | None) -> str:
+    """The protected subjects a checkpoint records, round by round (a subject added to a protected model
+    is a new round; the earlier ones stay listed): '' for a record of nothing."""
+    if not isinstance(record, dict) or "hashes" not in record:
+        return ""
+    rounds = [*record.get("earlier", []), record]
+    lines = ["Protected subjects (stored as salted hashes; `apdm inspect --subjects PHOTOS` checks photos):"]
+    for i, r in enumerate(rounds, 1):
+        when = f", {str(r['created'])[:10]}" if r.get("created") else ""
+        method = f", {r['method']}" if r.get("method") else ""
+        lines.append(
+            f"- round {i}: {r.get('count')} photos of {r.get('subjects', 1)} subject(s){method}{when}"
+        )
+    return "\n".join(lines)

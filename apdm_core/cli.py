@@ -88,6 +88,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from .protection import protect
 
     config = config_from_args(args)
+    if args.subject:  # --subject PHOTOS INSTANCE_PROMPT CLASS_PROMPT, repeated: more subjects in one run
+        more = [{"images": [d], "instance_prompt": i, "class_prompt": c} for d, i, c in args.subject]
+        config = config.replace(subjects=[*config.subjects, *more])
     if not config.model:
         raise APDMError("--model is required (a diffusers folder or a .safetensors checkpoint).")
     if not config.images:
@@ -232,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Accept a pickle .ckpt model (read with torch.load(weights_only=True)); only for files you trust.",
     )
-    add_config_arguments(p)
+    p.add_argument("--subject", nargs=3, action="append", metavar=("PHOTOS", "INSTANCE_PROMPT", "CLASS_PROMPT"),
+                   help="Another subject to protect in the same run (repeat it for more): its photo folder, "
+                        "its instance prompt (with its own identifier) and its class prompt.")  # fmt: skip
+    add_config_arguments(p, exclude=("subjects",))
     p.set_defaults(func=cmd_protect)
 
     c = sub.add_parser("config", help="Print a full config (to edit and pass with --config).")

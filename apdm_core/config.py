@@ -15,6 +15,8 @@ from typing import Any
 from .configio import ConfigIO, _f
 from .errors import InputError
 from .methods import METHODS, method_settings_classes
+from .presets import PRESETS
+from .subjects import SUBJECT_KEYS, Subject, check_subjects, identifier_word  # noqa: F401
 
 ACCUMULATIONS = ("protect", "protect+personalize")
 PAIR_ORDERS = ("name", "listdir")
@@ -41,6 +43,7 @@ PATH_FIELDS = frozenset(
         "dino_model",
         "clip_model",
         "backdoor_images",
+        "subjects",
     }
 )
 
@@ -95,6 +98,13 @@ class RunSettings(ConfigIO):
     )
     output: str = _f(
         "", "Where to write the protected model (a new folder or .safetensors file).", group="io"
+    )
+    subjects: list[dict] = _f(
+        [],
+        "More subjects protected in the same run, each a mapping with images (a folder or files), "
+        "instance_prompt and class_prompt (and optionally class_images); the outer steps take the subjects in "
+        "turn (an attacker episode each). CLI: --subject FOLDER 'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
+        group="io",
     )
     class_images: str = _f(
         "", "Optional folder of your own class images; missing ones are generated.", group="io"
@@ -375,6 +385,7 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
                 "(every outer step takes at least one protection gradient)."
             )
         self.check_resolution_and_prompts()
+        self.check_subjects()
         self.check_lever_combinations()
         for settings in method_settings_classes():  # each method checks its own settings
             settings.check(self)
@@ -386,6 +397,31 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
                 "turn offload_outer off."
             )
         return self
+
+    def all_subjects(self, images=None, subject_images=None) -> list[Subject]:
+        """The primary subject (``images``, the instance and class prompts) and each of ``subjects``;
+        ``images`` / ``subject_images`` replace their photos with preloaded ones (a host's)."""
+        primary = Subject(tuple(self.images if images is None else images), self.instance_prompt, self.class_prompt,
+                          self.class_images)  # fmt: skip
+        extra = []
+        for i, s in enumerate(self.subjects):
+            photos = s.get("images", ())
+            if subject_images is not None and i < len(subject_images) and subject_images[i] is not None:
+                photos = subject_images[i]
+            photos = [photos] if isinstance(photos, (str, Path)) else list(photos)
+            extra.append(Subject(tuple(photos), s.get("instance_prompt", ""), s.get("class_prompt", ""),
+                                 s.get("class_images", "")))  # fmt: skip
+        return [primary, *extra]
+
+    def for_subject(self, subject: Subject) -> ProtectConfig:
+        """This run's settings with ``subject``'s prompts and photos in the primary place (one subject)."""
+        images = [str(p) for p in subject.images if isinstance(p, (str, Path))]
+        return self.replace(images=images, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt,
+                            class_images=subject.class_images, subjects=[])  # fmt: skip
+
+    def check_subjects(self) -> None:
+        """Every subject has photos and both prompts; no two subjects share an identifier."""
+        check_subjects(self.subjects, self.all_subjects)
 
     def check_lever_combinations(self) -> None:
         """Combinations of levers that cannot run together (found here, before pairs are made)."""
@@ -427,52 +463,3 @@ PERFORMANCE_ONLY = {
     "distributed",
 }
 RUN_IDENTITY_EXCLUDE |= PERFORMANCE_ONLY
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's settings (the defaults).
-    "paper": {},
-    # What the released reference code (KU-VGI/APDM protect.py) computes: it never zeroes the
-    # personalization gradient, applies log-sigmoid per latent element, pairs by directory order.
-    "reference": {"accumulation": "protect+personalize", "dpo_reduction": "element", "pair_order": "listdir"},
-    # Short runs for a first look in a UI; protection is weaker than the paper's.
-    "quick": {"outer_steps": 100, "inner_steps": 10, "num_class_images": 50},
-    # What made protection hold (for a while) in the demo world (README "Protection that holds"): the
-    # bounded target loss at the attacked weights, a persistent simulated attacker that sees
-    # resync_every x inner_steps = 400 attack steps, clipped like DreamBooth, the protection gradient at
-    # every 2nd attack step, only the cross-attention layers changed, and the distillation anchor
-    # (add anchor_prompts for the classes you want kept). Learning rates stay the paper's (5e-6 on both
-    # paths, as an SD1.5 DreamBooth attacker uses). Measured on the demo world only, not on SD1.5.
-    "robust": {
-        "loss": "target",
-        "outer_steps": 100,
-        "inner_steps": 20,
-        "resync_every": 20,
-        "protect_every": 2,
-        "protect_layers": "cross_attention",
-        "inner_max_grad_norm": 1.0,
-        "anchor_weight": 3.0,
-    },
-    "thorough": {"outer_steps": 1200, "inner_steps": 20},
-    # The paper's settings computed faster on a GPU (README "Performance"): bf16 autocast with fp32
-    # master weights, a bf16 reference UNet, channels_last.
-    "fast": {"mixed_precision": "bf16", "ref_precision": "bf16", "channels_last": True},
-    # fast + everything that saves memory without changing the optimizer (estimate for SD1.5 at
-    # 512 px in the README: about 16 GB).
-    "low-memory": {
-        "mixed_precision": "bf16",
-        "ref_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer_in_backward": True,
-        "offload_outer": True,
-    },
-    # low-memory + 8-bit AdamW moments for the simulated attacker (bitsandbytes, CUDA): fits 12 GB
-    # for SD1.5 at 512 px by the estimate in the README.
-    "low-memory-8bit": {
-        "mixed_precision": "bf16",
-        "ref_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer_in_backward": True,
-        "offload_outer": True,
-        "optimizer": "adamw8bit",
-    },
-}

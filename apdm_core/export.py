@@ -58,7 +58,7 @@ def method_description(config) -> str:
 
 
 # ProtectConfig fields that are local paths: never written into a shared file.
-PRIVATE_FIELDS = ("model", "images", "output", "class_images", "cache_dir", "state_path")
+PRIVATE_FIELDS = ("model", "images", "output", "class_images", "cache_dir", "state_path", "backdoor_images")
 # The protection record of a protected diffusers folder (the safetensors metadata of a single file).
 CONFIG_FILE, SUBJECTS_FILE = "apdm_config.json", "apdm_subjects.json"
 SUBJECT_SCHEME = "sha256(salt || sha256(image file bytes)); in-memory images: sha256 of mode|size|RGB bytes"
@@ -159,9 +159,15 @@ def public_config(config, salt: bytes) -> dict[str, Any]:
     """
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     data = {k: v for k, v in data.items() if k not in PRIVATE_FIELDS}
-    prompt = str(data.get("instance_prompt", ""))
-    if not prompt.startswith(HASHED):
-        data["instance_prompt"] = HASHED + _salted(salt, prompt.encode("utf-8"))
+
+    def hashed(prompt) -> str:
+        prompt = str(prompt or "")
+        return prompt if prompt.startswith(HASHED) else HASHED + _salted(salt, prompt.encode("utf-8"))
+
+    data["instance_prompt"] = hashed(data.get("instance_prompt"))
+    if data.get("subjects"):  # the other subjects of the run: their prompts as the first one's, no paths
+        data["subjects"] = [{"instance_prompt": hashed(s.get("instance_prompt")), "class_prompt": s.get("class_prompt")}
+                            for s in data["subjects"]]  # fmt: skip
     model_type = data.get("model_type")
     if model_type and model_type != "auto" and model_type not in MODEL_TYPES:  # a config folder: its name
         data["model_type"] = Path(model_type).name
@@ -173,23 +179,53 @@ def is_subject_record(value) -> bool:
     return isinstance(value, dict) and "salt" in value and "hashes" in value
 
 
-def protection_record(config, subjects=None) -> tuple[dict[str, Any], dict[str, Any]]:
+def protection_record(config, subjects=None, source=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(settings, subject record) of a protection, as every written model carries them.
 
     One salt for the instance prompt's hash and the subject hashes. ``subjects``: the subject
     images (a folder, files or PIL images; default the config's ``images``), or a record made
     earlier (kept as it is, with its salt: a protected folder converted to a single file).
+    ``source``: the checkpoint the protection started from; the rounds it records stay in
+    ``record['earlier']`` (a subject added to an already protected model keeps the earlier ones listed).
     """
     if is_subject_record(subjects):
         return public_config(config, bytes.fromhex(subjects["salt"])), subjects
     salt = os.urandom(16)
+    earlier = earlier_rounds(source)
     if subjects is None:
         subjects = config.get("images") if isinstance(config, dict) else config.images
     try:
         record = subject_record(subjects, salt)
     except InputError as exc:  # the photos moved since the run: say so rather than fail the export
         record = {"scheme": SUBJECT_SCHEME, "salt": salt.hex(), "count": None, "hashes": [], "note": str(exc)}
-    return public_config(config, salt), record
+    settings = public_config(config, salt)
+    record["subjects"] = 1 + len(settings.get("subjects") or [])
+    if earlier:  # a protection of a checkpoint that was protected before: its rounds stay on record
+        record["earlier"] = earlier
+    return settings, record
+
+
+def earlier_rounds(source) -> list[dict]:
+    """The protection rounds a source checkpoint records (a protected single file or folder): its own
+    subject record (with the method and date) after the rounds before it; [] for an unprotected source."""
+    if not source:
+        return []
+    path = Path(source)
+    try:
+        if path.is_dir():
+            settings, record = read_protection(path)
+            method, created = (settings or {}).get("method"), None
+        elif path.suffix.lower() == ".safetensors":
+            meta = read_apdm_metadata(read_checkpoint(path).metadata)
+            record, method, created = meta.get("subjects"), meta.get("method"), meta.get("created")
+        else:
+            return []
+    except (InputError, OSError, ValueError):
+        return []
+    if not is_subject_record(record):
+        return []
+    this = {k: v for k, v in record.items() if k != "earlier"}
+    return [*record.get("earlier", []), {**this, "method": method, "created": created}]
 
 
 def apdm_metadata(
@@ -214,7 +250,7 @@ def apdm_metadata(
         }
     )
     if config is not None:
-        settings, record = protection_record(config, subjects)
+        settings, record = protection_record(config, subjects, model.source)
         meta["apdm.config"] = json.dumps(settings, sort_keys=True)
         meta["apdm.subjects"] = json.dumps(record, sort_keys=True)
     if model.info.get("measured"):
@@ -392,7 +428,7 @@ def write_model(
         )
     extra = None
     if config is not None:
-        settings, record = protection_record(config, subjects)
+        settings, record = protection_record(config, subjects, model.source)
         extra = {CONFIG_FILE: json.dumps(settings, indent=2), SUBJECTS_FILE: json.dumps(record, indent=2)}
         measured = model.info.get("measured") or []
         if measured:
@@ -412,6 +448,19 @@ def card_text(model: SDModel, output: Path, record: dict[str, Any]) -> str:
     title = Path(model.source).stem if model.source else Path(output).stem
     return model_card(title, record.get("method", ""), record.get("config"), record.get("measured") or [],
                       record.get("subjects"))  # fmt: skip
+
+
+def read_subject_record(path: str | Path) -> dict | None:
+    """The subject record of a protected export (single file or folder); None otherwise."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return read_protection(path)[1]
+        if path.suffix.lower() == ".safetensors":
+            return read_apdm_metadata(read_checkpoint(path).metadata).get("subjects")
+    except (InputError, OSError, ValueError):
+        return None
+    return None
 
 
 def read_measured(path: str | Path) -> list[dict]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .card import format_measured
+from .card import format_measured, format_rounds
 from .checkpoint import EMA_PREFIX, MODEL_TYPE_HELP, UNET_PREFIX, read_checkpoint, resolve_model_type
 from .errors import InputError
 from .export import DTYPES, match_subjects, read_apdm_metadata, read_measured, read_protection, write_model
@@ -82,6 +82,8 @@ def format_inspection(info: dict[str, Any], matches: Sequence[tuple[str, bool]] 
         if isinstance(apdm.get("subjects"), dict):
             s = apdm["subjects"]
             lines.append(f"         subjects: {s.get('count')} image(s), stored as salted sha256 only")
+            if s.get("earlier"):
+                lines += ["", format_rounds(s)]
         if apdm.get("dropped"):
             lines.append(f"         dropped from the source: {apdm['dropped']}")
     for name, ok in matches or []:

@@ -25,7 +25,7 @@ from .driver import (
     source_paths,
 )
 from .errors import Cancelled
-from .l2p import STATE_VERSION, L2PTrainer, check_parallel, prepare_data
+from .l2p import STATE_VERSION, L2PTrainer, check_parallel, prepare_subjects
 from .loading import load_model
 from .methods import inactive_settings
 from .models import SDModel, resolve_device
@@ -55,7 +55,13 @@ def identity_settings(config: ProtectConfig) -> dict:
     """The settings that determine the trajectory: all but the number of outer steps, how it runs, and the
     settings of the methods not run (a PersGuard field does not change an APDM run)."""
     skip = RUN_IDENTITY_EXCLUDE | inactive_settings(config.method) | {"model", "images"}
-    return {k: v for k, v in config.to_dict().items() if k not in skip}
+    settings = {k: v for k, v in config.to_dict().items() if k not in skip}
+    if settings.get("subjects"):  # the subjects' prompts; their photos enter the identity by content
+        settings["subjects"] = [{k: v for k, v in s.items() if k in ("instance_prompt", "class_prompt")}
+                                for s in settings["subjects"]]  # fmt: skip
+    else:
+        settings.pop("subjects", None)  # (runs before multi-subject runs existed keep their identity)
+    return settings
 
 
 def protect(
@@ -65,14 +71,17 @@ def protect(
     *,
     model: SDModel | None = None,
     images=None,
+    subject_images=None,
     resume: bool = False,
     keep_state: bool = False,
     overwrite: bool = False,
     restart: bool = False,
 ) -> ProtectResult:
-    """Protect ``config.model`` against personalization of the subject in ``config.images``.
+    """Protect ``config.model`` against personalization of the subject in ``config.images`` (and of
+    each of ``config.subjects``: one run protects them all, the episodes taking them in turn).
 
-    ``model``/``images`` may be passed preloaded (hosts do); the input model is never
+    ``model``/``images`` (and ``subject_images``: one list per entry of ``config.subjects``) may be
+    passed preloaded (hosts do); the input model is never
     modified: the result holds a new protected UNet beside the original components.
     ``progress`` receives a ProgressEvent every inner step; ``should_stop`` is checked every
     inner step and stops the run within one step, saving the resumable state first
@@ -83,7 +92,8 @@ def protect(
     it) or ``restart`` (start over and replace it) the call refuses with an InputError. On Ctrl-C
     the state is saved and the KeyboardInterrupt carries its path as ``state_path``.
     """
-    flags = {"resume": resume, "keep_state": keep_state, "overwrite": overwrite, "restart": restart}
+    flags = {"resume": resume, "keep_state": keep_state, "overwrite": overwrite, "restart": restart,
+             "subject_images": subject_images}  # fmt: skip
     if model is None:
         return _protect(config, progress, should_stop, None, images, **flags)
     saved = ModelState(model)
@@ -130,6 +140,7 @@ def _protect(
     keep_state: bool,
     overwrite: bool,
     restart: bool,
+    subject_images=None,
 ) -> ProtectResult:
     """protect() without the care for a preloaded model's state."""
     config.validate()
@@ -149,10 +160,12 @@ def _protect(
     if config.output:  # fail before hours of training, not after
         check_output(config.output, overwrite, model, tuple(p for _, p in inputs))
     size = config.resolution or model.native_resolution
-    source = images if images is not None else config.images
-    subjects = load_subject_images(
-        source, size, order=config.pair_order, min_side=None if size >= 256 else size
-    )
+    specs = config.all_subjects(images, subject_images)
+    subject_sets = [load_subject_images(list(spec.images), size, order=config.pair_order,
+                                        min_side=None if size >= 256 else size) for spec in specs]  # fmt: skip
+    subjects = [s for group in subject_sets for s in group]  # every subject's photos (identity, export)
+    source = images if images is not None and len(specs) == 1 else (config.images if len(specs) == 1 else
+                                                                     [s.image for s in subjects])  # fmt: skip
     check_parallel(config, parallel)  # before any pairs are made
     run = RunDriver.open(PROTECTION, config, identity_settings(config), model, subjects, inputs, resume=resume,
                          restart=restart, writer=parallel.is_main)  # fmt: skip
@@ -162,7 +175,7 @@ def _protect(
     with torch.inference_mode(False), torch.enable_grad():
         try:
             with parallel.main_first():  # the main process fills the pair cache, the others read it
-                data = prepare_data(config, model, subjects, size, progress, should_stop)
+                data = prepare_subjects(config, model, subject_sets, size, progress, should_stop)
         except Cancelled:
             return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         if device.type == "cuda":  # the frozen encoders are done: free their memory
@@ -235,9 +248,10 @@ def result_model(model: SDModel, unet) -> SDModel:
 
 def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:
     """What a run reads (the model, the subject photos, class images, backdoor images): never written."""
+    others = [p for s in config.all_subjects()[1:] for p in (*s.images, s.class_images)]
     return source_paths(
         model=[config.model, getattr(model, "source", None) or ""],
-        photos=config.images if images is None else images,
+        photos=[*(config.images if images is None else images), *others],
         class_images=config.class_images,
         backdoor_images=config.backdoor_images,
     )

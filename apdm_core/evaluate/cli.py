@@ -202,10 +202,10 @@ def read_history(path: str) -> list[dict]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..attack import AttackConfig
-    from ..card import format_measured
+    from ..card import format_measured, format_rounds
     from ..cli import config_from_args
     from ..driver import source_paths
-    from ..export import read_measured
+    from ..export import read_measured, read_subject_record
     from ..fileio import check_paths
     from ..progress import tqdm_callback
     from .config import EvalConfig
@@ -222,8 +222,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     attack_cfg = config_from_args(args, AttackConfig, file_flag="attack_config")
     eval_cfg = config_from_args(args, EvalConfig, file_flag="eval_config")
     history = read_history(args.protection_history) if args.protection_history else None
-    earlier = format_measured(read_measured(args.protected))
-    if earlier:  # what the file says it was measured to resist, before this test
+    earlier = "\n\n".join(t for t in (format_rounds(read_subject_record(args.protected)),
+                                         format_measured(read_measured(args.protected))) if t)  # fmt: skip
+    if earlier:  # what the file says it protects and was measured to resist, before this test
         print(earlier + "\n")
     base, protected = (
         _load(args.base, attack_cfg.device, args),

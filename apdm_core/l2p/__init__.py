@@ -6,7 +6,16 @@
 - ``data``: what the loop samples from (latent banks, prompts, the anchor), prepared once.
 """
 
-from .data import AnchorSet, ProtectionData, encode_data, fixed_images, identifier_prompts, prepare_data
+from .data import (
+    AnchorSet,
+    ProtectionData,
+    anchor_set,
+    encode_data,
+    fixed_images,
+    identifier_prompts,
+    prepare_data,
+    prepare_subjects,
+)
 from .episode import Attacker, Episode
 from .placement import Weights, check_parallel
 from .trainer import STATE_VERSION, L2PTrainer
@@ -24,4 +33,6 @@ __all__ = [
     "fixed_images",
     "identifier_prompts",
     "prepare_data",
+    "prepare_subjects",
+    "anchor_set",
 ]

@@ -67,6 +67,7 @@ def prepare_data(
     size: int,
     progress: ProgressCallback | None,
     should_stop: StopCheck | None,
+    anchor: bool = True,
 ) -> ProtectionData:
     """Generate/load positives and class images, then encode every fixed image and prompt once."""
     positives, class_images = fixed_images(config, model, subjects, size, progress, should_stop)
@@ -74,13 +75,39 @@ def prepare_data(
     data.extra = get_method(config.method).prepare(
         config, model, subjects, positives, size, progress, should_stop
     )
-    anchors = generate_anchor_images(config, model, size, progress, should_stop)
-    if anchors:
-        data.anchor = AnchorSet(
-            [LatentBank(*model.encode_images(images)) for _, images in anchors],
-            model.encode_prompts([prompt for prompt, _ in anchors]),
-        )
+    if anchor:
+        data.anchor = anchor_set(config, model, size, progress, should_stop)
     return data
+
+
+def anchor_set(config: ProtectConfig, model: SDModel, size: int, progress, should_stop) -> AnchorSet | None:
+    """The anchor's images (class prompt first, then anchor_prompts), encoded; None without an anchor."""
+    anchors = generate_anchor_images(config, model, size, progress, should_stop)
+    if not anchors:
+        return None
+    return AnchorSet(
+        [LatentBank(*model.encode_images(images)) for _, images in anchors],
+        model.encode_prompts([prompt for prompt, _ in anchors]),
+    )
+
+
+def prepare_subjects(
+    config: ProtectConfig, model: SDModel, subject_sets: list, size: int, progress=None, should_stop=None
+) -> list[ProtectionData]:
+    """One ProtectionData per subject of ``config.all_subjects()`` (``subject_sets[i]``: its loaded photos):
+    its pairs, class images, prompts and the method's data; one anchor shared by all, which keeps every
+    subject's class prompt (the primary's first, the others' among its prompts)."""
+    specs = config.all_subjects()
+    if len(specs) == 1:
+        return [prepare_data(config, model, subject_sets[0], size, progress, should_stop)]
+    datas = [prepare_data(config.for_subject(spec), model, subjects, size, progress, should_stop, anchor=False)
+             for spec, subjects in zip(specs, subject_sets)]  # fmt: skip
+    classes = [s.class_prompt for s in specs[1:]]
+    shared = anchor_set(config.replace(anchor_prompts=[*config.anchor_prompts, *classes], subjects=[]), model, size,
+                        progress, should_stop)  # fmt: skip
+    for d in datas:
+        d.anchor = shared
+    return datas
 
 
 def fixed_images(

@@ -68,11 +68,13 @@ class L2PTrainer:
         self,
         config: ProtectConfig,
         model: SDModel,
-        data: ProtectionData,
+        data: ProtectionData | list[ProtectionData],
         device: torch.device,
         parallel: Parallel | None = None,
     ) -> None:
-        self.cfg, self.model, self.data, self.device = config, model, data, device
+        self.cfg, self.model, self.device = config, model, device
+        # one ProtectionData per subject (config.subjects): the episodes take them in turn
+        self.datas = list(data) if isinstance(data, (list, tuple)) else [data]
         self.parallel = parallel or Parallel()
         self.method = get_method(config.method)
         if config.optimizer == "adamw8bit":
@@ -83,9 +85,9 @@ class L2PTrainer:
         self.attacker = Attacker(config, self.weights, self.generator)
         self.null_space = None  # the class (and anchor) prompts' keys and values kept as they were
         if config.null_space > 0:
-            kept = [data.class_embeds]
-            if config.null_space_anchors and data.anchor is not None:
-                kept.append(data.anchor.embeds)
+            kept = [d.class_embeds for d in self.datas]
+            if config.null_space_anchors and self.datas[0].anchor is not None:
+                kept.append(self.datas[0].anchor.embeds)
             self.null_space = NullSpace(self.weights.unet, torch.cat(kept), config.null_space)
         self.persistent = config.resync_every > 1
         self.inner_batch = config.inner_batch_size or config.batch_size
@@ -104,6 +106,16 @@ class L2PTrainer:
     forward_ref = property(lambda self: self.weights.forward_ref)
     params_p = property(lambda self: self.weights.params_p)
     accum = property(lambda self: self.weights.accum)
+
+    @property
+    def subject_index(self) -> int:
+        """The subject of the current episode: the subjects in turn, one episode (resync_every steps) each."""
+        return (self.step // self.cfg.resync_every) % len(self.datas)
+
+    @property
+    def data(self) -> ProtectionData:
+        """What the current episode samples from (its subject's photos, pairs and prompts)."""
+        return self.datas[self.subject_index]
 
     @property
     def instance_embeds(self) -> torch.Tensor:
@@ -187,6 +199,8 @@ class L2PTrainer:
             entry["attack_lr"] = episode.lr
         if len(cfg.attacker_family) > 1 or cfg.attacker_family != ["full"]:
             entry["attacker"] = episode.label
+        if len(self.datas) > 1:
+            entry["subject"] = (self.step - 1) // cfg.resync_every % len(self.datas) + 1
         if cfg.extra_identifiers:
             entry["identifier"] = ([cfg.instance_prompt] + identifier_prompts(cfg))[episode.identifier]
         self.history.append(entry)

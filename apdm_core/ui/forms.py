@@ -6,7 +6,7 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from ..config import MODEL_TYPES, PATH_FIELDS, ProtectConfig
+from ..config import MODEL_TYPES, PATH_FIELDS, ProtectConfig, identifier_word
 from ..configio import field_default
 from ..errors import InputError
 from ..methods import METHODS
@@ -107,11 +107,10 @@ def eval_fields() -> tuple[str, ...]:
 def attack_prompts(instance_prompt: str, class_prompt: str) -> dict[str, str]:
     """The attacker's prompts following the protection's: the identifier is the instance prompt's
     first word that the class prompt lacks ('sks' in 'a photo of sks person' / 'a photo of person')."""
-    class_words = set(str(class_prompt).split())
-    extra = [w for w in str(instance_prompt).split() if w not in class_words]
     values = {"instance_prompt": str(instance_prompt), "class_prompt": str(class_prompt)}
-    if extra:
-        values["identifier"] = extra[0]
+    identifier = identifier_word(instance_prompt, class_prompt)
+    if identifier:
+        values["identifier"] = identifier
     return values
 
 

@@ -1,0 +1,124 @@
+"""Several subjects in one protection run, and a subject added to an already protected model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import draw_photo, tree_hashes
+
+import apdm_core.protection as protect_module
+from apdm_core.cli import main
+from apdm_core.errors import InputError
+from apdm_core.export import read_subject_record
+from apdm_core.protection import protect
+
+
+@pytest.fixture()
+def dog_dir(tmp_path):
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i in range(3):
+        draw_photo(10 + i).save(folder / f"dog_{i}.png")
+    return folder
+
+
+DOG = {"instance_prompt": "a photo of zwx dog", "class_prompt": "a photo of dog"}
+
+
+def test_two_subjects_take_turns_and_are_recorded(fast_config, dog_dir, tmp_path):
+    out = tmp_path / "protected"
+    config = fast_config(
+        outer_steps=4, resync_every=1, output=str(out), subjects=[{"images": [str(dog_dir)], **DOG}]
+    )
+    result = protect(config)
+    assert [h["subject"] for h in result.history] == [1, 2, 1, 2]
+    record = read_subject_record(out)
+    assert record["count"] == 4 + 3 and record["subjects"] == 2
+    settings = json.loads((out / "apdm_config.json").read_text())
+    (other,) = settings["subjects"]
+    assert other["class_prompt"] == "a photo of dog" and other["instance_prompt"].startswith("salted-sha256:")
+    assert str(dog_dir) not in json.dumps(settings)  # no paths
+
+
+def test_more_subjects_from_the_command_line_and_preloaded(fast_config, subject_dir, dog_dir, tmp_path):
+    cfg = fast_config()
+    argv = ["protect", "--model", cfg.model, "--images", str(subject_dir), "--out", str(tmp_path / "cli"),
+            "--subject", str(dog_dir), DOG["instance_prompt"], DOG["class_prompt"], "--outer-steps", "2",
+            "--inner-steps", "1", "--num-class-images", "1", "--sample-steps", "1", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "c"), "--save-config", str(tmp_path / "used.yaml")]  # fmt: skip
+    assert main(argv) == 0
+    assert read_subject_record(tmp_path / "cli")["subjects"] == 2
+    from apdm_core.config import ProtectConfig
+
+    used = ProtectConfig.load(tmp_path / "used.yaml")
+    assert used.subjects[0]["instance_prompt"] == DOG["instance_prompt"]
+    # the API with preloaded photos of the other subject (a host's)
+    photos = [draw_photo(20 + i) for i in range(3)]
+    result = protect(
+        fast_config(outer_steps=2, subjects=[{"images": ["unused"], **DOG}]), subject_images=[photos]
+    )
+    assert [h["subject"] for h in result.history] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "subject, message",
+    [
+        ({"instance_prompt": "a photo of zwx dog", "class_prompt": "a photo of dog"}, "Subject 2 has no photos"),
+        ({"images": ["x"], "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"},
+         "same identifier 'sks'"),
+        ({"images": ["x"], "instance_prompt": "a photo of zwx dog"}, "Subject 2 has no class_prompt"),
+        ({"images": ["x"], **DOG, "photos": 1}, "unknown key"),
+    ],
+)  # fmt: skip
+def test_bad_subjects_are_refused_before_any_work(fast_config, subject, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(protect_module, "prepare_subjects", lambda *a, **k: pytest.fail("work started"))
+    before = tree_hashes(tmp_path)
+    with pytest.raises(InputError, match=message):
+        protect(fast_config(subjects=[subject]))
+    assert tree_hashes(tmp_path) == before
+
+
+def test_an_interrupted_multi_subject_run_resumes_exactly(fast_config, dog_dir, tmp_path):
+    settings = dict(
+        outer_steps=6,
+        inner_steps=2,
+        resync_every=2,
+        loss="target",
+        subjects=[{"images": [str(dog_dir)], **DOG}],
+    )
+    full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
+    events = []
+    config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
+    in_protect = lambda: sum(e.stage == "protect" for e in events)  # noqa: E731
+    stopped = protect(config, progress=events.append, should_stop=lambda: in_protect() >= 7)  # inside step 4
+    assert stopped.cancelled and stopped.steps_done == 3
+    resumed = protect(config, resume=True)
+    for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (
+        [h["subject"] for h in full.history] == [h["subject"] for h in resumed.history] == [1, 1, 2, 2, 1, 1]
+    )
+
+
+def test_a_subject_added_to_a_protected_model_keeps_the_earlier_round(fast_config, dog_dir, tmp_path, capsys):
+    first = tmp_path / "a"
+    protect(fast_config(outer_steps=1, output=str(first)))
+    second = tmp_path / "b"
+    # sequential: B from A's checkpoint, replaying A's terms (A among the subjects again)
+    config = fast_config(
+        model=str(first), outer_steps=2, output=str(second), subjects=[{"images": [str(dog_dir)], **DOG}]
+    )
+    protect(config)
+    record = read_subject_record(second)
+    (earlier,) = record["earlier"]
+    assert earlier["count"] == 4 and record["count"] == 7 and "salt" in earlier
+    argv = ["compare", "--base", str(first), "--protected", str(second), "--images", str(dog_dir), "--out",
+            str(tmp_path / "report"), "--steps", "1", "--num-class-images", "1", "--sample-steps", "1", "--device",
+            "cpu", "--num-samples", "1", "--eval-steps", "1", "--metrics", "denoise", "--utility-samples", "0",
+            "--instance-prompt", DOG["instance_prompt"], "--class-prompt", DOG["class_prompt"], "--identifier", "zwx",
+            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "round 1: 4 photos of 1 subject(s)" in printed and "round 2: 7 photos of 2 subject(s)" in printed
