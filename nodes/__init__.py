@@ -4,7 +4,7 @@ Node ids (the keys below) and input names are a contract with saved workflows: n
 """
 
 from .images import APDMProtectImages
-from .loaders import APDMLoadModel, APDMLoadSubjectImages
+from .loaders import APDMAddSubject, APDMLoadModel, APDMLoadSubjectImages
 from .outputs import APDMSampleImages, APDMSaveProtectedCheckpoint, APDMToComfyModel
 from .protection import APDMGeneratePairs, APDMProtectModel
 from .testing import APDMTestPersonalization
@@ -19,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "APDMToComfyModel": APDMToComfyModel,
     "APDMSampleImages": APDMSampleImages,
     "APDMProtectImages": APDMProtectImages,
+    "APDMAddSubject": APDMAddSubject,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "APDMToComfyModel": "Protected Model to MODEL/CLIP/VAE (APDM)",
     "APDMSampleImages": "Sample Images (APDM)",
     "APDMProtectImages": "Protect Images (ASPL/LDU)",
+    "APDMAddSubject": "Add Subject (APDM)",
 }

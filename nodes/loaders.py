@@ -57,6 +57,37 @@ class APDMLoadSubjectImages:
         return (source, host.to_image_batch([s.image for s in preview]))
 
 
+class APDMAddSubject:
+    """One more subject for the same protection run (chain several): its photos and its prompts."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "subject": ("APDM_SUBJECT", {"tooltip": "The photos of the subject to add (Load Subject Images)."}),
+                "instance_prompt": ("STRING", {"default": "a photo of zwx dog", "tooltip": "What an attacker would "
+                                               "personalize it with: its own identifier + its class."}),
+                "class_prompt": ("STRING", {"default": "a photo of dog", "tooltip": "Its class."}),
+            },
+            "optional": {
+                "subjects": ("APDM_SUBJECTS", {"tooltip": "Subjects added before (chain Add Subject nodes)."}),
+            },
+        }  # fmt: skip
+
+    RETURN_TYPES = ("APDM_SUBJECTS",)
+    RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = ("The subjects so far, for Protect Model's more_subjects input.",)
+    FUNCTION = "add"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Protect several subjects in one run: each Add Subject adds one; the protection takes them in turn."
+    )
+
+    def add(self, subject, instance_prompt, class_prompt, subjects=None):
+        return ([*(subjects or []), {"images": subject, "instance_prompt": instance_prompt,
+                                     "class_prompt": class_prompt}],)  # fmt: skip
+
+
 class APDMLoadModel:
     """The Stable Diffusion model to protect, as the engine's own model object."""
 

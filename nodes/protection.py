@@ -148,6 +148,13 @@ class APDMProtectModel:
                 "method": _setting("method"),
                 "backdoor": _setting("backdoor"),
                 "target_prompt": _setting("target_prompt"),
+                "more_subjects": (
+                    "APDM_SUBJECTS",
+                    {
+                        "tooltip": "More subjects protected in the same run (Add "
+                        "Subject nodes); the protection takes the subjects in turn."
+                    },
+                ),
             },
             "hidden": HIDDEN,
         }
@@ -180,6 +187,7 @@ class APDMProtectModel:
         method="apdm",
         backdoor="target",
         target_prompt="",
+        more_subjects=None,
         unique_id=None,
     ):
         from apdm_core.plots import loss_curve
@@ -198,9 +206,14 @@ class APDMProtectModel:
             "target_prompt": target_prompt,
         }
         config = host.protect_config(pairs, model, widgets, advanced)
+        more = list(more_subjects or [])
+        if more:  # their photos come from the nodes (folders or IMAGE batches), not from the config
+            config = config.replace(subjects=[{"images": ["<Add Subject>"], "instance_prompt": m["instance_prompt"],
+                                               "class_prompt": m["class_prompt"]} for m in more])  # fmt: skip
         host.free_comfy_memory()
         try:
-            result = protect(config, host.NodeProgress(unique_id), model=model, images=subject, resume=True)
+            result = protect(config, host.NodeProgress(unique_id), model=model, images=subject, resume=True,
+                             subject_images=[m["images"] for m in more] or None)  # fmt: skip
         finally:
             host.offload(model)
         host.offload(result.model)

@@ -195,7 +195,7 @@ def test_protect_node_method_inputs(host, graph):
     """The method/backdoor/target_prompt widgets come after the old inputs (old workflows still load)
     and run PersGuard; the run records its method."""
     spec = host.nodes["APDMProtectModel"].INPUT_TYPES()
-    assert list(spec["optional"]) == ["advanced", "method", "backdoor", "target_prompt"]
+    assert list(spec["optional"]) == ["advanced", "method", "backdoor", "target_prompt", "more_subjects"]
     assert spec["optional"]["method"][0] == ["apdm", "persguard"]
     run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
     protected, _ = host.run("APDMProtectModel", method="persguard", backdoor="target",
@@ -437,3 +437,26 @@ def test_protect_images_node_keeps_the_budget_and_resumes_after_cancel(host, gra
     assert report.count("PSNR") == 2
     with pytest.raises(InputError, match="cannot be set"):
         host.run("APDMProtectImages", **{**run, "advanced": "output: /tmp/x"})
+
+
+def test_add_subject_nodes_protect_two_subjects_in_one_run(host, graph):
+    """Add Subject chains subjects (from a folder or an IMAGE batch) into Protect Model's more_subjects."""
+    dog = host.folder_paths.get_input_directory() + "/rex"
+    os.makedirs(dog, exist_ok=True)
+    for i in range(3):
+        draw_photo(30 + i).save(f"{dog}/rex_{i}.png")
+    rex, _ = host.run("APDMLoadSubjectImages", folder="rex")
+    (subjects,) = host.run("APDMAddSubject", subject=rex, instance_prompt="a photo of zwx dog",
+                           class_prompt="a photo of dog")  # fmt: skip
+    (subjects,) = host.run("APDMAddSubject", subject=graph["subject"], instance_prompt="a photo of qkv cat",
+                           class_prompt="a photo of cat", subjects=subjects)  # fmt: skip
+    assert [s["instance_prompt"] for s in subjects] == ["a photo of zwx dog", "a photo of qkv cat"]
+    protected, _ = host.run("APDMProtectModel", model=graph["model"], subject=graph["subject"], pairs=graph["pairs"],
+                            more_subjects=subjects, **{**FAST_PROTECT, "inner_steps": 1})  # fmt: skip
+    history = protected.info["protect_history"]
+    assert [h["subject"] for h in history] == [1, 2, 3]
+    with pytest.raises(Exception, match="same identifier"):
+        (twice,) = host.run("APDMAddSubject", subject=rex, instance_prompt="a photo of sks dog",
+                            class_prompt="a photo of dog")  # fmt: skip
+        host.run("APDMProtectModel", model=graph["model"], subject=graph["subject"], pairs=graph["pairs"],
+                 more_subjects=twice, **FAST_PROTECT)  # fmt: skip

@@ -453,3 +453,17 @@ def test_protect_photos_writes_a_new_folder_and_shows_them(tiny_model_dir, subje
     assert tree_hashes(tiny_model_dir, subject_dir) == before
     views = list(app.protect_images_events(str(tiny_model_dir), None, "", "a", "b", "ldu", 6, 2))
     assert "Add the photos" in views[-1].status
+
+
+def test_more_subjects_from_the_page(tiny_model_dir, subject_dir, tmp_path):
+    """One subject per line of the more-subjects box joins the run; a malformed line is one clear message."""
+    app = ui.ProtectApp(ui.Host(output_dir=tmp_path))
+    values = advanced_values(app, tmp_path / "cache", outer_steps=2)
+    line = f"{subject_dir} | a photo of zwx dog | a photo of dog"
+    views = list(app.protect_events(str(tiny_model_dir), None, str(subject_dir), "a photo of sks person",
+                                    "a photo of person", *values, line))  # fmt: skip
+    assert "Protected in" in views[-1].status
+    assert [h["subject"] for h in app.protected.history] == [1, 2]
+    views = list(app.protect_events(str(tiny_model_dir), None, str(subject_dir), "a photo of sks person",
+                                    "a photo of person", *values, "just a folder"))  # fmt: skip
+    assert "More subjects, line 1" in views[0].status

@@ -29,6 +29,22 @@ POLL_S = 0.5  # how often a running job's view is refreshed
 CURVE_EVERY_S = 3.0  # how often a follower sends the loss curve image (redrawn only when it changed)
 
 
+def parse_subject_lines(text: str) -> list[dict]:
+    """The page's more-subjects box: one subject per line, 'folder | instance prompt | class prompt'."""
+    subjects = []
+    for n, line in enumerate(str(text or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != 3 or not all(parts):
+            raise InputError(
+                f"More subjects, line {n}: write 'folder | instance prompt | class prompt', e.g. "
+                "'/photos/rex | a photo of zwx dog | a photo of dog'."
+            )
+        subjects.append({"images": [parts[0]], "instance_prompt": parts[1], "class_prompt": parts[2]})
+    return subjects
+
+
 class ProtectApp:
     """Everything the page does, as plain Python. One job at a time per app (one GPU)."""
 
@@ -128,9 +144,11 @@ class ProtectApp:
         return model_path, images
 
     def make_config(
-        self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict
-    ) -> ProtectConfig:
-        """A validated ProtectConfig from the page's inputs (Advanced values by field name)."""
+        self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict,
+        more_subjects: str = "",
+    ) -> ProtectConfig:  # fmt: skip
+        """A validated ProtectConfig from the page's inputs (Advanced values by field name; more subjects as
+        lines 'folder | instance prompt | class prompt')."""
         values = {
             name: parse_field(ProtectConfig, name, advanced.get(name, _default(name)))
             for name in ADVANCED_FIELDS
@@ -147,6 +165,7 @@ class ProtectApp:
             images=images,
             instance_prompt=str(instance_prompt or ""),
             class_prompt=str(class_prompt or ""),
+            subjects=parse_subject_lines(more_subjects),
             **values,
         )
 
@@ -171,10 +190,12 @@ class ProtectApp:
             return None
 
     def start_protect(
-        self, model, files, folder, instance_prompt, class_prompt, advanced: dict
+        self, model, files, folder, instance_prompt, class_prompt, advanced: dict, more_subjects: str = ""
     ) -> str | None:
         """Start protecting; returns a refusal message when a job is already running."""
-        config = self.make_config(model, files, folder, instance_prompt, class_prompt, advanced)
+        config = self.make_config(
+            model, files, folder, instance_prompt, class_prompt, advanced, more_subjects
+        )
 
         def work(progress, should_stop):
             from ..protection import protect
@@ -360,14 +381,15 @@ class ProtectApp:
             job.wait(POLL_S)
         yield self._finished_view(job)
 
-    def protect_events(
-        self, model, files, folder, instance_prompt, class_prompt, *advanced
-    ) -> Iterator[View]:
-        """Protect button: start (or politely refuse and show the running job), then stream views."""
+    def protect_events(self, model, files, folder, instance_prompt, class_prompt, *values) -> Iterator[View]:
+        """Protect button: start (or politely refuse and show the running job), then stream views.
+        ``values``: the Advanced fields in order, then (optionally) the more-subjects lines."""
+        advanced, more = values[: len(ADVANCED_FIELDS)], values[len(ADVANCED_FIELDS) :]
         try:
             refused = self.start_protect(
-                model, files, folder, instance_prompt, class_prompt, dict(zip(ADVANCED_FIELDS, advanced))
-            )
+                model, files, folder, instance_prompt, class_prompt, dict(zip(ADVANCED_FIELDS, advanced)),
+                str(more[0] or "") if more else "",
+            )  # fmt: skip
         except APDMError as exc:
             yield View(_status_html(str(exc), kind="error"), done=True)
             return

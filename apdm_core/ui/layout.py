@@ -127,6 +127,11 @@ def _model_and_photos(gr, app: ProtectApp, c) -> None:
         info=meta["class_prompt"]["help"],
         elem_id="apdm_class_prompt",
     )
+    c.more_subjects = gr.Textbox(
+        label="More subjects in the same run (optional): one per line, 'folder | instance prompt | class prompt'",
+        lines=2, elem_id="apdm_more_subjects",
+        info="Each with its own identifier, e.g. '/photos/rex | a photo of zwx dog | a photo of dog'.",
+    )  # fmt: skip
 
 
 def _settings(gr, app: ProtectApp, c) -> None:
@@ -269,7 +274,9 @@ def _wire(gr, app: ProtectApp, blocks, c) -> None:
 
     photos = [c.model, c.files, c.folder, c.instance, c.klass]
     streaming = {"outputs": run_outputs, "show_progress": "hidden", **_event_options(gr)}
-    c.protect_btn.click(stream(app.protect_events), inputs=[*photos, *c.advanced], **streaming)
+    c.protect_btn.click(
+        stream(app.protect_events), inputs=[*photos, *c.advanced, c.more_subjects], **streaming
+    )
     c.test_btn.click(stream(app.test_events), inputs=[c.kind, *c.attack_inputs, *c.eval_inputs], **streaming)
     c.images_btn.click(
         stream(app.protect_images_events),
