@@ -262,3 +262,30 @@ def test_attacks_on_the_protection_itself(monkeypatch):
     recovered = runner.before_attack("recover_unrelated", model, subject, 0)
     assert recovered.unet is not model.unet
     assert any(not torch.equal(a, b) for a, b in zip(model.unet.parameters(), recovered.unet.parameters()))
+
+
+def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
+    """The runner protects a subject with companions, adds one to a protected model (with replay), and
+    the longitudinal attacker learns a companion before the subject (tiny step counts)."""
+    from apdm_core.world import render
+
+    fast = {"outer_steps": 2, "inner_steps": 1, "resync_every": 1, "protect_every": 1, "num_class_images": 2,
+            "num_anchor_images": 1, "anchor_prompts": []}  # fmt: skip
+    runner = efficacy.Runner(
+        samples=1, protect_settings=fast, attack_settings={"steps": 2, "num_class_images": 2}
+    )
+    subject = render.make_subject(8)
+    model, _, config = runner.protected(subject, 0, efficacy.make_row("multi2+attack").protect)
+    assert [s["instance_prompt"] for s in config.subjects] == [
+        "a photo of zwx " + efficacy.companions(1)[0].cls
+    ]
+    seq, _, seq_config = runner.protected(subject, 0, efficacy.make_row("seqreplay+attack").protect)
+    # the second run's primary subject is the added companion; this subject is replayed among the others
+    assert (
+        seq_config.instance_prompt.split()[-2] == "zwx"
+        and seq_config.subjects[0]["instance_prompt"].split()[-2] == "sks"
+    )
+    learned = runner.before_attack("learn_other", model, subject, 0)
+    assert learned.unet is not model.unet
+    cells = runner.run_curve("multi2+longitudinal", 8, 0, [0, 2])
+    assert [c.steps for c in cells] == [0, 2] and all(c.class_quality is not None for c in cells)

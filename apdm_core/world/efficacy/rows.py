@@ -146,6 +146,8 @@ ATTACKS: dict[str, tuple[str, dict, dict]] = {
     "recover_unrelated": ("fine-tuned 300 steps on another class first", {}, {"before": "recover_unrelated"}),
     "fp16": ("weights through float16 first", {}, {"before": "fp16"}),
     "int8": ("weights through 8-bit quantization first", {}, {"before": "int8"}),
+    # the longitudinal attacker: personalizes another subject (the first companion) first, then this one
+    "longitudinal": ("DreamBooth on another subject first, then on this one", {}, {"before": "learn_other"}),
     "other_subject": ("another individual of the class (utility)", {}, {"other_subject": True}),
     # what happens to the photos before the attacker trains on them (the image-level comparison)
     "one_clean": ("one clean photo among the protected ones", {}, {"transform": "one_clean"}),
@@ -199,6 +201,17 @@ METHOD_ROWS: dict[str, tuple[str, dict]] = {
     for kind in ("pattern", "erasure", "target")
 }
 ABLATIONS.update(METHOD_ROWS)
+# Several subjects (the demo preset, runner.companions): k others in the same run; one added afterwards
+# to the protected model, without or with replaying this subject's terms.
+MULTI_ROWS: dict[str, tuple[str, dict]] = {
+    **{f"multi{n}": (f"demo preset, {n} subjects in one run", {"companions": n - 1}) for n in (2, 5, 10)},
+    "seq": ("demo preset, then another subject added from the protected model", {"then_add": 1}),
+    "seqreplay": (
+        "demo preset, then another subject added, this one replayed",
+        {"then_add": 1, "replay": True},
+    ),
+}
+ABLATIONS.update(MULTI_ROWS)
 
 
 def target_class(cls: str) -> str:
@@ -277,6 +290,7 @@ __all__ = [
     "CORE_ROWS",
     "IMAGE_SETTINGS",
     "METHOD_ROWS",
+    "MULTI_ROWS",
     "OTHER_SUBJECT",
     "PROTECTED_PHOTOS",
     "PROTECT_SETTINGS",

@@ -119,30 +119,48 @@ class Runner:
 
     # --------------------------------------------------------------------------------------
     def protected(self, subject: render.Subject, seed: int, overrides: dict):
-        """(protected model, seconds, its ProtectConfig) for this subject, seed and protection variant (cached)."""
-        from ...config import ProtectConfig
+        """(protected model, seconds, its ProtectConfig) for this subject, seed and protection variant (cached).
+
+        Pseudo-settings of the world (multi-subject rows): ``companions`` k protects k other subjects of the
+        world in the same run (COMPANION_SEEDS, each with its own identifier); ``then_add`` m protects m
+        more companions afterwards, starting from that model (a subject added to a protected model), with
+        ``replay`` keeping the first run's subjects in the second.
+        """
         from ...protection import protect
 
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
-            if settings.get("method") == "persguard":
-                settings = self.persguard_settings(settings, subject)
-            config = ProtectConfig(
-                model=str(self.model.source or "world"),
-                instance_prompt=render.instance_prompt(subject.cls),
-                class_prompt=render.class_prompt(subject.cls),
-                cache_dir=self.cache_dir,
-                seed=seed,
-                device="cpu",
-                **settings,
+            k, then_add, replay = (
+                settings.pop(n, d) for n, d in (("companions", 0), ("then_add", 0), ("replay", False))
             )
-            images = render.photos(subject, 4, start=PROTECTED_PHOTOS)
-            result = protect(
-                config, self.progress, self.should_stop, model=self.model, images=images, resume=True
-            )
-            self._protected[key] = (result.model, result.seconds, config)
+            comps = list(zip(companions(k + then_add, exclude=subject.seed), COMPANION_IDS))
+            start, seconds, members = self.model, 0.0, [(subject, render.IDENTIFIER), *comps[:k]]
+            if then_add:
+                first = {n: v for n, v in overrides.items() if n not in ("then_add", "replay")}
+                start, seconds, _ = self.protected(subject, seed, first)
+                members = [*comps[k:], *(members if replay else [])]
+            config, images, others = self.protect_config(members, seed, settings)
+            result = protect(config, self.progress, self.should_stop, model=start, images=images, resume=True,
+                             subject_images=others or None)  # fmt: skip
+            self._protected[key] = (result.model, seconds + result.seconds, config)
         return self._protected[key]
+
+    def protect_config(self, members: list, seed: int, settings: dict):
+        """(ProtectConfig, photos, the other members' photos) protecting ``members`` ((subject, identifier)
+        pairs; the first is the config's primary subject)."""
+        from ...config import ProtectConfig
+
+        (primary, ident), rest = members[0], members[1:]
+        if settings.get("method") == "persguard":
+            settings = self.persguard_settings(settings, primary)
+        entries = [{"images": ["<world>"], "instance_prompt": render.instance_prompt(c.cls, i),
+                    "class_prompt": render.class_prompt(c.cls)} for c, i in rest]  # fmt: skip
+        config = ProtectConfig(model=str(self.model.source or "world"), instance_prompt=render.instance_prompt(primary.cls, ident),
+                               class_prompt=render.class_prompt(primary.cls), cache_dir=self.cache_dir, seed=seed,
+                               device="cpu", subjects=entries, **settings)  # fmt: skip
+        photos = [render.photos(c, 4, start=PROTECTED_PHOTOS) for c, _ in rest]
+        return config, render.photos(primary, 4, start=PROTECTED_PHOTOS), photos
 
     def attacker_photos(self, row: Row, subject: render.Subject, seed: int) -> list:
         """The 4 photos the attacker trains on: image-protected (row.images), then transformed."""
@@ -210,6 +228,15 @@ class Runner:
 
         if what in ROUND_TRIPS:
             return dataclasses.replace(model, unet=round_trip(model.unet, what), _fingerprint=None)
+        if what == "learn_other":  # the attacker's standard DreamBooth on the first companion
+            other = companions(1, exclude=subject.seed)[0]
+            prompts = {"instance_prompt": render.instance_prompt(other.cls, COMPANION_IDS[0]),
+                       "class_prompt": render.class_prompt(other.cls), "identifier": COMPANION_IDS[0]}  # fmt: skip
+            config = AttackConfig(
+                cache_dir=self.cache_dir, seed=seed, device="cpu", **prompts, **self.attack_settings
+            )
+            photos = render.photos(other, 4, start=PROTECTED_PHOTOS)
+            return run_attack(model, photos, config, self.progress, self.should_stop).model
         cls = subject.cls if what == "recover_class" else target_class(subject.cls)
         photos = [im for i in range(RECOVERY_INDIVIDUALS)
                   for im in render.photos(render.make_subject(RECOVERY_SEED + i, cls=cls), 4)]  # fmt: skip
@@ -393,6 +420,15 @@ class Scorer:
                     q["class_quality"], q["unrelated_quality"], self.protect_s, attack_s, gated=s["gated"],
                     class_rate=s["class_rate"], steps=at, weight_change=weight_change, backdoor=fired,
                     psnr=self.psnr, ssim=self.ssim)  # fmt: skip
+
+
+COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
+COMPANION_IDS = ("zwx", "qkv", "vbn", "plk", "dtr", "mqz", "hjy", "xcv", "bnm", "wrt", "gfd", "ytp")
+
+
+def companions(k: int, exclude: int | None = None) -> list[render.Subject]:
+    """The first ``k`` companion subjects of the world (never the subject itself)."""
+    return [render.make_subject(s) for s in COMPANION_SEEDS if s != exclude][:k]
 
 
 class WorldJudge:
