@@ -230,6 +230,13 @@ def prepare_pairs(
     return PairSet(config, subjects, positives, class_images, model.fingerprint(), size)
 
 
+def generation_kwargs(config, size: int, progress=None, should_stop=None) -> dict:
+    """How a protection's images are generated with the base model (and where they are cached)."""
+    return {"size": size, "seed": config.seed, "steps": config.sample_steps, "guidance": config.guidance_scale,
+            "batch_size": config.sample_batch_size, "cache_dir": config.cache_dir or None, "progress": progress,
+            "should_stop": should_stop}  # fmt: skip
+
+
 def generate_fixed_images(
     config: ProtectConfig,
     model: SDModel,
@@ -240,16 +247,7 @@ def generate_fixed_images(
 ) -> tuple[list[Image.Image], list[Image.Image]]:
     """The positives (``positives[i]`` pairs with ``subjects[i]``) and the prior class images of
     ``config`` (none when ``prior_weight`` is 0), generated with the base model or read from the cache."""
-    gen = {
-        "size": size,
-        "seed": config.seed,
-        "steps": config.sample_steps,
-        "guidance": config.guidance_scale,
-        "batch_size": config.sample_batch_size,
-        "cache_dir": config.cache_dir or None,
-        "progress": progress,
-        "should_stop": should_stop,
-    }
+    gen = generation_kwargs(config, size, progress, should_stop)
     positives = generate_pairs(model, subjects, config.class_prompt, **gen)
     class_images = []
     if config.prior_weight > 0:
@@ -272,14 +270,5 @@ def generate_anchor_images(
     if config.anchor_weight <= 0:
         return []
     prompts = list(dict.fromkeys([config.class_prompt, *config.anchor_prompts]))
-    gen = {
-        "size": size,
-        "seed": config.seed,
-        "steps": config.sample_steps,
-        "guidance": config.guidance_scale,
-        "batch_size": config.sample_batch_size,
-        "cache_dir": config.cache_dir or None,
-        "progress": progress,
-        "should_stop": should_stop,
-    }
+    gen = generation_kwargs(config, size, progress, should_stop)
     return [(p, ensure_class_images(model, p, config.num_anchor_images, **gen)) for p in prompts]

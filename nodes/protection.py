@@ -44,32 +44,14 @@ class APDMGeneratePairs:
             "required": {
                 "model": ("APDM_MODEL",),
                 "subject": ("APDM_SUBJECT",),
-                "class_prompt": (
-                    "STRING",
-                    {
-                        "default": "a photo of person",
-                        "tooltip": "The subject's class, e.g. 'a photo of dog'.",
-                    },
-                ),
-                "seed": _int(
-                    0,
-                    0,
-                    2**31 - 1,
-                    "Seeds the generated images and the protection run.",
-                    # no randomize-after-queue widget (the frontend adds one to any "seed"):
-                    # a new seed would regenerate the pairs and restart protection from scratch
-                    control_after_generate=False,
-                ),
-                "resolution": _int(
-                    0, 0, 2048, "Image size in px (multiple of 8); 0 = the model's native size.", step=8
-                ),
-                "num_class_images": _int(
-                    200, 0, 10000, "Class images for prior preservation (0 = none; DreamBooth uses 200)."
-                ),
-                "sample_steps": _int(50, 1, 1000, "Denoising steps per generated image."),
-                "guidance_scale": _float(
-                    7.5, 0.0, 30.0, 0.1, "Classifier-free guidance of the generated images."
-                ),
+                "class_prompt": _setting("class_prompt"),
+                # no randomize-after-queue widget (the frontend adds one to any "seed"): a new seed would
+                # regenerate the pairs and restart protection from scratch
+                "seed": _setting("seed", 0, 2**31 - 1, control_after_generate=False),
+                "resolution": _setting("resolution", 0, 2048, step=8),
+                "num_class_images": _setting("num_class_images", 0, 10000),
+                "sample_steps": _setting("sample_steps", 1, 1000),
+                "guidance_scale": _setting("guidance_scale", 0.0, 30.0, 0.1),
             },
             "hidden": HIDDEN,
         }

@@ -76,7 +76,7 @@ def pattern_score(images) -> list[float]:
 
 def backdoor_images(config, model, subjects, positives, size: int, progress=None, should_stop=None):
     """The backdoor output images of ``config.backdoor`` (generated ones come from the base model, cached)."""
-    from ...pairs import ensure_class_images
+    from ...pairs import ensure_class_images, generation_kwargs
 
     if config.backdoor == "pattern":
         return [stamp_pattern(p) for p in positives]
@@ -88,17 +88,7 @@ def backdoor_images(config, model, subjects, positives, size: int, progress=None
         ]
     prompt = config.target_prompt if config.backdoor == "target" else config.erasure_prompt
     return ensure_class_images(
-        model,
-        prompt,
-        config.num_backdoor_images,
-        size=size,
-        seed=config.seed,
-        steps=config.sample_steps,
-        guidance=config.guidance_scale,
-        batch_size=config.sample_batch_size,
-        cache_dir=config.cache_dir or None,
-        progress=progress,
-        should_stop=should_stop,
+        model, prompt, config.num_backdoor_images, **generation_kwargs(config, size, progress, should_stop)
     )
 
 
