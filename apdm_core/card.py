@@ -153,3 +153,48 @@ def format_rounds(record: dict | None) -> str:
             f"- round {i}: {r.get('count')} photos of {r.get('subjects', 1)} subject(s){method}{when}"
         )
     return "\n".join(lines)
+
+
+# ModelSpec (Stability AI's sai_model_spec 1.0.0, what hosts and trainers read): the architecture of each
+# model type apdm writes, as kohya's sd-scripts names them
+MODELSPEC_ARCHITECTURES = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sd2-v": "stable-diffusion-v2-768-v",
+}
+
+
+def modelspec(
+    source_meta: dict[str, str],
+    model_type: str,
+    prediction_type: str,
+    title: str,
+    created: str,
+    protected: bool,
+    subjects: int | None = None,
+    thumbnail: str | None = None,
+) -> dict[str, str]:
+    """The modelspec.* keys of an export: the source's own (author, license, ...) with the architecture,
+    prediction type and date set, and a title and description that say the file is protected with
+    APDM (a protected file never presents itself with the source's title)."""
+    spec = {k: v for k, v in source_meta.items() if k.startswith("modelspec.")}
+    base_title = spec.get("modelspec.title") or title
+    spec.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(model_type, model_type),
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": created,
+    })  # fmt: skip
+    if protected:
+        spec["modelspec.title"] = f"{base_title} (protected with APDM)"
+        spec["modelspec.description"] = (
+            f"{base_title}, changed by apdm {__version__} so that personalizing it on "
+            f"{subjects or 'its protected'} subject(s) learns less of them (model-level protection against "
+            "unauthorized personalization; see the apdm.* keys and the model card)."
+        )
+    else:
+        spec["modelspec.title"] = base_title
+    if thumbnail:
+        spec["modelspec.thumbnail"] = thumbnail
+    return spec

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .card import CARD_FILE, MEASURED_FILE, card_path, model_card
+from .card import CARD_FILE, MEASURED_FILE, card_path, model_card, modelspec
 from .checkpoint import (
     EMA_PREFIX,
     MODEL_TYPES,
@@ -234,7 +234,8 @@ def apdm_metadata(
     """The safetensors metadata of an export: the source's own keys (minus old apdm.*) plus ours."""
     family = model_family(ckpt)[0]
     model_type = family + ("-v" if family == "sd2" and model.prediction_type == "v_prediction" else "")
-    meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("apdm.")}
+    meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith(("apdm.", "modelspec."))}
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta.update(
         {
             "apdm.tool": TOOL,
@@ -246,13 +247,17 @@ def apdm_metadata(
             "apdm.model_type": model_type,
             "apdm.prediction_type": model.prediction_type,
             "apdm.source_sha256": source_sha256,
-            "apdm.created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "apdm.created": created,
         }
     )
+    record = None
     if config is not None:
         settings, record = protection_record(config, subjects, model.source)
         meta["apdm.config"] = json.dumps(settings, sort_keys=True)
         meta["apdm.subjects"] = json.dumps(record, sort_keys=True)
+    meta.update(modelspec(ckpt.metadata, model_type, model.prediction_type, Path(ckpt.path).stem, created,
+                          config is not None, (record or {}).get("count") and record.get("subjects"),
+                          model.info.get("thumbnail")))  # fmt: skip
     if model.info.get("measured"):
         meta["apdm.measured"] = json.dumps(model.info["measured"], sort_keys=True)
     if dropped:

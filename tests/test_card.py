@@ -81,3 +81,36 @@ def test_an_untested_export_says_so(fast_config, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "No protection test was run" in card and "protected with APDM" in card
     assert read_measured(tmp_path / "out") == []
+
+
+def test_a_protected_file_presents_itself_the_standard_way(fast_config, tmp_path):
+    """ModelSpec keys (what hosts and trainers read): the architecture, prediction type and date set, the
+    source's author kept, its title replaced by one that says the file is protected."""
+    source = make_checkpoint(tmp_path / "src.safetensors", "sd1",
+                             metadata={"modelspec.title": "Dreamy Mix", "modelspec.author": "someone"})  # fmt: skip
+    cfg_dir = write_config_folder(tmp_path / "cfg", "sd1")
+    out = tmp_path / "protected.safetensors"
+    protect(fast_config(model=str(source), model_type=str(cfg_dir), output=str(out), outer_steps=1, inner_steps=1,
+                        num_class_images=1))  # fmt: skip
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["modelspec.title"] == "Dreamy Mix (protected with APDM)"
+        and meta["modelspec.author"] == "someone"
+    )
+    assert (
+        meta["modelspec.sai_model_spec"] == "1.0.0"
+        and meta["modelspec.architecture"] == "stable-diffusion-v1"
+    )
+    assert meta["modelspec.prediction_type"] == "epsilon" and meta["modelspec.date"] == meta["apdm.created"]
+        v for k, v in meta.items() if k == "modelspec.title" and "Dreamy" not in v
+    )
+    assert (
+        "4 subject" not in meta["modelspec.description"] and "1 subject(s)" in meta["modelspec.description"]
+    )
+    converted = tmp_path / "converted.safetensors"
+    assert (
+        main(["export", "--model", str(source), "--model-type", str(cfg_dir), "--out", str(converted)]) == 0
+    )
+    with safe_open(str(converted), framework="pt") as f:
+        assert f.metadata()["modelspec.title"] == "Dreamy Mix"  # a conversion is not a protection
