@@ -206,7 +206,7 @@ def _no_training(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(protect_module, "prepare_data", fail)
+    monkeypatch.setattr(protect_module, "prepare_subjects", fail)
 
 
 def test_a_read_only_output_folder_fails_before_training(fast_config, tmp_path, monkeypatch):

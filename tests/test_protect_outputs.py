@@ -40,7 +40,7 @@ def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(protect_module, "prepare_data", fail)
+    monkeypatch.setattr(protect_module, "prepare_subjects", fail)
 
 
 # (a) ------------------------------------------------------------------------------------------

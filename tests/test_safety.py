@@ -75,7 +75,7 @@ def test_a_file_never_replaces_a_folder(tmp_path):
 def test_outputs_inside_or_around_an_input_are_refused_before_training(fast_config, tmp_path, monkeypatch):
     import apdm_core.protection as protect_module
 
-    monkeypatch.setattr(protect_module, "prepare_data", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(protect_module, "prepare_subjects", lambda *a, **k: pytest.fail("training started"))
     cfg = fast_config()
     model_dir, photos = cfg.model, cfg.images[0]
     before = tree_hashes(tmp_path)
