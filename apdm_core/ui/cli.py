@@ -74,7 +74,10 @@ def cmd_ui(args) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError as exc:
-        raise APDMError("The app needs gradio: pip install -c constraints.txt gradio") from exc
+        raise APDMError(
+            "The app needs gradio: pip install -c constraints.txt \"apdm-protect[app]\" (or pip install gradio); "
+            "A1111/Forge ship it."
+        ) from exc
     auth = parse_auth(args)
     if args.host not in LOCAL_HOSTS and auth is None:
         print(
