@@ -190,7 +190,10 @@ def protect_config(pairs, model, widgets: dict, advanced: str = ""):
             "The pairs were generated with another model: connect the same Load Model output to "
             "Generate Pairs and Protect Model."
         )
-    values = {**pairs.config.to_dict(), **widgets, "device": device()}
+    from apdm_core.config import PRESETS
+
+    preset = performance_preset(widgets.pop("preset", "none"))
+    values = {**pairs.config.to_dict(), **PRESETS.get(preset, {}), **widgets, "device": device()}
     values.update(parse_settings(advanced))
     return ProtectConfig.from_dict(values)
 
@@ -250,6 +253,32 @@ def device() -> str:
     import comfy.model_management as mm
 
     return str(mm.get_torch_device())
+
+
+PERFORMANCE_PRESETS = ("auto", "none", "fast", "low-memory", "low-memory-8bit")
+
+
+def performance_preset(choice: str) -> str:
+    """The performance preset Protect Model runs with: the node's choice, or for 'auto' one that fits this
+    GPU's memory (the README's estimates for SD1.5 at 512 px: the fast preset about 31 GB, low-memory 15,
+    low-memory-8bit 10 with bitsandbytes); 'none' on a CPU or when nothing is chosen."""
+    if choice != "auto":
+        return choice
+    import comfy.model_management as mm
+
+    dev = mm.get_torch_device()
+    if getattr(dev, "type", str(dev)) != "cuda":
+        return "none"
+    total_gb = mm.get_total_memory(dev) / 2**30
+    if total_gb >= 40:
+        return "fast"
+    if total_gb >= 16:
+        return "low-memory"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "low-memory"
+    return "low-memory-8bit"
 
 
 def free_comfy_memory() -> None:

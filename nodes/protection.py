@@ -137,6 +137,15 @@ class APDMProtectModel:
                         "Subject nodes); the protection takes the subjects in turn."
                     },
                 ),
+                "preset": (
+                    list(host.PERFORMANCE_PRESETS),
+                    {
+                        "default": "auto",
+                        "tooltip": "How the protection "
+                        "is computed (not what): auto picks for this GPU's memory (fast >= 40 GB, low-memory, "
+                        "low-memory-8bit with bitsandbytes under 16 GB), none on a CPU; README 'Performance'.",
+                    },
+                ),
             },
             "hidden": HIDDEN,
         }
@@ -170,6 +179,7 @@ class APDMProtectModel:
         backdoor="target",
         target_prompt="",
         more_subjects=None,
+        preset="auto",
         unique_id=None,
     ):
         from apdm_core.plots import loss_curve
@@ -186,6 +196,7 @@ class APDMProtectModel:
             "method": method,
             "backdoor": backdoor,
             "target_prompt": target_prompt,
+            "preset": preset,
         }
         config = host.protect_config(pairs, model, widgets, advanced)
         more = list(more_subjects or [])

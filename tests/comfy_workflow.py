@@ -48,7 +48,7 @@ GRAPH = [
       "guidance_scale": 3.0}, {"model": (1, 0), "subject": (2, 0)}),
     (4, "APDMProtectModel", "Protect Model (DPO/L2P)", (770, 60), (360, 440),
      {"instance_prompt": "a photo of sks ball", "steps": 20, "inner_steps": 4, "beta": 1.0, "learning_rate": 1e-4,
-      "accumulation": "protect", "advanced": "", "method": "apdm", "backdoor": "target", "target_prompt": ""},
+      "accumulation": "protect", "advanced": "", "method": "apdm", "backdoor": "target", "target_prompt": "", "preset": "auto"},
      {"model": (1, 0), "subject": (2, 0), "pairs": (3, 0)}),
     (5, "APDMSampleImages", "Sample Images (protected)", (1170, 60), (330, 310),
      {"prompt": "a photo of ball", "negative_prompt": "", "seed": 0, "count": 4, "steps": 10, "guidance_scale": 3.0,

@@ -195,7 +195,14 @@ def test_protect_node_method_inputs(host, graph):
     """The method/backdoor/target_prompt widgets come after the old inputs (old workflows still load)
     and run PersGuard; the run records its method."""
     spec = host.nodes["APDMProtectModel"].INPUT_TYPES()
-    assert list(spec["optional"]) == ["advanced", "method", "backdoor", "target_prompt", "more_subjects"]
+    assert list(spec["optional"]) == [
+        "advanced",
+        "method",
+        "backdoor",
+        "target_prompt",
+        "more_subjects",
+        "preset",
+    ]
     assert spec["optional"]["method"][0] == ["apdm", "persguard"]
     run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
     protected, _ = host.run("APDMProtectModel", method="persguard", backdoor="target",
@@ -460,3 +467,23 @@ def test_add_subject_nodes_protect_two_subjects_in_one_run(host, graph):
                             class_prompt="a photo of dog")  # fmt: skip
         host.run("APDMProtectModel", model=graph["model"], subject=graph["subject"], pairs=graph["pairs"],
                  more_subjects=twice, **FAST_PROTECT)  # fmt: skip
+
+
+def test_the_performance_preset_follows_the_gpu_memory(host, monkeypatch):
+    """Protect Model's preset: auto picks by the device's memory (none on a CPU), an explicit choice is used."""
+    import comfy.model_management as mm
+    import torch
+
+    from nodes import host as node_host
+
+    assert node_host.performance_preset("auto") == "none"  # the fake ComfyUI runs on the CPU
+    assert node_host.performance_preset("low-memory") == "low-memory"
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    for gb, want in ((80, "fast"), (24, "low-memory")):
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, gb=gb: gb * 2**30)
+        assert node_host.performance_preset("auto") == want
+    monkeypatch.setattr(mm, "get_total_memory", lambda dev=None: 12 * 2**30)
+    assert node_host.performance_preset("auto") in (
+        "low-memory",
+        "low-memory-8bit",
+    )  # 8-bit needs bitsandbytes

@@ -75,7 +75,7 @@ def cmd_ui(args) -> int:
         import gradio  # noqa: F401
     except ImportError as exc:
         raise APDMError(
-            "The app needs gradio: pip install -c constraints.txt \"apdm-protect[app]\" (or pip install gradio); "
+            'The app needs gradio: pip install -c constraints.txt "apdm-protect[app]" (or pip install gradio); '
             "A1111/Forge ship it."
         ) from exc
     auth = parse_auth(args)

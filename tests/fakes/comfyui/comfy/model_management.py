@@ -44,3 +44,11 @@ def throw_exception_if_processing_interrupted():
         if interrupt_processing:
             interrupt_processing = False
             raise InterruptProcessingException()
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    import torch
+
+    if getattr(dev, "type", "") == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return 16 * 2**30
