@@ -1,13 +1,17 @@
 """AUTOMATIC1111 / Forge: the "Anti-Personalize" tab.
 
 The page is apdm_core.ui's (the same Blocks as `apdm ui`); this file only tells it how A1111
-works: its checkpoint list and folder, its GPU lock, its loaded model (moved off the GPU while
-we train), and ``modules.shared.state`` for progress and Interrupt.
+works: its checkpoint list and folder (the page opens on the checkpoint the webui has loaded),
+its GPU lock and task queue (a run is a task /internal/progress reports), its loaded model (moved
+off the GPU while we train), ``modules.shared.state`` for progress, Interrupt and the live preview
+(the loss curve every few steps), and a settings section (default preset, output folder, preview
+interval) under Settings -> Anti-Personalize.
 """
 
 import contextlib
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from modules import script_callbacks
@@ -30,10 +34,16 @@ class A1111Host(Host):
     keep_on_device = False  # the webui gets its GPU back after each run
 
     def __init__(self):
-        from modules import paths, sd_models
+        from modules import paths, sd_models, shared
 
         reports = os.path.join(paths.data_path, "outputs", "apdm-reports")
-        super().__init__(output_dir=sd_models.model_path, report_dir=reports)  # models/Stable-diffusion
+        output = _option("apdm_output_dir") or sd_models.model_path  # models/Stable-diffusion by default
+        super().__init__(
+            output_dir=output, report_dir=reports, preset=_option("apdm_default_preset") or "quick"
+        )
+        # the page opens on the checkpoint the webui has loaded, not the first of the list
+        self.model = getattr(shared.opts, "sd_model_checkpoint", None) or ""
+        self._curves, self._preview_at = {}, 0
 
     def model_choices(self):
         from modules import sd_models
@@ -67,10 +77,14 @@ class A1111Host(Host):
 
     @contextlib.contextmanager
     def session(self, kind):
-        from modules import call_queue, shared
+        from modules import call_queue, progress, shared
 
+        id_task = f"task(apdm-{kind}-{uuid.uuid4().hex[:8]})"
+        progress.add_task_to_queue(id_task)  # the webui's queue and /internal/progress know the run
         with call_queue.queue_lock:  # no generation runs on the GPU beside us
+            progress.start_task(id_task)
             shared.state.begin(job=f"apdm-{kind}")
+            self._curves, self._preview_at = {}, 0
             restore = _free_gpu()
             try:
                 yield
@@ -78,6 +92,7 @@ class A1111Host(Host):
                 restore()
                 shared.state.end()
                 shared.state.interrupted = False
+                progress.finish_task(id_task)
 
     def progress(self, event):
         from modules import shared
@@ -85,6 +100,16 @@ class A1111Host(Host):
         shared.state.job_count = event.total
         shared.state.job_no = event.step
         shared.state.textinfo = f"APDM {event.describe()}"
+        if event.losses:
+            self._curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+        every = int(_option("apdm_preview_every") or 0)
+        if every and event.step - self._preview_at >= every:  # the live preview: the loss curve so far
+            from apdm_core.ui.view import curve_image
+
+            image = curve_image(self._curves)
+            if image is not None:
+                shared.state.assign_current_image(image)
+                self._preview_at = event.step
 
     def should_stop(self):
         from modules import shared
@@ -111,8 +136,37 @@ def _free_gpu():
     return lambda: sd_models.send_model_to_device(model)
 
 
+SETTINGS = (  # key, default, label, component choices (None: a text box / number)
+    ("apdm_default_preset", "quick", "Preset the tab opens with", ("quick", "paper", "robust", "thorough", "fast",
+                                                                   "low-memory")),
+    ("apdm_output_dir", "", "Folder the tab saves protected models to (empty: models/Stable-diffusion)", None),
+    ("apdm_preview_every", 20, "Show the loss curve as the live preview every N steps (0 = never)", None),
+)  # fmt: skip
+
+
+def _option(key):
+    from modules import shared
+
+    return getattr(shared.opts, key, None)
+
+
+def on_ui_settings():
+    from modules import shared
+
+    section = ("apdm", "Anti-Personalize")
+    for key, default, label, choices in SETTINGS:
+        if choices:
+            import gradio as gr
+
+            info = shared.OptionInfo(default, label, gr.Dropdown, {"choices": list(choices)}, section=section)
+        else:
+            info = shared.OptionInfo(default, label, section=section)
+        shared.opts.add_option(key, info)
+
+
 def on_ui_tabs():
     return [(build_blocks(ProtectApp(A1111Host())), "Anti-Personalize", TAB_ID)]
 
 
+script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -467,3 +467,29 @@ def test_more_subjects_from_the_page(tiny_model_dir, subject_dir, tmp_path):
     views = list(app.protect_events(str(tiny_model_dir), None, str(subject_dir), "a photo of sks person",
                                     "a photo of person", *values, "just a folder"))  # fmt: skip
     assert "More subjects, line 1" in views[0].status
+
+
+def test_a1111_tab_opens_on_the_loaded_checkpoint_registers_tasks_settings_and_previews(
+    a1111, subject_dir, tmp_path
+):
+    module, script_callbacks = a1111
+    from modules import progress, sd_models, shared
+
+    # a settings section: default preset, output folder, preview interval
+    assert script_callbacks.ui_settings_callbacks == [module.on_ui_settings]
+    module.on_ui_settings()
+    assert {"apdm_default_preset", "apdm_output_dir", "apdm_preview_every"} <= set(shared.opts.data_labels)
+    assert shared.opts.data_labels["apdm_output_dir"].section == ("apdm", "Anti-Personalize")
+    title = sd_models.checkpoint_tiles()[0]
+    shared.opts.data.update(sd_model_checkpoint=title, apdm_preview_every=1, apdm_default_preset="paper",
+                            apdm_output_dir=str(tmp_path / "mine"))  # fmt: skip
+    host = module.A1111Host()
+    assert host.model == title and host.preset == "paper" and host.output_dir == tmp_path / "mine"
+    app = ui.ProtectApp(host)
+    queued = len(progress.queued)
+    views = run_protect(app, title, subject_dir, tmp_path / "cache", model_type=module.model_type)
+    assert "Protected in" in views[-1].status
+    (task,) = progress.queued[queued:]
+    assert task.startswith("task(apdm-protection-") and task in progress.started and task in progress.finished
+    assert progress.current_task is None
+    assert shared.state.images and shared.state.images[-1].size[0] > 100  # the loss curve as live preview
