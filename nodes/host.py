@@ -24,6 +24,7 @@ DEMO_SUBJECT = "[demo] APDM demo subject (built in)"
 DIFFUSERS_PREFIX = "[diffusers] "
 PROGRESS_EVENT = "apdm.progress"  # the web extension (web/js/apdm.js) listens for it
 EVENT_INTERVAL_S = 0.25  # at most this often a progress message goes to the browser
+PREVIEW_INTERVAL_S = 5.0  # at most this often the node's preview image (the loss curve) is redrawn
 PREVIEW_SIZE = 256  # px, the square previews of subject photos
 
 
@@ -315,6 +316,8 @@ class NodeProgress:
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.points: list[list[float | None]] = []
         self.last_sent = 0.0
+        self.curves: dict[str, list] = {}  # the losses so far, drawn as the node's preview image
+        self.last_preview = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
         import comfy.model_management as mm
@@ -326,7 +329,20 @@ class NodeProgress:
         if now - self.last_sent >= EVENT_INTERVAL_S or event.step >= event.total:
             self.send(event)
             self.last_sent = now
-        self.bar.update_absolute(event.step, event.total)
+        if event.losses:
+            self.curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+        self.bar.update_absolute(event.step, event.total, self.preview(now, event.step >= event.total))
+
+    def preview(self, now: float, last: bool):
+        """The loss curve so far as ComfyUI's preview image of the node (its ProgressBar preview, which the
+        server sends to the queuing client), at most every PREVIEW_INTERVAL_S seconds; None in between."""
+        if not self.curves or (now - self.last_preview < PREVIEW_INTERVAL_S and not last):
+            return None
+        from apdm_core.ui.view import curve_image
+
+        image = curve_image(self.curves)
+        self.last_preview = now
+        return ("PNG", image, 512) if image is not None else None
 
     def send(self, event: ProgressEvent) -> None:
         try:
@@ -347,7 +363,10 @@ class NodeProgress:
             "points": self.points,
         }
         self.points = []
-        PromptServer.instance.send_sync(PROGRESS_EVENT, payload)
+        server = (
+            PromptServer.instance
+        )  # to the client that queued the prompt (ComfyUI sets client_id per run)
+        server.send_sync(PROGRESS_EVENT, payload, getattr(server, "client_id", None))
 
 
 # --- images -----------------------------------------------------------------------------------

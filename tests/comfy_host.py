@@ -54,6 +54,8 @@ class ComfyHost:
         self.server.send_sync(
             "progress", {"value": value, "max": total, "node": node_id}, self.server.client_id
         )
+        if preview is not None:  # as ComfyUI's hook: the preview image goes to the queuing client
+            self.server.send_sync("preview", preview, self.server.client_id)
 
     def close(self) -> None:
         self.utils.set_progress_bar_global_hook(None)

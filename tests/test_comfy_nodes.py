@@ -131,6 +131,13 @@ def test_whole_graph_runs_and_reports_progress(host, graph):
     assert all(isinstance(p[1], float) and isinstance(p[2], float) for m in events for p in m["points"])
     assert "ETA" in events[-2]["text"] or len(events) == 1
     assert {d["node"] for ev, d, _ in graph["messages"] if ev == "progress"} == {"7"}  # ComfyUI's own bar
+    assert {sid for ev, _, sid in graph["messages"] if ev == "apdm.progress"} == {
+        "test-client"
+    }  # the queuing client
+    previews = [
+        d for ev, d, _ in graph["messages"] if ev == "preview"
+    ]  # the loss curve as the node's preview
+    assert previews and previews[-1][0] == "PNG" and previews[-1][1].size[0] > 100
     (images,) = host.run("APDMSampleImages", model=graph["protected"], prompt="a photo of dog", negative_prompt="",
                          seed=3, count=2, steps=2, guidance_scale=2.0, resolution=0)  # fmt: skip
     assert images.shape == (2, 64, 64, 3)
