@@ -27,8 +27,8 @@ NOTE = """APDM: protect a model against DreamBooth personalization of one subjec
 1. Load Model for Protection: the base checkpoint (here the built-in demo model).
 2. Load Subject Images: 4-6 photos of the subject (a folder under ComfyUI/input).
 3. Generate Pairs: one generic class image per photo + prior-preservation images (cached).
-4. Protect Model (DPO/L2P): live loss curve and ETA on the node; Cancel keeps the progress,
-   queue again to continue. Paper settings: 800 steps x 20 inner steps, lr 5e-6.
+4. Protect Model (DPO/L2P): the demo preset the README reports (its advanced box holds the rest of
+   it); live loss curve and ETA on the node; Cancel keeps the progress, queue again to continue.
 5. Sample Images: the protected model still generates the class normally.
 6. Test Personalization: the same DreamBooth attack on the base and the protected model;
    grid + metrics here, the full report in ComfyUI/output/apdm_reports/.
@@ -36,42 +36,91 @@ NOTE = """APDM: protect a model against DreamBooth personalization of one subjec
    .safetensors (Load Checkpoint finds it); the demo model is saved as a diffusers folder in
    models/diffusers. An existing file is never replaced unless overwrite is on.
 
-For a real SD1.5 checkpoint use the paper settings and class/instance prompts such as
-'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI."""
+The Reroute lanes above the graph carry the base model and the subject photos to the columns
+that use them. For a real SD1.5 checkpoint use the robust preset's settings at lr 5e-6 and
+prompts such as 'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI."""
 
-# id, type, title, pos, size, widget values by name, links {input: (source id, output slot)}
+
+def protect_widgets() -> dict:
+    """Protect Model's widgets running the demo world's preset (the one the README reports: efficacy.
+    PROTECT_SETTINGS); what has no widget goes into its advanced box, one YAML line."""
+    import yaml
+
+    from apdm_core.world.efficacy import PROTECT_SETTINGS
+
+    settings = dict(PROTECT_SETTINGS)
+    widgets = {"instance_prompt": "a photo of sks ball", "steps": settings.pop("outer_steps"),
+               "inner_steps": settings.pop("inner_steps"), "beta": settings.pop("beta", 1.0),
+               "learning_rate": settings.pop("lr_protect"), "accumulation": settings.pop("accumulation", "protect"),
+               "method": "apdm", "backdoor": "target", "target_prompt": "", "preset": "auto"}  # fmt: skip
+    if settings.get("lr_personalize") == widgets["learning_rate"]:
+        settings.pop("lr_personalize")  # the node's learning_rate sets both
+    for key in ("num_class_images", "sample_steps", "guidance_scale", "sample_batch_size", "save_every"):
+        settings.pop(key, None)  # Generate Pairs' settings, or the host's
+    text = yaml.safe_dump(settings, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    return {**widgets, "advanced": text[1:-1]}  # 'a: b, c: d' (the box takes one line without braces)
+
+
+PROTECT_WIDGETS = protect_widgets()
+
+# id, type, title, pos, size, widget values by name, links {input: (source id, output slot)}. One row in
+# pipeline order, left to right: a node feeds the next column directly; what travels further runs on Reroute
+# lanes above the row (one reroute in each gap it crosses), so no wire runs under a node
+# (tests/test_comfy_workflow.py checks it with the frontend's bezier wires).
+WIDTHS = [330, 300, 330, 300, 360, 330, 330, 330, 300, 330, 420]
+GAP = 140
+C = [30]  # column x
+for _w in WIDTHS[:-1]:
+    C.append(C[-1] + _w + GAP)
+LANES = {"model": -80, "subject": -150, "pairs": -220, "protected": -290}  # the reroute lanes' y
+
+
+def lane(name: str, source: tuple[int, int], first: int, last: int, base_id: int) -> list[tuple]:
+    """Reroute nodes for ``name`` in the gaps before columns first..last, fed from ``source``."""
+    nodes, src = [], source
+    for k, col in enumerate(range(first, last + 1)):
+        node_id = base_id + k
+        nodes.append((node_id, "Reroute", "", (C[col] - GAP + 20, LANES[name]), (75, 26), {}, {"": src}))
+        src = (node_id, 0)
+    return nodes
+
+
+REROUTES = [  # (a value, the reroutes in the gaps before these columns)
+    *lane("model", (1, 0), 1, 9, 101),  # 101..109: the gap before column k is 100 + k
+    *lane("subject", (2, 0), 1, 9, 201),  # 201..209
+    *lane("pairs", (3, 0), 3, 4, 303),  # 303..304
+    *lane("protected", (4, 0), 5, 9, 405),  # 405..409
+]
 GRAPH = [
-    (1, "APDMLoadModel", "Load Model for Protection", (30, 60), (330, 80), {"ckpt_name": DEMO_MODEL, "model_type": "auto"}, {}),
-    (2, "APDMLoadSubjectImages", "Load Subject Images", (30, 190), (330, 80), {"folder": DEMO_SUBJECT}, {}),
-    (3, "APDMGeneratePairs", "Generate Pairs", (400, 60), (330, 250),
-     {"class_prompt": "a photo of ball", "seed": 0, "resolution": 0, "num_class_images": 8, "sample_steps": 10,
-      "guidance_scale": 3.0}, {"model": (1, 0), "subject": (2, 0)}),
-    (4, "APDMProtectModel", "Protect Model (DPO/L2P)", (770, 60), (360, 440),
-     {"instance_prompt": "a photo of sks ball", "steps": 20, "inner_steps": 4, "beta": 1.0, "learning_rate": 1e-4,
-      "accumulation": "protect", "advanced": "", "method": "apdm", "backdoor": "target", "target_prompt": "", "preset": "auto"},
-     {"model": (1, 0), "subject": (2, 0), "pairs": (3, 0)}),
-    (5, "APDMSampleImages", "Sample Images (protected)", (1170, 60), (330, 310),
-     {"prompt": "a photo of ball", "negative_prompt": "", "seed": 0, "count": 4, "steps": 10, "guidance_scale": 3.0,
-      "resolution": 0}, {"model": (4, 0)}),
-    (6, "APDMSampleImages", "Sample Images (base)", (1170, 410), (330, 310),
-     {"prompt": "a photo of ball", "negative_prompt": "", "seed": 0, "count": 4, "steps": 10, "guidance_scale": 3.0,
-      "resolution": 0}, {"model": (1, 0)}),
-    (7, "PreviewImage", "Subject photos", (30, 310), (330, 330), {}, {"images": (2, 1)}),
-    (8, "PreviewImage", "Positives (class images)", (400, 350), (330, 330), {}, {"images": (3, 1)}),
-    (9, "PreviewImage", "Loss curve", (770, 540), (360, 280), {}, {"images": (4, 1)}),
-    (10, "PreviewImage", "Protected model samples", (1540, 60), (300, 290), {}, {"images": (5, 0)}),
-    (11, "PreviewImage", "Base model samples", (1540, 410), (300, 290), {}, {"images": (6, 0)}),
-    (12, "APDMTestPersonalization", "Test Personalization", (1170, 760), (330, 320),
-     {"attack": "dreambooth", "instance_prompt": "a photo of sks ball", "class_prompt": "a photo of ball", "steps": 50,
-      "learning_rate": 1e-4, "num_samples": 4, "seed": 0,
-      "advanced": "num_class_images: 8, sample_steps: 10, guidance_scale: 3.0, eval_steps: 10"},
-     {"base_model": (1, 0), "protected_model": (4, 0), "subject": (2, 0)}),
-    (13, "PreviewImage", "Attack on base vs protected", (1540, 760), (420, 330), {}, {"images": (12, 0)}),
-    (14, "PreviewAny", "Metrics", (1540, 1130), (420, 300), {}, {"source": (12, 1)}),
-    (15, "APDMSaveProtectedCheckpoint", "Save Protected Checkpoint", (770, 860), (360, 110),
-     {"filename": "apdm/protected_demo", "overwrite": False}, {"protected_model": (4, 0)}),
+    (1, "APDMLoadModel", "Load Model for Protection", (C[0], 60), (330, 80), {"ckpt_name": DEMO_MODEL, "model_type": "auto"}, {}),
+    (2, "APDMLoadSubjectImages", "Load Subject Images", (C[0], 200), (330, 80), {"folder": DEMO_SUBJECT}, {}),
+    (7, "PreviewImage", "Subject photos", (C[1], 60), (300, 300), {}, {"images": (2, 1)}),
+    (3, "APDMGeneratePairs", "Generate Pairs", (C[2], 60), (330, 230),
+     {"class_prompt": "a photo of ball", "seed": 0, "resolution": 0, "num_class_images": 50, "sample_steps": 25,
+      "guidance_scale": 4.0}, {"model": (102, 0), "subject": (202, 0)}),
+    (8, "PreviewImage", "Positives (class images)", (C[3], 60), (300, 300), {}, {"images": (3, 1)}),
+    (4, "APDMProtectModel", "Protect Model (DPO/L2P)", (C[4], 60), (360, 470), PROTECT_WIDGETS,
+     {"model": (104, 0), "subject": (204, 0), "pairs": (304, 0)}),
+    (9, "PreviewImage", "Loss curve", (C[5], 60), (330, 280), {}, {"images": (4, 1)}),
+    (15, "APDMSaveProtectedCheckpoint", "Save Protected Checkpoint", (C[6], 60), (330, 110),
+     {"filename": "apdm/protected_demo", "overwrite": False}, {"protected_model": (406, 0)}),
+    (5, "APDMSampleImages", "Sample Images (protected)", (C[7], 60), (330, 310),
+     {"prompt": "a photo of ball", "negative_prompt": "", "seed": 0, "count": 4, "steps": 25, "guidance_scale": 4.0,
+      "resolution": 0}, {"model": (407, 0)}),
+    (10, "PreviewImage", "Protected model samples", (C[8], 60), (300, 290), {}, {"images": (5, 0)}),
+    (12, "APDMTestPersonalization", "Test Personalization", (C[9], 60), (330, 320),
+     {"attack": "dreambooth", "instance_prompt": "a photo of sks ball", "class_prompt": "a photo of ball", "steps": 400,
+      "learning_rate": 5e-4, "num_samples": 16, "seed": 0,
+      "advanced": "batch_size: 2, num_class_images: 50, sample_steps: 25, guidance_scale: 4.0, eval_steps: 25, "
+                  "eval_guidance: 4.0, random_crop: false, metrics: [world, denoise], "
+                  "utility_prompts: ['a photo of {cls}', 'a photo of box'], utility_samples: 16"},
+     {"base_model": (109, 0), "protected_model": (409, 0), "subject": (209, 0)}),
+    (13, "PreviewImage", "Attack on base vs protected", (C[10], 60), (420, 330), {}, {"images": (12, 0)}),
+    (14, "PreviewAny", "Metrics", (C[10], 480), (420, 300), {}, {"source": (12, 1)}),
+    *REROUTES,
 ]  # fmt: skip
-NOTE_NODE = (16, "Note", "About this workflow", (30, 690), (700, 250))
+NOTE_NODE = (16, "Note", "About this workflow", (C[0], 330), (330, 600))
+FRONTEND_NODES = ("Reroute",)  # frontend-only: not in the API prompt (their links go to the source)
 
 CORE_NODES = {  # the ComfyUI nodes the graph uses: INPUT_TYPES and RETURN_TYPES as ComfyUI defines them
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
@@ -104,16 +153,36 @@ def link_inputs(spec: dict) -> list[tuple[str, str]]:
     return [(n, s[0]) for n, s in items if not (isinstance(s[0], list) or s[0] in WIDGET_TYPES)]
 
 
+def source_of(node_id: int, slot: int) -> tuple[int, int]:
+    """The node and output a link really comes from (through any Reroute nodes)."""
+    while GRAPH_TYPES[node_id] in FRONTEND_NODES:
+        node_id, slot = GRAPH_INS[node_id][""]
+    return node_id, slot
+
+
 def build() -> tuple[dict, dict]:
     """(UI-format workflow, API-format prompt)."""
     specs, return_names = schemas()
     links, api, nodes = [], {}, []
     outputs: dict[tuple[int, int], list[int]] = {}
+
+    def out_type(src: int, slot: int) -> str:
+        real, real_slot = source_of(src, slot)
+        return specs[GRAPH_TYPES[real]][1][real_slot]
+
     for node_id, _kind, _title, _pos, _size, _w, ins in GRAPH:
         for name, (src, slot) in ins.items():
-            links.append([len(links) + 1, src, slot, node_id, name, specs[GRAPH_TYPES[src]][1][slot]])
+            links.append([len(links) + 1, src, slot, node_id, name, out_type(src, slot)])
             outputs.setdefault((src, slot), []).append(len(links))
     for order, (node_id, kind, title, pos, size, widgets, ins) in enumerate(GRAPH):
+        if kind in FRONTEND_NODES:  # a Reroute: one untyped input, one output of its source's type
+            (src, slot), link_in = ins[""], next(lk[0] for lk in links if lk[3] == node_id)
+            nodes.append({"id": node_id, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
+                          "order": order, "mode": 0, "inputs": [{"name": "", "type": "*", "link": link_in}],
+                          "outputs": [{"name": "", "type": out_type(src, slot), "links": outputs.get((node_id, 0), []),
+                                       "slot_index": 0}],
+                          "properties": {"showOutputText": False, "horizontal": False}})  # fmt: skip
+            continue
         spec, returns = specs[kind]
         values = []
         for name, s in widget_inputs(spec):
@@ -140,9 +209,10 @@ def build() -> tuple[dict, dict]:
                       "properties": {"Node name for S&R": kind}, "widgets_values": values})  # fmt: skip
         api[str(node_id)] = {
             "class_type": kind,
-            "inputs": {**widgets, **{n: [str(src), slot] for n, (src, slot) in ins.items()}},
+            "inputs": {**widgets, **{n: [str(x) for x in source_of(src, slot)][:1] + [source_of(src, slot)[1]]
+                                     for n, (src, slot) in ins.items()}},
             "_meta": {"title": title},
-        }
+        }  # fmt: skip
     note_id, note_type, note_title, note_pos, note_size = NOTE_NODE
     nodes.append({"id": note_id, "type": note_type, "title": note_title, "pos": list(note_pos),
                   "size": list(note_size), "flags": {}, "order": len(GRAPH), "mode": 0, "inputs": [], "outputs": [],
@@ -164,9 +234,42 @@ def build() -> tuple[dict, dict]:
 
 
 GRAPH_TYPES = {g[0]: g[1] for g in GRAPH}
+GRAPH_INS = {g[0]: g[6] for g in GRAPH}
+TITLE_H, SLOT_H = 30, 20  # LiteGraph: the title bar above a node's pos, the height of a slot row
+
+
+def wires_under_nodes(ui: dict) -> list[tuple[int, int]]:
+    """(link id, node id) for every wire that runs under a node, as the frontend draws it: a bezier from
+    the output slot to the input slot with control points a quarter of the distance out horizontally."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+
+    def slot(node, i, out):
+        x, y = node["pos"]
+        return (x + node["size"][0] if out else x, y + (i + 0.7) * SLOT_H)
+
+    hits = []
+    for lid, src, s_slot, dst, d_slot, _t in ui["links"]:
+        (x1, y1), (x2, y2) = slot(nodes[src], s_slot, True), slot(nodes[dst], d_slot, False)
+        d = 0.25 * ((x2 - x1) ** 2 + (y2 - y1) ** 2) ** 0.5
+        pts = [(x1, y1), (x1 + d, y1), (x2 - d, y2), (x2, y2)]
+        for k in range(1, 40):
+            t = k / 40
+            bx = sum(
+                c * p[0] for c, p in zip(((1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t * t * (1 - t), t**3), pts)
+            )
+            by = sum(
+                c * p[1] for c, p in zip(((1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t * t * (1 - t), t**3), pts)
+            )
+            for nid, n in nodes.items():
+                (x, y), (w, h) = n["pos"], n["size"]
+                if x + 2 < bx < x + w - 2 and y - TITLE_H + 2 < by < y + h - 2:
+                    hits.append((lid, nid))
+    return sorted(set(hits))
 
 
 def _slot_index(specs, node_id: int, name: str) -> int:
+    if GRAPH_TYPES[node_id] in FRONTEND_NODES:
+        return 0
     return [n for n, _t in link_inputs(specs[GRAPH_TYPES[node_id]][0])].index(name)
 
 

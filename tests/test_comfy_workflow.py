@@ -3,7 +3,7 @@
 import json
 
 from comfy_host import validate
-from comfy_workflow import CORE_NODES, NAME, OUT, files, schemas
+from comfy_workflow import CORE_NODES, NAME, OUT, build, files, schemas, wires_under_nodes
 from PIL import Image
 
 
@@ -30,3 +30,11 @@ def test_api_prompt_is_valid_for_every_node():
 def test_thumbnail_for_the_template_browser():
     with Image.open(OUT / f"{NAME}.jpg") as im:
         assert im.format == "JPEG" and min(im.size) >= 200
+
+
+def test_the_example_reads_left_to_right_with_no_wire_under_a_node():
+    ui, _ = build()
+    assert wires_under_nodes(ui) == []
+    x = {n["id"]: n["pos"][0] for n in ui["nodes"]}
+    for _lid, src, _s, dst, _d, _t in ui["links"]:
+        assert x[src] < x[dst], (src, dst)  # every wire runs left to right: pipeline order
