@@ -155,6 +155,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = list(efficacy.ROWS) if args.rows == ["all"] else args.rows
+    # the rows asked for and their twins get --budgets; what --sweep / --recovery add, their standard budget
+    asked = set(rows) | {efficacy.twin(r, m) for r in rows for m in ("base", "scratch")} | {"base"}
     rows = with_sweep(rows, variants, args.sweep, args.recovery)
     for r in rows:
         try:
@@ -185,7 +187,8 @@ def main() -> None:
         for seed in args.seeds:
             for name in rows:
                 c1 = time.process_time()
-                got = runner.run_curve(name, subject, seed, args.budgets)
+                budgets = args.budgets if name in asked else None
+                got = runner.run_curve(name, subject, seed, budgets)
                 cells += got
                 std = next(c for c in got if c.steps == runner.row(name).steps(attack_settings))
                 print(f"subject {subject} seed {seed} {name}: gated {std.score:.3f} raw {std.similarity:.3f} "
