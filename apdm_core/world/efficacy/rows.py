@@ -38,6 +38,17 @@ PROTECT_SETTINGS = {
     "sample_batch_size": 16,
     "save_every": 0,
 }
+# The attacker family in the loop (l2p.episode): every episode a DreamBooth or a LoRA attacker (rank 4 or
+# 16), its learning rate drawn log-uniformly up to 4x the attacker's (LoRA: 1e-3 .. 1e-2), 200 outer steps.
+FAMILY_SETTINGS = {
+    "attacker_family": ["full", "lora"],
+    "lora_ranks": [4, 16],
+    "lora_lr": 1e-3,
+    "lora_lr_max": 1e-2,
+    "lr_personalize_max": 2e-3,
+    "resync_every": 40,
+    "outer_steps": 200,
+}
 # The demo preset before this one: APDM as published (DPO, a fresh attacker every outer step, the
 # whole UNet, no anchor), 40 x 10 steps; the protection that did not hold.
 PUBLISHED_SETTINGS = {
@@ -189,6 +200,17 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "dpo": ("demo preset, lever off: DPO instead of the target loss", {"loss": "dpo", "lr_protect": 1e-4}),
     "all_layers": ("demo preset, lever off: the whole UNet protected", {"protect_layers": "all"}),
     "no_anchor": ("demo preset, lever off: no anchor", {"anchor_weight": 0.0}),
+    # tried against the LoRA and 2x attackers on the tuning subjects (README, Protection that holds)
+    "family": (
+        "demo preset + LoRA episodes in the loop, attacker lr up to 4x, 200 outer steps",
+        FAMILY_SETTINGS,
+    ),
+    "lora_episodes": ("demo preset + LoRA episodes in the loop", {"attacker_family": ["full", "lora"]}),
+    "lr_range": ("demo preset + attacker lr drawn up to 4x", {"lr_personalize_max": 2e-3}),
+    "kv_nullspace": (
+        "demo preset on the cross-attention K/V only, null-space projected (0.999)",
+        {"protect_layers": "cross_attention_kv", "null_space": 0.999},
+    ),
 }
 # PersGuard in the world (methods/persguard.py) with the demo preset's loop and levers. "{target}" is
 # the class prompt of the next class of the subject (ball -> box -> star -> kite -> ball); the erasure
@@ -288,6 +310,7 @@ __all__ = [
     "CI_MIN_ATTACK_GAIN",
     "COMPARISON_ATTACKS",
     "CORE_ROWS",
+    "FAMILY_SETTINGS",
     "IMAGE_SETTINGS",
     "METHOD_ROWS",
     "MULTI_ROWS",
