@@ -2,11 +2,9 @@
 
 - ``read_checkpoint``: open a .safetensors file (or, only when the user opts in, a pickle
   .ckpt loaded with ``torch.load(weights_only=True)``): keys, shapes, dtypes, metadata.
-- ``detect_model_type``: SD1.x / SD2.x (512, epsilon) / SD2.x (768, v-prediction) from the
-  tensors: the text encoder (CLIP ViT-L vs OpenCLIP ViT-H keys), the UNet's proj_in (conv vs
-  linear) and, for SD2.x, the v-prediction hints (metadata, a ``v_pred`` key, the weight
-  statistic ComfyUI uses).
-- ``load_single_file``: the components via diffusers' own single-file conversion
+- ``CheckpointFile.from_state_dict``: the same for a checkpoint in memory (a host's model).
+- ``detect_model_type`` (``detection.py``): SD1.x / SD2.x / SD2.x-v from the tensors.
+- ``load_single_file`` / ``load_checkpoint``: the components via diffusers' own single-file conversion
   (``from_single_file`` with ``config=<local folder>``, ``local_files_only=True``) and the
   config folders shipped in ``apdm_core/sd_configs``; nothing is downloaded.
 
@@ -17,10 +15,8 @@ from ``sd_configs/clip_merges.txt.gz`` (see ``clip_vocab``) and loaded with
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,31 +24,26 @@ from typing import Any
 import torch
 
 from .clip_tokenizer import load_tokenizer
+from .detection import (  # noqa: F401  (re-exported: the names callers know from this module)
+    CONFIG_ROOT,
+    EMA_PREFIX,
+    MODEL_TYPE_HELP,
+    MODEL_TYPES,
+    OLD_SD1_TEXT_KEY,
+    SD1_TEXT_MODEL,
+    SD1_TEXT_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Detection,
+    config_dir,
+    detect_model_type,
+    model_family,
+    resolve_model_type,
+)
 from .errors import InputError
 from .models import SDModel, _load_scheduler
 
 log = logging.getLogger(__name__)
-
-MODEL_TYPES = ("sd1", "sd2", "sd2-v")
-MODEL_TYPE_HELP = {
-    "sd1": "SD1.x (CLIP ViT-L text encoder, 512 px, epsilon)",
-    "sd2": "SD2.x base (OpenCLIP ViT-H, 512 px, epsilon)",
-    "sd2-v": "SD2.x (OpenCLIP ViT-H, 768 px, v-prediction)",
-}
-CONFIG_ROOT = Path(__file__).resolve().with_name("sd_configs")
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-EMA_PREFIX = "model_ema."
-SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
-SD1_TEXT_PREFIX, SD1_TEXT_MODEL = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
-OLD_SD1_TEXT_KEY = (
-    "cond_stage_model.transformer.embeddings.position_embedding.weight"  # pre-4.x transformers names
-)
-V_PRED_STAT_KEY = re.compile(r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
-V_PRED_STD = 0.09  # ComfyUI's SD20.model_type threshold on that tensor's std
-SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy hint for 512-base .ckpt files
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -68,13 +59,6 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def config_dir(model_type: str) -> Path:
-    """The shipped diffusers config folder of a model type (sd1, sd2, sd2-v)."""
-    if model_type not in MODEL_TYPES:
-        raise InputError(f"Unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}.")
-    return CONFIG_ROOT / model_type
-
-
 # ------------------------------------------------------------------------------------------
 # reading a file
 # ------------------------------------------------------------------------------------------
@@ -88,6 +72,44 @@ class CheckpointFile:
     metadata: dict[str, str] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # non-tensor entries of a pickle (global_step ...)
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _sha256: str = field(default="", repr=False)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], name: str, metadata=None) -> CheckpointFile:
+        """A checkpoint that exists only in memory (e.g. ComfyUI's MODEL/CLIP/VAE as ComfyUI would save
+        them): the same key layout as a file, ``name`` in place of its path in messages."""
+        # copies: the engine trains its UNet in place, and the caller's tensors may be a host's live weights
+        tensors = {
+            k: v.detach().to("cpu", copy=True) for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
+        if not tensors:
+            raise InputError(
+                f"{name}: no tensors; connect the MODEL, CLIP and VAE of a Stable Diffusion model."
+            )
+        index = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        return cls(Path(name), "memory", index, dict(metadata or {}), {}, tensors)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.format == "memory"
+
+    def sha256(self) -> str:
+        """The file's sha256; for a checkpoint in memory, of its keys, dtypes, shapes and bytes in key order."""
+        from .fileio import sha256_file
+
+        if not self.in_memory:
+            return sha256_file(self.path)
+        import hashlib
+
+        if self._sha256:
+            return self._sha256
+        h = hashlib.sha256()
+        for k in sorted(self.index):
+            t = self._tensors[k].detach().to("cpu").contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._sha256 = h.hexdigest()  # of the tensors as they came in (before any training)
+        return self._sha256
 
     def keys(self) -> list[str]:
         return list(self.index)
@@ -219,194 +241,6 @@ def _read_pickle(path: Path) -> CheckpointFile:
 
 
 # ------------------------------------------------------------------------------------------
-# detection
-# ------------------------------------------------------------------------------------------
-@dataclass
-class Detection:
-    model_type: str  # sd1 / sd2 / sd2-v
-    reasons: list[str]
-
-
-# diffusers' names (single_file_utils.infer_diffusers_model_type) of the checkpoint types it knows
-# that are not SD1.x/SD2.x text-to-image models, in words
-OTHER_TYPES = {
-    "xl_base": "an SDXL checkpoint",
-    "xl_refiner": "an SDXL refiner checkpoint",
-    "xl_inpaint": "an SDXL inpainting checkpoint",
-    "playground-v2-5": "a Playground v2.5 checkpoint",
-    "sd3": "an SD3 checkpoint",
-    "sd35_medium": "an SD3.5 Medium checkpoint",
-    "sd35_large": "an SD3.5 Large checkpoint",
-    "flux-dev": "a FLUX.1-dev checkpoint",
-    "flux-schnell": "a FLUX.1-schnell checkpoint",
-    "flux-fill": "a FLUX.1 Fill checkpoint",
-    "flux-depth": "a FLUX.1 Depth checkpoint",
-    "inpainting": "an SD1.x inpainting checkpoint",
-    "inpainting_v2": "an SD2.x inpainting checkpoint",
-    "upscale": "an SD x4 upscaler checkpoint",
-    "controlnet": "a ControlNet",
-}
-
-
-class _Shapes:
-    """A checkpoint seen as a mapping of tensors that only have shapes (diffusers' type inference reads
-    key names and shapes), without loading any tensor."""
-
-    def __init__(self, ckpt: CheckpointFile) -> None:
-        self.ckpt = ckpt
-
-    def __contains__(self, key) -> bool:
-        return key in self.ckpt
-
-    def __getitem__(self, key):
-        import types
-
-        return types.SimpleNamespace(shape=self.ckpt.shape(key))
-
-    def keys(self):
-        return self.ckpt.keys()
-
-    def __iter__(self):
-        return iter(self.ckpt.keys())
-
-
-def diffusers_model_type(ckpt: CheckpointFile) -> str | None:
-    """What diffusers' single-file type inference calls this checkpoint ('v1', 'v2', 'xl_base', ...);
-    None when it cannot tell (it is used to name other model types in errors, never to pick SD1/SD2:
-    diffusers reads SD2 from a 1024-wide cross-attention, which tiny or pruned SD2 files lack)."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-
-    try:
-        return infer_diffusers_model_type(_Shapes(ckpt))
-    except Exception:  # a partial or odd file: diffusers' checks index keys it did not test for
-        return None
-
-
-def _not_sd_message(ckpt: CheckpointFile) -> str:
-    keys = ckpt.keys()
-    other = diffusers_model_type(ckpt)
-    if other in OTHER_TYPES:
-        what = f"{OTHER_TYPES[other]} (diffusers type {other!r}); only SD1.x and SD2.x are supported"
-    elif any(k.startswith("conditioner.embedders.") for k in keys):
-        what = "an SDXL checkpoint; only SD1.x and SD2.x are supported"
-    elif any(
-        k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys
-    ):
-        what = "a LoRA or adapter file, not a full model checkpoint"
-    elif "conv_in.weight" in ckpt or any(k.startswith("down_blocks.") for k in keys):
-        what = "a single diffusers component (e.g. a UNet), not a full checkpoint; pass the diffusers folder"
-    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        what = "a VAE file, not a full model checkpoint"
-    else:
-        what = "not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet tensors)"
-    return f"{ckpt.path} is {what}."
-
-
-def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
-    """'sd1' or 'sd2' from the text encoder and the UNet, checked against each other."""
-    if f"{UNET_PREFIX}input_blocks.0.0.weight" not in ckpt:
-        raise InputError(_not_sd_message(ckpt))
-    in_ch = ckpt.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
-    if in_ch != 4:
-        other = diffusers_model_type(ckpt)
-        what = OTHER_TYPES.get(other, "an inpainting or other special model")
-        raise InputError(
-            f"{ckpt.path}: the UNet takes {in_ch} input channels ({what}); "
-            "only text-to-image SD1.x/SD2.x checkpoints (4 channels) are supported."
-        )
-    if f"{VAE_PREFIX}encoder.conv_in.weight" not in ckpt:
-        raise InputError(
-            f"{ckpt.path} has no VAE (first_stage_model.*); pass a full checkpoint with its VAE baked in."
-        )
-    if SD1_TEXT_KEY in ckpt or OLD_SD1_TEXT_KEY in ckpt:
-        text, text_reason = "sd1", "CLIP ViT-L text encoder (cond_stage_model.transformer.*)"
-    elif SD2_TEXT_KEY in ckpt:
-        text, text_reason = "sd2", "OpenCLIP text encoder (cond_stage_model.model.*)"
-    else:
-        raise InputError(
-            f"{ckpt.path} has no text encoder in the SD1.x/SD2.x layout (cond_stage_model.*); "
-            "pass a full checkpoint (UNet + VAE + text encoder)."
-        )
-    proj = sorted(k for k in ckpt.keys() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight"))
-    if not proj:
-        raise InputError(
-            f"{ckpt.path}: the UNet has no cross-attention (proj_in) layers; not an SD1.x/SD2.x model."
-        )
-    linear = len(ckpt.shape(proj[0])) == 2
-    unet = "sd2" if linear else "sd1"
-    if unet != text:
-        raise InputError(
-            f"{ckpt.path}: the text encoder says {text.upper()} but the UNet's proj_in is "
-            f"{'linear (SD2.x)' if linear else 'a 1x1 conv (SD1.x)'}; this mixed model is not a standard type. "
-            "Pass --model-type with a diffusers config folder that matches it."
-        )
-    return text, [text_reason, f"UNet proj_in is {'linear' if linear else 'a 1x1 conv'}"]
-
-
-def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
-    """Whether an SD2.x file is v-prediction (768) rather than epsilon (512-base), and why."""
-    meta = ckpt.metadata
-    if meta.get("apdm.model_type") in ("sd2", "sd2-v"):
-        return meta["apdm.model_type"] == "sd2-v", "apdm.model_type metadata"
-    pred = meta.get("modelspec.prediction_type", "").lower()
-    if pred in ("v", "v_prediction", "v-prediction", "epsilon", "eps"):
-        return pred.startswith("v"), f"modelspec.prediction_type={pred!r} metadata"
-    arch = meta.get("modelspec.architecture", "")
-    if arch.startswith("stable-diffusion-v2"):
-        return arch.endswith("-v"), f"modelspec.architecture={arch!r} metadata"
-    if "v_pred" in ckpt:
-        return True, "a 'v_pred' key"
-    if ckpt.extras.get("global_step") == SD2_BASE_GLOBAL_STEP:
-        return False, f"global_step={SD2_BASE_GLOBAL_STEP} (the SD2 512-base release)"
-    stats = [
-        (int(m.group(1)), k)
-        for k in ckpt.keys()
-        if k.startswith(UNET_PREFIX) and (m := V_PRED_STAT_KEY.search(k))
-    ]
-    if stats:
-        key = max(stats)[1]
-        std = float(ckpt.tensor(key).float().std(unbiased=False))
-        return (
-            std > V_PRED_STD,
-            f"std of {key[len(UNET_PREFIX) :]} = {std:.3f} ({'>' if std > V_PRED_STD else '<='} {V_PRED_STD}, ComfyUI's rule)",
-        )
-    return False, "no v-prediction hint"
-
-
-def detect_model_type(ckpt: CheckpointFile) -> Detection:
-    """sd1 / sd2 / sd2-v from the tensors and metadata; raises InputError for anything else."""
-    family, reasons = model_family(ckpt)
-    if family == "sd1":
-        return Detection("sd1", reasons)
-    v, why = _v_prediction_hint(ckpt)
-    return Detection("sd2-v" if v else "sd2", [*reasons, f"{'v-prediction' if v else 'epsilon'}: {why}"])
-
-
-def resolve_model_type(ckpt: CheckpointFile, model_type: str | None = None) -> tuple[str, Path, list[str]]:
-    """(model type, config folder, reasons). ``model_type``: None/'auto', sd1/sd2/sd2-v, or a config folder."""
-    if not model_type or model_type == "auto":
-        det = detect_model_type(ckpt)
-        return det.model_type, config_dir(det.model_type), det.reasons
-    family, reasons = model_family(ckpt)
-    if model_type in MODEL_TYPES:
-        if model_type[:3] != family:
-            raise InputError(
-                f"{ckpt.path}: model type {model_type!r} was requested but the file is {family.upper()}.x "
-                f"({reasons[0]}); use --model-type {'sd1' if family == 'sd1' else 'sd2 or sd2-v'}."
-            )
-        return model_type, config_dir(model_type), [*reasons, "type set by the user"]
-    folder = Path(model_type)
-    if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
-        raise InputError(
-            f"--model-type {model_type!r} is neither one of {', '.join(MODEL_TYPES)} nor a diffusers config "
-            "folder (with unet/, vae/, text_encoder/, scheduler/ configs)."
-        )
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    kind = family + ("-v" if family == "sd2" and sched.get("prediction_type") == "v_prediction" else "")
-    return kind, folder, [*reasons, f"configs from {folder}"]
-
-
-# ------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------
 def _check_complete(path: Path, name: str, module) -> None:
@@ -429,13 +263,22 @@ def load_single_file(
     ``model.info`` records what export needs: the file format, the config folder and why the
     type was chosen; ``model.source`` is the file.
     """
+    return load_checkpoint(read_checkpoint(Path(path), allow_pickle=allow_pickle), dtype, model_type)
+
+
+def load_checkpoint(
+    ckpt: CheckpointFile, dtype: torch.dtype = torch.float32, model_type: str | None = None
+) -> SDModel:
+    """An SDModel from an open checkpoint (a file, or one in memory: then ``model.source`` is empty and
+    ``model.info['template']`` holds it, so a single-file export can start from its tensors)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
-    path = Path(path)
-    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
+    path = ckpt.path
     kind, cfg_dir, reasons = resolve_model_type(ckpt, model_type)
+    if ckpt.in_memory:
+        ckpt.sha256()  # now: the model's weights may share storage with these tensors
     state = ckpt.state_dict()
     if (
         OLD_SD1_TEXT_KEY in ckpt
@@ -468,13 +311,14 @@ def load_single_file(
         text_encoder,
         load_tokenizer(cfg_dir),
         _load_scheduler(cfg_dir),
-        source=str(path),
+        source="" if ckpt.in_memory else str(path),
         kind=kind,
         info={
             "format": ckpt.format,
             "config_dir": str(cfg_dir),
             "detection": reasons,
             "allow_pickle": ckpt.format == "pickle",
+            **({"template": ckpt} if ckpt.in_memory else {}),
         },
     )
     log.info("Loaded %s as %s (%s)", path, kind, "; ".join(reasons))

@@ -291,9 +291,11 @@ class ExportPlan:
     dropped: dict[str, Any] = field(default_factory=dict)
 
 
-def _template_path(model: SDModel, template) -> Path:
+def _template_path(model: SDModel, template) -> Path | CheckpointFile:
     if template:
         return Path(template)
+    if isinstance(model.info.get("template"), CheckpointFile):  # loaded from a host's model in memory
+        return model.info["template"]
     if model.source and Path(model.source).is_file():
         return Path(model.source)
     raise InputError(
@@ -321,9 +323,12 @@ def plan_export(
     path = _template_path(model, template)
     if allow_pickle is None:
         allow_pickle = bool(model.info.get("allow_pickle")) and model.source and Path(model.source) == path
-    protected = tuple({path, *((Path(model.source),) if model.source else ()), *map(Path, inputs)})
+    files = () if isinstance(path, CheckpointFile) else (path,)
+    protected = tuple({*files, *((Path(model.source),) if model.source else ()), *map(Path, inputs)})
     check_target(output, overwrite, protected)
-    ckpt = read_checkpoint(path, allow_pickle=bool(allow_pickle))
+    ckpt = (
+        path if isinstance(path, CheckpointFile) else read_checkpoint(path, allow_pickle=bool(allow_pickle))
+    )
     key_map = unet_key_map(ckpt, model.unet)
     dropped: dict[str, Any] = {}
     ema = [k for k in ckpt.keys() if k.startswith(EMA_PREFIX)]
@@ -383,7 +388,7 @@ def export_single_file(
     plan = plan_export(model, output, overwrite, template, allow_pickle, inputs)
     ckpt, target_dtype = plan.template, DTYPES[dtype]
     tracker = Tracker("export", 3, progress, should_stop)
-    source_sha256 = sha256_file(ckpt.path)
+    source_sha256 = ckpt.sha256()
     tracker.update(message="hashed the source")
     unet_state = model.unet.state_dict()
     by_src = {src: d for d, src in plan.key_map.items()}

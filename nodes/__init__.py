@@ -4,7 +4,7 @@ Node ids (the keys below) and input names are a contract with saved workflows: n
 """
 
 from .images import APDMProtectImages
-from .loaders import APDMAddSubject, APDMLoadModel, APDMLoadSubjectImages
+from .loaders import APDMAddSubject, APDMLoadModel, APDMLoadSubjectImages, APDMModelFromComfy
 from .outputs import APDMSampleImages, APDMSaveProtectedCheckpoint, APDMToComfyModel
 from .protection import APDMGeneratePairs, APDMProtectModel
 from .testing import APDMTestPersonalization
@@ -20,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "APDMSampleImages": APDMSampleImages,
     "APDMProtectImages": APDMProtectImages,
     "APDMAddSubject": APDMAddSubject,
+    "APDMModelFromComfy": APDMModelFromComfy,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,4 +34,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "APDMSampleImages": "Sample Images (APDM)",
     "APDMProtectImages": "Protect Images (ASPL/LDU)",
     "APDMAddSubject": "Add Subject (APDM)",
+    "APDMModelFromComfy": "Model from MODEL/CLIP/VAE (APDM)",
 }

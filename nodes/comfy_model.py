@@ -62,3 +62,16 @@ def patched_model(comfy_model, unet, strength: float = 1.0):
     if strength:
         patched.add_patches(protection_patches(comfy_model, unet), strength, 1.0)
     return patched
+
+
+def graph_checkpoint(comfy_model, clip, vae, name: str):
+    """ComfyUI's MODEL/CLIP/VAE as the engine's checkpoint in memory: what ComfyUI's own Save Checkpoint
+    would write for them (comfy.sd.save_checkpoint): the models loaded through ComfyUI's model management
+    with their patches (LoRAs, merges) applied, ``state_dict_for_saving`` in the original key layout."""
+    import comfy.model_management
+
+    from apdm_core.checkpoint import CheckpointFile
+
+    comfy.model_management.load_models_gpu([comfy_model, clip.load_model()], force_patch_weights=True)
+    state = comfy_model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    return CheckpointFile.from_state_dict(state, name)  # CPU copies: ComfyUI's own weights stay untouched

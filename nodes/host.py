@@ -81,6 +81,19 @@ def load_model(name: str, model_type: str = "auto"):
         return load(model_path(name), model_type=None if model_type == "auto" else model_type)
 
 
+def load_graph_model(model, clip, vae, model_type: str = "auto", title: str = "ComfyUI model"):
+    """ComfyUI's MODEL/CLIP/VAE as an apdm_core SDModel (full precision, CPU, its own copy; outside
+    inference mode like ``load_model``); ComfyUI's copies are unloaded from the device afterwards."""
+    from apdm_core.checkpoint import load_checkpoint
+
+    from .comfy_model import graph_checkpoint
+
+    with torch.inference_mode(False):
+        ckpt = graph_checkpoint(model, clip, vae, title)
+        free_comfy_memory()
+        return load_checkpoint(ckpt, model_type=None if model_type == "auto" else model_type)
+
+
 def demo_model():
     """The built-in demo model: the pretrained demo-world model that ``apdm demo`` protects."""
     from apdm_core.world import load_world_model
@@ -135,12 +148,14 @@ def folder_signature(folder: Path) -> str:
 
 def save_path(model, filename: str) -> Path:
     """Where Save Protected Checkpoint writes: models/checkpoints/<name>.safetensors for a model loaded
-    from a single file (export keeps its layout), else a diffusers folder models/diffusers/<name>."""
+    from a single file or the graph's MODEL/CLIP/VAE (export keeps its layout), else a diffusers folder
+    models/diffusers/<name>."""
     import folder_paths
 
     from apdm_core.fileio import child_path
 
-    if model.source and Path(model.source).is_file():
+    single = (model.source and Path(model.source).is_file()) or model.info.get("format") == "memory"
+    if single:  # a single file, or the graph's MODEL/CLIP/VAE (written as Save Checkpoint would)
         return child_path(folder_paths.get_folder_paths("checkpoints")[0], filename, ".safetensors")
     name = filename.strip()
     name = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name

@@ -126,3 +126,41 @@ class APDMLoadModel:
 
     def load(self, ckpt_name, model_type="auto"):
         return (host.load_model(ckpt_name, model_type),)
+
+
+class APDMModelFromComfy:
+    """The model in the graph (Load Checkpoint, with LoRAs or a merge applied) as the engine's model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from apdm_core.checkpoint import MODEL_TYPES
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The MODEL to protect (Load Checkpoint, a LoRA loader, a merge)."}),
+                "clip": ("CLIP", {"tooltip": "Its CLIP (the text encoder is part of the protected checkpoint)."}),
+                "vae": ("VAE", {"tooltip": "Its VAE."}),
+            },
+            "optional": {
+                "model_type": (["auto", *MODEL_TYPES], {"default": "auto", "tooltip": "auto = detected from the "
+                               "tensors; sd2-v = SD2.x 768 v-prediction (set it if detection guesses wrong)."}),
+                "title": ("STRING", {"default": "", "tooltip": "The model's name in the saved file's title and "
+                          "model card (default: 'ComfyUI model')."}),
+            },
+        }  # fmt: skip
+
+    RETURN_TYPES = ("APDM_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = (
+        "The model, for Generate Pairs and Protect Model (full precision, on the CPU until used).",
+    )
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Protect the model of this graph: takes MODEL/CLIP/VAE as ComfyUI's Save Checkpoint would write them "
+        "(LoRAs and merges applied). Save Protected Checkpoint writes the result in the same layout; "
+        "Protected Model to MODEL/CLIP/VAE applies it to the same MODEL as patches."
+    )
+
+    def load(self, model, clip, vae, model_type="auto", title=""):
+        return (host.load_graph_model(model, clip, vae, model_type, title.strip() or "ComfyUI model"),)

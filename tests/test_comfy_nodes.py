@@ -411,6 +411,80 @@ def test_save_single_file_into_checkpoints(host, tmp_path, subject_dir):
         )
 
 
+def test_protect_the_model_of_the_graph(host, tmp_path, monkeypatch, subject_dir):
+    """MODEL/CLIP/VAE (as Load Checkpoint or a LoRA loader hands them on) -> the engine's model, through
+    ComfyUI's model management; saved in ComfyUI's layout; applied to the same MODEL as patches."""
+    import dataclasses
+    import json
+
+    import comfy.model_management as mm
+    from comfy.model_patcher import FakeBaseModel, ModelPatcher
+    from comfy.sd import CLIP, VAE
+    from ldm_layout import make_checkpoint, write_config_folder
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import apdm_core.detection as detection
+    from apdm_core.config import ProtectConfig
+    from apdm_core.loading import load_model
+
+    monkeypatch.setattr(detection, "CONFIG_ROOT", tmp_path / "configs")  # the tiny model's configs as "sd1"
+    write_config_folder(tmp_path / "configs" / "sd1", "sd1")
+    source = make_checkpoint(tmp_path / "graph.safetensors", "sd1", dtype=torch.float16, seed=3)
+    state = load_file(source)
+    unet_p, clip_p, vae_p = "model.diffusion_model.", "cond_stage_model.", "first_stage_model."
+    ref = load_model(source, model_type="sd1")
+    ldm_unet = {k[len(unet_p) :]: v for k, v in state.items() if k.startswith(unet_p)}
+    comfy_model = ModelPatcher(FakeBaseModel(copy.deepcopy(ref.unet), ldm_unet=ldm_unet))
+    clip = CLIP({"clip_l." + k[len(clip_p) :]: v for k, v in state.items() if k.startswith(clip_p)})
+    vae = VAE({k[len(vae_p) :]: v for k, v in state.items() if k.startswith(vae_p)})
+    mm.calls.clear()
+    (model,) = host.run("APDMModelFromComfy", model=comfy_model, clip=clip, vae=vae, title="my merge")
+    assert ("load_models_gpu", 2, True) in mm.calls and "unload_all_models" in mm.calls
+    assert model.source == "" and model.kind == "sd1" and model.info["format"] == "memory"
+    for ours, theirs in (
+        (model.unet, ref.unet),
+        (model.text_encoder, ref.text_encoder),
+        (model.vae, ref.vae),
+    ):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.is_inference() for p in model.unet.parameters())
+    with torch.no_grad():  # what protection does to the engine's copy never reaches ComfyUI's weights
+        for p in model.unet.parameters():
+            p.add_(0.01)
+    assert all(torch.equal(v, state[unet_p + k]) for k, v in comfy_model.model.ldm_unet.items())
+
+    info = {
+        "protect_config": ProtectConfig(instance_prompt="a photo of sks dog"),
+        "protect_subject": [str(subject_dir)],
+    }
+    protected = dataclasses.replace(model, info={**model.info, **info}, _fingerprint=None)
+    (path,) = host.run("APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/graph",
+                       overwrite=False)  # fmt: skip
+    assert (
+        Path(path)
+        == Path(host.folder_paths.get_folder_paths("checkpoints")[0]) / "apdm" / "graph.safetensors"
+    )
+    out, unet = load_file(path), protected.unet.state_dict()
+    assert set(out) == set(state) - {"alphas_cumprod"}  # what ComfyUI's Save Checkpoint would have written
+    assert all(torch.equal(out[k], v) for k, v in state.items() if k in out and not k.startswith(unet_p))
+    again = load_model(path, model_type="sd1").unet.state_dict()
+    assert all(torch.equal(again[k], v.half().float()) for k, v in unet.items())  # the file's own fp16
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["modelspec.title"] == "my merge (protected with APDM)" and len(meta["apdm.source_sha256"]) == 64
+    )
+    assert json.loads(meta["apdm.subjects"])["count"] == 4 and Path(path).with_suffix(".md").exists()
+
+    patched = host.run("APDMToComfyModel", protected_model=protected, strength=1.0, model=comfy_model)[0]
+    got = patched.patched_state_dict()
+    assert all(torch.allclose(got["diffusion_model." + k], v, atol=1e-3) for k, v in unet.items())
+    with pytest.raises(InputError, match="my merge has no VAE"):
+        host.run("APDMModelFromComfy", model=comfy_model, clip=clip, vae=VAE({}), title="my merge")
+
+
 def test_save_a_diffusers_model_as_a_folder(host, graph):
     (path,) = host.run("APDMSaveProtectedCheckpoint", protected_model=graph["protected"], filename="prot_tiny.safetensors",
                        overwrite=False)  # fmt: skip

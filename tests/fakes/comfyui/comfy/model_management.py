@@ -11,6 +11,10 @@ def get_torch_device():
     return torch.device("cpu")
 
 
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, **kw):
+    calls.append(("load_models_gpu", len(models), force_patch_weights))
+
+
 def unload_all_models():
     calls.append("unload_all_models")
 

@@ -13,10 +13,25 @@ class FakeModelConfig:
 class FakeBaseModel(torch.nn.Module):
     """Holds a diffusers UNet as ``diffusion_model`` (ComfyUI's BaseModel holds an LDM UNetModel)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, ldm_unet=None):
         super().__init__()
         self.diffusion_model = unet
         self.model_config = FakeModelConfig({"diffusers_keys": list(unet.state_dict())})
+        self.ldm_unet = ldm_unet  # the UNet's tensors in ComfyUI's own (original LDM) names
+
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        """As ComfyUI's BaseModel for an SD1.x model: the UNet under model.diffusion_model., the CLIP's
+        clip_l. prefix replaced by cond_stage_model. (SD15.process_clip_state_dict_for_saving, which drops
+        text_projection and logit_scale), the VAE under first_stage_model."""
+        sd = {"model.diffusion_model." + k: v for k, v in (self.ldm_unet or {}).items()}
+        for k, v in (clip_state_dict or {}).items():
+            if k.startswith("clip_l.") and k not in (
+                "clip_l.transformer.text_projection.weight",
+                "clip_l.logit_scale",
+            ):
+                sd["cond_stage_model." + k[len("clip_l.") :]] = v
+        sd.update({"first_stage_model." + k: v for k, v in (vae_state_dict or {}).items()})
+        return sd
 
 
 class ModelPatcher:
