@@ -50,7 +50,7 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch):
 
     from ldm_layout import make_checkpoint, write_config_folder
 
-    from apdm_core import checkpoint
+    from apdm_core import detection
     from apdm_core.attack import AttackConfig
     from apdm_core.evaluate import EvalConfig
     from apdm_core.images import ImageProtectConfig
@@ -62,7 +62,7 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch):
         im.save(tmp_path / "photos" / f"ball_{i}.png")
     make_checkpoint(tmp_path / "sd15.safetensors", "sd1")  # tiny, SD1's layout: its own config folder
     tiny_sd1 = write_config_folder(tmp_path / "tiny_sd1_config", "sd1")
-    monkeypatch.setattr(checkpoint, "config_dir", lambda model_type: tiny_sd1)
+    monkeypatch.setattr(detection, "config_dir", lambda model_type: tiny_sd1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("APDM_CACHE_DIR", str(tmp_path / "cache"))
     for cls in (ProtectConfig, AttackConfig, EvalConfig, ImageProtectConfig):
