@@ -5,10 +5,11 @@ subject), one seed, the demo preset, the standard 400-step attack, scored by the
 similarity (a sample that is not recognisable as the subject's class counts 0). The unprotected
 DreamBooth attack must raise it by a clear margin over the base model (the world is one where
 personalization works), the same attack on the APDM-protected model must gain at most half as
-much, and the protected model must still draw other classes. That it also keeps drawing the
-subject's own class is NOT reached on this subject (README, Protection that holds: the demo preset
-trades class quality for protection, 0.94 -> 0.38 here): that test is a strict xfail, so the day it
-holds it fails as XPASS and the marker must go. Takes a few minutes on 2 CPU cores.
+much, and the protected model must still draw its own class and the other classes (within
+CI_MAX_QUALITY_DROP of the unprotected model). Measured on this subject and seed (README, Protection
+that holds): gated similarity 0.12 base, 0.88 unprotected + attack, 0.07 protected + attack
+(efficiency 0.95); class quality 0.94 -> 0.81 (the earlier `robust` demo preset: 0.38, a strict
+xfail then). Takes several minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -48,10 +49,6 @@ def test_protection_keeps_other_classes(cells):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the demo preset costs the subject's own class on subject 8 (README, Protection that holds)",
-)
 def test_protection_keeps_the_class(cells):
     base, protected = cells["base"], cells["apdm+attack"]
     assert protected.class_quality >= base.class_quality - efficacy.CI_MAX_QUALITY_DROP, (base, protected)

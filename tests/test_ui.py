@@ -426,7 +426,8 @@ def test_a_page_opened_on_settings_selects_no_preset(tmp_path):
     assert page.preset == "" and page.model == "m" and page.images == "a.png"
     first = ui.ProtectApp(page).initial_values()
     assert (
-        first["outer_steps"] == 100
+        first["outer_steps"] == efficacy.PROTECT_SETTINGS["outer_steps"]
+        and first["attacker_family"] == ["full", "lora"]
         and first["loss"] == "target"
         and first["protect_layers"] == "cross_attention"
     )

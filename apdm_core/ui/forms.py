@@ -35,7 +35,15 @@ GROUP_TITLES = {
     "textual_inversion": "Textual inversion attack",
     **{name: f"{entry.title} (method {name})" for name, entry in METHODS.items()},
 }
-BASIC_PRESETS = ("quick", "paper", "robust", "thorough", "fast", "low-memory")  # fast/low-memory: GPU presets
+BASIC_PRESETS = (
+    "quick",
+    "paper",
+    "robust",
+    "family",
+    "thorough",
+    "fast",
+    "low-memory",
+)  # fast/low-memory: GPU presets
 
 
 def _default(name: str, cls=ProtectConfig) -> Any:

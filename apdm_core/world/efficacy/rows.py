@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...config import PRESETS
+from ...config import PRESETS, ProtectConfig
+from ...configio import field_default
 from .. import render
 
 PROTECTED_PHOTOS = 0  # 4 photos from here: what the owner protects and what the attacker has
@@ -21,13 +22,9 @@ ANCHOR_PROMPTS = [render.class_prompt(c) for c in render.CLASSES] + [
     for pair in (("red", "blue", "green", "yellow"), ("pink", "cyan", "orange", "purple"))
     for color, cls in zip(pair, render.CLASSES)
 ]
-# The demo preset of the world (what ``apdm demo`` runs), chosen on the tuning subjects 100, 101,
-# 105 (README, Protection that holds): the target loss at the attacked weights, a persistent
-# simulated attacker as strong as the real one (lr, batch 2, clipping) seeing 400 attack steps
-# (resync_every 20 x 20 inner steps), the protection gradient at every 2nd attack step, only the
-# cross-attention layers changed, and the distillation anchor on every class.
-PROTECT_SETTINGS = {
-    **PRESETS["robust"],  # the same levers as the `robust` preset for real models, at the world's lr:
+# The world's learning rates and data on top of a preset for real models: the simulated attacker as strong
+# as the real one (lr, batch 2, clipping), the anchor on every class (ANCHOR_PROMPTS), 25 sampling steps.
+WORLD_SETTINGS = {
     "lr_protect": 5e-4,
     "lr_personalize": 5e-4,  # the attacker's learning rate
     "inner_batch_size": 2,
@@ -38,8 +35,15 @@ PROTECT_SETTINGS = {
     "sample_batch_size": 16,
     "save_every": 0,
 }
+# The `robust` preset at the world's lr (the demo preset before the attacker family): the target loss at
+# the attacked weights, a persistent simulated attacker seeing 400 attack steps (resync_every 20 x 20
+# inner steps), the protection gradient at every 2nd attack step, only the cross-attention layers
+# changed, the distillation anchor on every class.
+ROBUST_SETTINGS = {**PRESETS["robust"], **WORLD_SETTINGS}
 # The attacker family in the loop (l2p.episode): every episode a DreamBooth or a LoRA attacker (rank 4 or
-# 16), its learning rate drawn log-uniformly up to 4x the attacker's (LoRA: 1e-3 .. 1e-2), 200 outer steps.
+# 16), its learning rate drawn log-uniformly up to 4x the attacker's (LoRA: 1e-3 .. 1e-2, the world's
+# LoRA attack and its 10x), each episode 40 outer steps (800 attack steps, 2x the standard attack), 200
+# outer steps.
 FAMILY_SETTINGS = {
     "attacker_family": ["full", "lora"],
     "lora_ranks": [4, 16],
@@ -49,6 +53,9 @@ FAMILY_SETTINGS = {
     "resync_every": 40,
     "outer_steps": 200,
 }
+# The demo preset of the world (what ``apdm demo`` runs: the `family` preset at the world's lr), chosen on
+# the tuning subjects 100, 101, 105 (README, Protection that holds).
+PROTECT_SETTINGS = {**ROBUST_SETTINGS, **FAMILY_SETTINGS}
 # The demo preset before this one: APDM as published (DPO, a fresh attacker every outer step, the
 # whole UNet, no anchor), 40 x 10 steps; the protection that did not hold.
 PUBLISHED_SETTINGS = {
@@ -186,6 +193,8 @@ IMAGE_SETTINGS = {
     # a diagnostic, not a setting to use: ASPL with a budget 4x as large (visible noise)
     "aspl32": {"method": "aspl", "budget": 32 / 255, "steps": 50, "lr": 5e-4, "num_class_images": 50},
 }
+# robust on top of PROTECT_SETTINGS: the family's settings back at robust's (the defaults)
+ROBUST_OVERRIDES = {k: ROBUST_SETTINGS.get(k, field_default(ProtectConfig, k)) for k in FAMILY_SETTINGS}
 # protection variants of the table: name -> (note, ProtectConfig overrides on PROTECT_SETTINGS)
 ABLATIONS: dict[str, tuple[str, dict]] = {
     "published": ("APDM as published (the earlier demo preset)", PUBLISHED_SETTINGS),
@@ -200,16 +209,23 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "dpo": ("demo preset, lever off: DPO instead of the target loss", {"loss": "dpo", "lr_protect": 1e-4}),
     "all_layers": ("demo preset, lever off: the whole UNet protected", {"protect_layers": "all"}),
     "no_anchor": ("demo preset, lever off: no anchor", {"anchor_weight": 0.0}),
-    # tried against the LoRA and 2x attackers on the tuning subjects (README, Protection that holds)
-    "family": (
-        "demo preset + LoRA episodes in the loop, attacker lr up to 4x, 200 outer steps",
-        FAMILY_SETTINGS,
+    "single_kind": ("demo preset, lever off: DreamBooth episodes only", {"attacker_family": ["full"]}),
+    "horizon400": ("demo preset, lever off: episodes of 400 attack steps", {"resync_every": 20}),
+    # the demo preset before this one, and what was tried on it against the LoRA and 2x attackers
+    "robust": ("the robust preset (the earlier demo preset)", ROBUST_OVERRIDES),
+    "family": ("the family preset (= the demo preset)", {}),
+    "lora_episodes": (
+        "robust + LoRA episodes in the loop",
+        {**ROBUST_OVERRIDES, "attacker_family": ["full", "lora"]},
     ),
-    "lora_episodes": ("demo preset + LoRA episodes in the loop", {"attacker_family": ["full", "lora"]}),
-    "lr_range": ("demo preset + attacker lr drawn up to 4x", {"lr_personalize_max": 2e-3}),
+    "lr_range": ("robust + attacker lr drawn up to 4x", {**ROBUST_OVERRIDES, "lr_personalize_max": 2e-3}),
     "kv_nullspace": (
-        "demo preset on the cross-attention K/V only, null-space projected (0.999)",
-        {"protect_layers": "cross_attention_kv", "null_space": 0.999},
+        "robust on the cross-attention K/V only, null-space projected (0.999)",
+        {**ROBUST_OVERRIDES, "protect_layers": "cross_attention_kv", "null_space": 0.999},
+    ),
+    "nullspace": (
+        "robust, K/V changes null-space projected (0.999)",
+        {**ROBUST_OVERRIDES, "null_space": 0.999},
     ),
 }
 # PersGuard in the world (methods/persguard.py) with the demo preset's loop and levers. "{target}" is
@@ -311,6 +327,8 @@ __all__ = [
     "COMPARISON_ATTACKS",
     "CORE_ROWS",
     "FAMILY_SETTINGS",
+    "ROBUST_SETTINGS",
+    "WORLD_SETTINGS",
     "IMAGE_SETTINGS",
     "METHOD_ROWS",
     "MULTI_ROWS",
