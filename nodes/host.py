@@ -331,7 +331,9 @@ class NodeProgress:
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.points: list[list[float | None]] = []
         self.last_sent = 0.0
-        self.curves: dict[str, list] = {}  # the losses so far, drawn as the node's preview image
+        from apdm_core.ui.view import LossCurves
+
+        self.curves = LossCurves()  # the losses so far, drawn as the node's preview image
         self.last_preview = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -344,18 +346,17 @@ class NodeProgress:
         if now - self.last_sent >= EVENT_INTERVAL_S or event.step >= event.total:
             self.send(event)
             self.last_sent = now
-        if event.losses:
-            self.curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+        self.curves.add(event)
         self.bar.update_absolute(event.step, event.total, self.preview(now, event.step >= event.total))
 
     def preview(self, now: float, last: bool):
         """The loss curve so far as ComfyUI's preview image of the node (its ProgressBar preview, which the
         server sends to the queuing client), at most every PREVIEW_INTERVAL_S seconds; None in between."""
-        if not self.curves or (now - self.last_preview < PREVIEW_INTERVAL_S and not last):
+        if not self.curves.series or (now - self.last_preview < PREVIEW_INTERVAL_S and not last):
             return None
         from apdm_core.ui.view import curve_image
 
-        image = curve_image(self.curves)
+        image = curve_image(self.curves.series)
         self.last_preview = now
         return ("PNG", image, 512) if image is not None else None
 
@@ -378,9 +379,8 @@ class NodeProgress:
             "points": self.points,
         }
         self.points = []
-        server = (
-            PromptServer.instance
-        )  # to the client that queued the prompt (ComfyUI sets client_id per run)
+        # to the client that queued the prompt (ComfyUI sets client_id per run)
+        server = PromptServer.instance
         server.send_sync(PROGRESS_EVENT, payload, getattr(server, "client_id", None))
 
 

@@ -88,13 +88,19 @@ class APDMAddSubject:
                                      "class_prompt": class_prompt}],)  # fmt: skip
 
 
+def model_type_input(before: str = ""):
+    """The optional model_type input of the model loaders (auto: detected from the tensors)."""
+    from apdm_core.checkpoint import MODEL_TYPES
+
+    tooltip = "auto = detected from the tensors; sd2-v = SD2.x 768 v-prediction (set it if detection guesses wrong)."
+    return (["auto", *MODEL_TYPES], {"default": "auto", "tooltip": before + tooltip})
+
+
 class APDMLoadModel:
     """The Stable Diffusion model to protect, as the engine's own model object."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        from apdm_core.checkpoint import MODEL_TYPES
-
         return {
             "required": {
                 "ckpt_name": (
@@ -105,16 +111,7 @@ class APDMLoadModel:
                     },
                 ),
             },
-            "optional": {
-                "model_type": (
-                    ["auto", *MODEL_TYPES],
-                    {
-                        "default": "auto",
-                        "tooltip": "Single files: auto = detected from the tensors; sd2-v = SD2.x 768 "
-                        "v-prediction (set it if detection guesses wrong).",
-                    },
-                ),
-            },
+            "optional": {"model_type": model_type_input("Single files: ")},
         }
 
     RETURN_TYPES = ("APDM_MODEL",)
@@ -133,8 +130,6 @@ class APDMModelFromComfy:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from apdm_core.checkpoint import MODEL_TYPES
-
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The MODEL to protect (Load Checkpoint, a LoRA loader, a merge)."}),
@@ -142,8 +137,7 @@ class APDMModelFromComfy:
                 "vae": ("VAE", {"tooltip": "Its VAE."}),
             },
             "optional": {
-                "model_type": (["auto", *MODEL_TYPES], {"default": "auto", "tooltip": "auto = detected from the "
-                               "tensors; sd2-v = SD2.x 768 v-prediction (set it if detection guesses wrong)."}),
+                "model_type": model_type_input(),
                 "title": ("STRING", {"default": "", "tooltip": "The model's name in the saved file's title and "
                           "model card (default: 'ComfyUI model')."}),
             },

@@ -20,11 +20,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # the engine lives beside scripts/; import it from this extension
     sys.path.insert(0, _ROOT)
     try:
-        from apdm_core.ui import Host, ProtectApp, build_blocks
+        from apdm_core.ui import BASIC_PRESETS, Host, LossCurves, ProtectApp, build_blocks, curve_image
     finally:  # keep the extension's other top-level names (install, nodes) out of everyone's way
         sys.path.remove(_ROOT)
 else:
-    from apdm_core.ui import Host, ProtectApp, build_blocks
+    from apdm_core.ui import BASIC_PRESETS, Host, LossCurves, ProtectApp, build_blocks, curve_image
 
 TAB_ID = "apdm_anti_personalize"
 
@@ -43,7 +43,7 @@ class A1111Host(Host):
         )
         # the page opens on the checkpoint the webui has loaded, not the first of the list
         self.model = getattr(shared.opts, "sd_model_checkpoint", None) or ""
-        self._curves, self._preview_at = {}, 0
+        self._curves, self._preview_at = LossCurves(), 0
 
     def model_choices(self):
         from modules import sd_models
@@ -84,7 +84,7 @@ class A1111Host(Host):
         with call_queue.queue_lock:  # no generation runs on the GPU beside us
             progress.start_task(id_task)
             shared.state.begin(job=f"apdm-{kind}")
-            self._curves, self._preview_at = {}, 0
+            self._curves, self._preview_at = LossCurves(), 0
             restore = _free_gpu()
             try:
                 yield
@@ -100,13 +100,11 @@ class A1111Host(Host):
         shared.state.job_count = event.total
         shared.state.job_no = event.step
         shared.state.textinfo = f"APDM {event.describe()}"
-        if event.losses:
-            self._curves.setdefault(event.stage, []).append((event.step, dict(event.losses)))
+        self._curves.add(event)
         every = int(_option("apdm_preview_every") or 0)
-        if every and event.step - self._preview_at >= every:  # the live preview: the loss curve so far
-            from apdm_core.ui.view import curve_image
-
-            image = curve_image(self._curves)
+        # the live preview: the loss curve so far (a stage whose counter restarted starts counting again)
+        if every and (event.step < self._preview_at or event.step - self._preview_at >= every):
+            image = curve_image(self._curves.series)
             if image is not None:
                 shared.state.assign_current_image(image)
                 self._preview_at = event.step
@@ -137,8 +135,7 @@ def _free_gpu():
 
 
 SETTINGS = (  # key, default, label, component choices (None: a text box / number)
-    ("apdm_default_preset", "quick", "Preset the tab opens with", ("quick", "paper", "robust", "thorough", "fast",
-                                                                   "low-memory")),
+    ("apdm_default_preset", "quick", "Preset the tab opens with", BASIC_PRESETS),
     ("apdm_output_dir", "", "Folder the tab saves protected models to (empty: models/Stable-diffusion)", None),
     ("apdm_preview_every", 20, "Show the loss curve as the live preview every N steps (0 = never)", None),
 )  # fmt: skip

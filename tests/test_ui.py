@@ -494,3 +494,30 @@ def test_a1111_tab_opens_on_the_loaded_checkpoint_registers_tasks_settings_and_p
     assert task.startswith("task(apdm-protection-") and task in progress.started and task in progress.finished
     assert progress.current_task is None
     assert shared.state.images and shared.state.images[-1].size[0] > 100  # the loss curve as live preview
+
+
+def test_loss_curves_start_a_series_where_a_stage_restarts_in_every_host(a1111):
+    """The app's job, the ComfyUI node's preview and the A1111 preview share one accumulator: the second
+    attack of a test (its step counter restarts) is its own series, and A1111 previews it too."""
+    from modules import shared
+
+    from apdm_core.progress import ProgressEvent
+
+    events = [ProgressEvent("attack", s, 3, losses={"loss": 1.0 / s}) for s in (1, 2, 3, 1, 2)]
+    curves = ui.LossCurves()
+    for e in [ProgressEvent("attack", 0, 3), *events]:  # an event without losses adds nothing
+        curves.add(e)
+    assert {k: [s for s, _ in v] for k, v in curves.series.items()} == {
+        "attack": [1, 2, 3],
+        "attack #2": [1, 2],
+    }
+
+    module, _ = a1111
+    module.on_ui_settings()
+    shared.opts.data.update(apdm_preview_every=2)
+    host = module.A1111Host()
+    shown = len(shared.state.images)
+    for e in events:
+        host.progress(e)
+    assert set(host._curves.series) == {"attack", "attack #2"}
+    assert len(shared.state.images) - shown == 2  # at step 2 of the first attack and step 1 of the second

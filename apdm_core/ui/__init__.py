@@ -37,7 +37,7 @@ from .forms import (
 from .host import Host, Work
 from .jobs import Job, View, describe_error
 from .layout import build_blocks
-from .view import curve_image, report_view
+from .view import LossCurves, curve_image, report_view
 
 __all__ = [
     "ADVANCED_FIELDS",
@@ -49,6 +49,7 @@ __all__ = [
     "TITLE",
     "Host",
     "Job",
+    "LossCurves",
     "ProtectApp",
     "View",
     "Work",

@@ -35,15 +35,8 @@ GROUP_TITLES = {
     "textual_inversion": "Textual inversion attack",
     **{name: f"{entry.title} (method {name})" for name, entry in METHODS.items()},
 }
-BASIC_PRESETS = (
-    "quick",
-    "paper",
-    "robust",
-    "family",
-    "thorough",
-    "fast",
-    "low-memory",
-)  # fast/low-memory: GPU presets
+# the presets the pages offer (fast / low-memory: GPU presets)
+BASIC_PRESETS = ("quick", "paper", "robust", "family", "thorough", "fast", "low-memory")
 
 
 def _default(name: str, cls=ProtectConfig) -> Any:

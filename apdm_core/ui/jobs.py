@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import APDMError
 from ..progress import ProgressEvent
 from .host import Host, Work
-from .view import curve_image
+from .view import LossCurves, curve_image
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ class Job:
         self._curve, self._curve_key = None, -1
         self.stop_requested = threading.Event()
         self.event: ProgressEvent | None = None
-        self.curves: dict[str, list[tuple[int, dict[str, float]]]] = {}  # series -> (step, losses)
-        self._series: dict[str, str] = {}  # stage -> its current series ("attack", then "attack #2")
+        self._losses = LossCurves()
+        self.curves = self._losses.series  # series -> [(step, losses)]; "attack", then "attack #2"
         self.result: Any = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"apdm-{kind}", daemon=True)
@@ -55,13 +55,7 @@ class Job:
 
     def _progress(self, event: ProgressEvent) -> None:
         self.event = event
-        if event.losses:
-            series = self._series.get(event.stage)
-            if series is None or self.curves[series][-1][0] >= event.step:  # new, or its counter restarted
-                n = sum(1 for k in self.curves if k == event.stage or k.startswith(event.stage + " #"))
-                series = self._series[event.stage] = event.stage if n == 0 else f"{event.stage} #{n + 1}"
-                self.curves[series] = []
-            self.curves[series].append((event.step, dict(event.losses)))
+        self._losses.add(event)
         self.host.progress(event)
 
     def _should_stop(self) -> bool:

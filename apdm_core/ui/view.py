@@ -21,6 +21,26 @@ def _status_html(message: str, event: ProgressEvent | None = None, kind: str = "
     return "".join(parts)
 
 
+class LossCurves:
+    """The losses of a run by series, as ``curve_image`` draws them: series name -> [(step, losses)].
+    A stage whose step counter restarts (the attack of the unprotected, then of the protected model)
+    starts a new series ('attack', then 'attack #2') instead of drawing back over the first."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, list[tuple[int, dict[str, float]]]] = {}
+        self._current: dict[str, str] = {}  # stage -> its current series
+
+    def add(self, event: ProgressEvent) -> None:
+        if not event.losses:
+            return
+        name = self._current.get(event.stage)
+        if name is None or self.series[name][-1][0] >= event.step:  # new, or its counter restarted
+            n = sum(1 for k in self.series if k == event.stage or k.startswith(event.stage + " #"))
+            name = self._current[event.stage] = event.stage if n == 0 else f"{event.stage} #{n + 1}"
+            self.series[name] = []
+        self.series[name].append((event.step, dict(event.losses)))
+
+
 def curve_image(
     curves: dict[str, list[tuple[int, dict[str, float]]]],
     names: dict[str, str] | None = None,
