@@ -37,6 +37,7 @@ from .detection import (  # noqa: F401  (re-exported: the names callers know fro
     Detection,
     config_dir,
     detect_model_type,
+    family_of,
     model_family,
     resolve_model_type,
 )
@@ -291,28 +292,43 @@ def load_checkpoint(
             }
         )
     common = {"config": str(cfg_dir), "local_files_only": True, "torch_dtype": dtype}
+    xl: dict[str, Any] = {}
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
         vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
         text_encoder = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, state, subfolder="text_encoder", **common
         )
+        if family_of(kind) == "sdxl":
+            from transformers import CLIPTextModelWithProjection
+
+            xl["text_encoder_2"] = create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, state, subfolder="text_encoder_2", **common
+            )
+            xl["tokenizer_2"] = load_tokenizer(cfg_dir, "tokenizer_2")
     except (ValueError, RuntimeError, KeyError, AttributeError) as exc:
         raise InputError(
             f"{path}: could not load it as {MODEL_TYPE_HELP.get(kind, kind)} ({type(exc).__name__}: {exc}). "
-            "If the type is wrong, pass --model-type (sd1, sd2, sd2-v or a diffusers config folder)."
+            f"If the type is wrong, pass --model-type ({', '.join(MODEL_TYPES)} or a diffusers config folder)."
         ) from exc
-    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
+    parts = [("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)]
+    parts += [("second text encoder", xl["text_encoder_2"])] if xl else []
+    for name, module in parts:
         _check_complete(path, name, module)
     del state
+    scheduler = _load_scheduler(cfg_dir)
+    if "ztsnr" in ckpt:  # ComfyUI's marker of zero-terminal-SNR training (v-prediction SDXL fine-tunes)
+        scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+        reasons = [*reasons, "zero terminal SNR: a 'ztsnr' key"]
     model = SDModel(
         unet,
         vae,
         text_encoder,
         load_tokenizer(cfg_dir),
-        _load_scheduler(cfg_dir),
+        scheduler,
         source="" if ckpt.in_memory else str(path),
         kind=kind,
+        **xl,
         info={
             "format": ckpt.format,
             "config_dir": str(cfg_dir),

@@ -46,11 +46,12 @@ def write_clip_vocab(folder: str | Path) -> Path:
     return folder
 
 
-def load_tokenizer(config_dir: str | Path):
-    """The CLIPTokenizer of a config folder: its own tokenizer/ files, or the shipped vocabulary with its settings."""
+def load_tokenizer(config_dir: str | Path, subfolder: str = "tokenizer"):
+    """The CLIPTokenizer of a config folder: its own tokenizer/ (SDXL: also tokenizer_2/) files, or the shipped
+    vocabulary with its settings."""
     from transformers import CLIPTokenizer
 
-    tok_dir = Path(config_dir) / "tokenizer"
+    tok_dir = Path(config_dir) / subfolder
     if (tok_dir / "vocab.json").exists():
         return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
     with tempfile.TemporaryDirectory(prefix="apdm-tokenizer-") as tmp:

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointFile
 
 
-MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+MODEL_TYPES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-v")
 MODEL_TYPE_HELP = {
     "sd1": "SD1.x (CLIP ViT-L text encoder, 512 px, epsilon)",
     "sd2": "SD2.x base (OpenCLIP ViT-H, 512 px, epsilon)",
     "sd2-v": "SD2.x (OpenCLIP ViT-H, 768 px, v-prediction)",
+    "sdxl": "SDXL base (CLIP ViT-L + OpenCLIP bigG, 1024 px, epsilon)",
+    "sdxl-v": "SDXL (CLIP ViT-L + OpenCLIP bigG, 1024 px, v-prediction)",
 }
 CONFIG_ROOT = Path(__file__).resolve().with_name("sd_configs")
 
@@ -38,6 +40,16 @@ OLD_SD1_TEXT_KEY = (
 V_PRED_STAT_KEY = re.compile(r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
 V_PRED_STD = 0.09  # ComfyUI's SD20.model_type threshold on that tensor's std
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy hint for 512-base .ckpt files
+# SDXL (SGM layout): CLIP ViT-L and OpenCLIP bigG under conditioner.embedders.0/.1, the added conditioning in label_emb
+SDXL_TEXT_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+SDXL_TEXT2_KEY = "conditioner.embedders.1.model.positional_embedding"
+SDXL_REFINER_KEY = "conditioner.embedders.0.model.positional_embedding"  # the refiner has OpenCLIP bigG only
+SDXL_LABEL_KEY = UNET_PREFIX + "label_emb.0.0.weight"
+
+
+def family_of(model_type: str) -> str:
+    """sd1 / sd2 / sdxl for a model type (sd2-v -> sd2, sdxl-v -> sdxl)."""
+    return model_type.removesuffix("-v")
 
 
 def config_dir(model_type: str) -> Path:
@@ -114,10 +126,17 @@ def diffusers_model_type(ckpt: CheckpointFile) -> str | None:
 def _not_sd_message(ckpt: CheckpointFile) -> str:
     keys = ckpt.keys()
     other = diffusers_model_type(ckpt)
-    if other in OTHER_TYPES:
-        what = f"{OTHER_TYPES[other]} (diffusers type {other!r}); only SD1.x and SD2.x are supported"
+    if other == "xl_base":
+        what = (
+            "an SDXL checkpoint (diffusers type 'xl_base') without its UNet (model.diffusion_model.*); "
+            "pass the full checkpoint"
+        )
+    elif other in OTHER_TYPES:
+        what = f"{OTHER_TYPES[other]} (diffusers type {other!r}); only SD1.x, SD2.x and SDXL base models are supported"
     elif any(k.startswith("conditioner.embedders.") for k in keys):
-        what = "an SDXL checkpoint; only SD1.x and SD2.x are supported"
+        what = "only the text encoders of an SDXL model (no model.diffusion_model.* UNet); pass the full checkpoint"
+    elif any(k.startswith("control_model.") for k in keys):
+        what = "a ControlNet (control_model.*), not a text-to-image checkpoint; protect the base model it is used with"
     elif any(
         k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys
     ):
@@ -131,22 +150,51 @@ def _not_sd_message(ckpt: CheckpointFile) -> str:
     return f"{ckpt.path} is {what}."
 
 
+def _sdxl_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
+    """'sdxl' for an SDXL base checkpoint; the refiner and files without both text encoders are refused."""
+    if SDXL_REFINER_KEY in ckpt:
+        raise InputError(
+            f"{ckpt.path} is an SDXL refiner (one OpenCLIP text encoder at conditioner.embedders.0). The refiner only "
+            "polishes the base model's latents and is not what DreamBooth personalizes; protect the SDXL base checkpoint."
+        )
+    missing = [n for n, k in (("CLIP ViT-L (conditioner.embedders.0)", SDXL_TEXT_KEY),
+                              ("OpenCLIP bigG (conditioner.embedders.1)", SDXL_TEXT2_KEY)) if k not in ckpt]  # fmt: skip
+    if missing:
+        raise InputError(
+            f"{ckpt.path} is an SDXL UNet without its text encoder{'s' if len(missing) > 1 else ''} "
+            f"{' and '.join(missing)}; pass the full checkpoint (UNet + VAE + both text encoders), e.g. the file as "
+            "ComfyUI's 'Save Checkpoint' or A1111 writes it."
+        )
+    if SDXL_LABEL_KEY not in ckpt:
+        raise InputError(
+            f"{ckpt.path} has SDXL text encoders but its UNet has no size/crop conditioning (label_emb); "
+            "it is not a standard SDXL base model. Pass --model-type with a diffusers config folder that matches it."
+        )
+    return "sdxl", [
+        "CLIP ViT-L + OpenCLIP bigG text encoders (conditioner.embedders.0/1)",
+        "UNet with label_emb",
+    ]
+
+
 def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
-    """'sd1' or 'sd2' from the text encoder and the UNet, checked against each other."""
+    """'sd1', 'sd2' or 'sdxl' from the text encoder(s) and the UNet, checked against each other."""
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in ckpt:
         raise InputError(_not_sd_message(ckpt))
     in_ch = ckpt.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
     if in_ch != 4:
         other = diffusers_model_type(ckpt)
-        what = OTHER_TYPES.get(other, "an inpainting or other special model")
+        xl = SDXL_LABEL_KEY in ckpt
+        what = OTHER_TYPES.get(other, f"an {'SDXL ' if xl else ''}inpainting or other special model")
         raise InputError(
-            f"{ckpt.path}: the UNet takes {in_ch} input channels ({what}); "
-            "only text-to-image SD1.x/SD2.x checkpoints (4 channels) are supported."
+            f"{ckpt.path}: the UNet takes {in_ch} input channels ({what}); only text-to-image SD1.x/SD2.x/SDXL "
+            "checkpoints (4 channels) are supported. Protect the text-to-image model the inpainting one was made from."
         )
     if f"{VAE_PREFIX}encoder.conv_in.weight" not in ckpt:
         raise InputError(
             f"{ckpt.path} has no VAE (first_stage_model.*); pass a full checkpoint with its VAE baked in."
         )
+    if SDXL_LABEL_KEY in ckpt or any(k.startswith("conditioner.embedders.") for k in ckpt.keys()):
+        return _sdxl_family(ckpt)
     if SD1_TEXT_KEY in ckpt or OLD_SD1_TEXT_KEY in ckpt:
         text, text_reason = "sd1", "CLIP ViT-L text encoder (cond_stage_model.transformer.*)"
     elif SD2_TEXT_KEY in ckpt:
@@ -202,11 +250,32 @@ def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
     return False, "no v-prediction hint"
 
 
+def _sdxl_v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
+    """Whether an SDXL file is v-prediction: the file's own markers only (SDXL files default to epsilon)."""
+    meta = ckpt.metadata
+    if meta.get("apdm.model_type") in ("sdxl", "sdxl-v"):
+        return meta["apdm.model_type"] == "sdxl-v", "apdm.model_type metadata"
+    pred = meta.get("modelspec.prediction_type", "").lower()
+    if pred in ("v", "v_prediction", "v-prediction", "epsilon", "eps"):
+        return pred.startswith("v"), f"modelspec.prediction_type={pred!r} metadata"
+    if "v_pred" in ckpt:
+        return True, "a 'v_pred' key (as ComfyUI reads it)"
+    return (
+        False,
+        "no v-prediction marker (SDXL files are epsilon unless marked; --model-type sdxl-v overrides)",
+    )
+
+
 def detect_model_type(ckpt: CheckpointFile) -> Detection:
-    """sd1 / sd2 / sd2-v from the tensors and metadata; raises InputError for anything else."""
+    """sd1 / sd2 / sd2-v / sdxl / sdxl-v from the tensors and metadata; raises InputError for anything else."""
     family, reasons = model_family(ckpt)
     if family == "sd1":
         return Detection("sd1", reasons)
+    if family == "sdxl":
+        v, why = _sdxl_v_prediction_hint(ckpt)
+        return Detection(
+            "sdxl-v" if v else "sdxl", [*reasons, f"{'v-prediction' if v else 'epsilon'}: {why}"]
+        )
     v, why = _v_prediction_hint(ckpt)
     return Detection("sd2-v" if v else "sd2", [*reasons, f"{'v-prediction' if v else 'epsilon'}: {why}"])
 
@@ -218,10 +287,11 @@ def resolve_model_type(ckpt: CheckpointFile, model_type: str | None = None) -> t
         return det.model_type, config_dir(det.model_type), det.reasons
     family, reasons = model_family(ckpt)
     if model_type in MODEL_TYPES:
-        if model_type[:3] != family:
+        if family_of(model_type) != family:
+            right = {"sd1": "sd1", "sd2": "sd2 or sd2-v", "sdxl": "sdxl or sdxl-v"}[family]
             raise InputError(
-                f"{ckpt.path}: model type {model_type!r} was requested but the file is {family.upper()}.x "
-                f"({reasons[0]}); use --model-type {'sd1' if family == 'sd1' else 'sd2 or sd2-v'}."
+                f"{ckpt.path}: model type {model_type!r} was requested but the file is "
+                f"{'SDXL' if family == 'sdxl' else family.upper() + '.x'} ({reasons[0]}); use --model-type {right}."
             )
         return model_type, config_dir(model_type), [*reasons, "type set by the user"]
     folder = Path(model_type)
@@ -231,5 +301,5 @@ def resolve_model_type(ckpt: CheckpointFile, model_type: str | None = None) -> t
             "folder (with unet/, vae/, text_encoder/, scheduler/ configs)."
         )
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    kind = family + ("-v" if family == "sd2" and sched.get("prediction_type") == "v_prediction" else "")
+    kind = family + ("-v" if family != "sd1" and sched.get("prediction_type") == "v_prediction" else "")
     return kind, folder, [*reasons, f"configs from {folder}"]

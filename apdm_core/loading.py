@@ -32,7 +32,7 @@ def load_model(
         model = load_diffusers_folder(path, dtype=dtype)
     else:
         model = load_single_file(path, dtype=dtype, **kw)
-    for m in (model.unet, model.vae, model.text_encoder):
+    for m in (model.unet, model.vae, *model.text_encoders):
         m.requires_grad_(False)
         m.eval()
     return model.to(device)

@@ -49,11 +49,22 @@ class SDModel:
     tokenizer: Any
     scheduler: Any  # the model's own sampling scheduler; training uses noise_scheduler()
     source: str = ""  # the file or folder it was loaded from ("" = built in memory)
-    kind: str = "diffusers"  # sd1 / sd2 / sd2-v / diffusers / tiny
+    kind: str = "diffusers"  # sd1 / sd2 / sd2-v / sdxl / sdxl-v / diffusers / tiny
     info: dict[str, Any] = field(default_factory=dict)
     _fingerprint: str | None = field(default=None, repr=False)
+    text_encoder_2: Any = None  # SDXL's second text encoder (OpenCLIP bigG, with projection)
+    tokenizer_2: Any = None
 
     # --- facts about the model ------------------------------------------------------------
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: two text encoders, a pooled embedding and size/crop ids (``apdm_core.sdxl``)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> tuple:
+        return (self.text_encoder,) + ((self.text_encoder_2,) if self.is_xl else ())
+
     @property
     def prediction_type(self) -> str:
         return self.scheduler.config.get("prediction_type", "epsilon")
@@ -77,7 +88,7 @@ class SDModel:
         return DDPMScheduler.from_config(self.scheduler.config)
 
     def to(self, device: torch.device | str) -> SDModel:
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in (self.unet, self.vae, *self.text_encoders):
             m.to(device)
         return self
 
@@ -93,14 +104,30 @@ class SDModel:
         return self._fingerprint
 
     # --- using it ---------------------------------------------------------------------------
-    def pipeline(self, unet=None, scheduler=None):
-        """A StableDiffusionPipeline over these components (no safety checker, nothing downloaded)."""
+    def pipeline(self, unet=None, scheduler=None, text_encoder=None, tokenizer=None):
+        """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over these components (no safety
+        checker or watermarker, nothing downloaded)."""
+        if self.is_xl:
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=unet if unet is not None else self.unet,
+                scheduler=scheduler if scheduler is not None else self.scheduler,
+                add_watermarker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(
             vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
+            text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
+            tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
             unet=unet if unet is not None else self.unet,
             scheduler=scheduler if scheduler is not None else self.scheduler,
             safety_checker=None,
@@ -111,9 +138,19 @@ class SDModel:
         return pipe
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings exactly as the diffusers pipeline computes them for sampling."""
-        pipe = self.pipeline()
+    def encode_prompts(self, prompts: list[str], pipe=None) -> torch.Tensor:
+        """Text embeddings exactly as the diffusers pipeline computes them for sampling; for SDXL the
+        token states of both encoders with the pooled embedding and the size/crop ids of the native
+        resolution packed after them (``apdm_core.sdxl.pack``)."""
+        pipe = pipe or self.pipeline()
+        if self.is_xl:
+            from .sdxl import pack, time_ids
+
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            ids = time_ids(self.native_resolution, len(prompts))
+            return pack(embeds.detach(), pooled.detach(), ids).detach()
         embeds, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
         return embeds.detach()
 
@@ -176,9 +213,11 @@ def load_diffusers_folder(folder: str | Path, dtype: torch.dtype = torch.float32
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    missing = [
-        s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / s).is_dir()
-    ]
+    xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+        ("text_encoder_2", "tokenizer_2") if xl else ()
+    )
+    missing = [s for s in parts if not (folder / s).is_dir()]
     if missing:
         raise InputError(
             f"{folder} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/). "
@@ -192,11 +231,19 @@ def load_diffusers_folder(folder: str | Path, dtype: torch.dtype = torch.float32
             folder, subfolder="text_encoder", torch_dtype=dtype, **kw
         )
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+        xl_parts = {}
+        if xl:
+            from transformers import CLIPTextModelWithProjection
+
+            xl_parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=dtype, **kw
+            )
+            xl_parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)
     except (OSError, ValueError) as exc:
         raise InputError(f"Could not load the diffusers model in {folder}: {exc}") from exc
     scheduler = _load_scheduler(folder)
     kind = "tiny" if (folder / "apdm_tiny.json").exists() else "diffusers"
-    return SDModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(folder), kind=kind)
+    return SDModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(folder), kind=kind, **xl_parts)
 
 
 def save_diffusers(

@@ -7,6 +7,7 @@ prepares the data (``l2p.prepare_data``), runs the method's Learning to Protect 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -238,12 +239,10 @@ def result_model(model: SDModel, unet) -> SDModel:
     """The base model's components with ``unet`` in place of the original (which stays intact)."""
     unet = unet.requires_grad_(False).eval()
     device = next(unet.parameters()).device
-    model.vae.to(device)
-    model.text_encoder.to(device)
+    for m in (model.vae, *model.text_encoders):
+        m.to(device)
     info = {**model.info, "protected": True}
-    return SDModel(
-        unet, model.vae, model.text_encoder, model.tokenizer, model.scheduler, model.source, model.kind, info
-    )
+    return dataclasses.replace(model, unet=unet, info=info, _fingerprint=None)
 
 
 def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:

@@ -160,3 +160,70 @@ def build_tiny_model(
         )
         model.source = str(folder)
     return model
+
+
+def tiny_xl_configs(latent_size: int = 8, vocab_size: int = 1000, prediction_type: str = "epsilon") -> dict:
+    """Configs of a tiny SDXL-shaped model: SDXL's topology (no attention at the first level, linear
+    proj_in, two text encoders whose token states are concatenated, the pooled embedding and the six
+    size/crop ids added to the time embedding) with tiny widths."""
+    te1, te2, time_dim = 32, 48, 8
+    cfg = tiny_configs(latent_size, te1, vocab_size, prediction_type)
+    cfg["unet"].update(
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=te1 + te2,
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, 2],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=te2 + 6 * time_dim,
+    )
+    cfg["vae"]["scaling_factor"] = 0.13025
+    cfg["text_encoder_2"] = {
+        **cfg["text_encoder"],
+        "hidden_size": te2,
+        "intermediate_size": 2 * te2,
+        "projection_dim": te2,
+        "hidden_act": "gelu",
+    }
+    cfg["scheduler"] = {**SD_SCHEDULE, "steps_offset": 1, "prediction_type": prediction_type,
+                        "timestep_spacing": "leading"}  # fmt: skip
+    return cfg
+
+
+def build_tiny_xl_model(
+    folder: str | Path | None = None, *, seed: int = 0, latent_size: int = 8, prediction_type: str = "epsilon",
+    words=DEFAULT_WORDS,
+) -> SDModel:  # fmt: skip
+    """A randomly initialised tiny SDXL-shaped model; saved as a diffusers folder when ``folder`` is given."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
+    cfg = tiny_xl_configs(latent_size, vocab_size=len(tokenizer), prediction_type=prediction_type)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **special))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **special))
+    scheduler = EulerDiscreteScheduler(**cfg["scheduler"])
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        m.requires_grad_(False).eval()
+    model = SDModel(unet, vae, text_encoder, tokenizer, scheduler, kind="tiny",
+                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)  # fmt: skip
+    if folder is not None:
+        folder = Path(folder)
+        model.pipeline().save_pretrained(folder, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):
+            write_clip_tokenizer(folder / sub, words)
+        (folder / "apdm_tiny.json").write_text(
+            json.dumps({"seed": seed, "note": "random tiny SDXL-shaped model"}), encoding="utf-8"
+        )
+        model.source = str(folder)
+    return model

@@ -24,6 +24,7 @@ from .errors import InputError
 from .fileio import atomic_path
 from .interrupts import uninterrupted  # noqa: F401  (its home; the loops import it from here)
 from .losses import noise_prediction_loss, training_target
+from .sdxl import unet_call
 
 
 class LatentBank:
@@ -103,9 +104,7 @@ def make_forward(device: torch.device, mixed_precision: str = "no") -> Callable:
 
     def forward(unet, batch: NoisyBatch) -> torch.Tensor:
         with autocast_for(device, mixed_precision):
-            return unet(
-                batch.latents, batch.timesteps, encoder_hidden_states=batch.embeds, return_dict=False
-            )[0]
+            return unet_call(unet, batch.latents, batch.timesteps, batch.embeds)
 
     return forward
 

@@ -14,6 +14,7 @@ from apdm_core.config import ProtectConfig
 from apdm_core.errors import InputError
 from apdm_core.losses import dpo_loss, noise_prediction_loss
 from apdm_core.models import SDModel
+from apdm_core.sdxl import unet_call
 from apdm_core.training import Diffusion, LatentBank, NoisyBatch
 
 # ------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class ReferenceL2P:
         return (*banks, embeds[:1], embeds[1:])
 
     def predict(self, unet, batch: NoisyBatch) -> torch.Tensor:
-        return unet(batch.latents, batch.timesteps, encoder_hidden_states=batch.embeds, return_dict=False)[0]
+        return unet_call(unet, batch.latents, batch.timesteps, batch.embeds)
 
     def personalization_loss(self, unet, data) -> torch.Tensor:
         subject, _, prior, inst_emb, cls_emb = data

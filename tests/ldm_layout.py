@@ -45,11 +45,52 @@ def tiny_configs(family: str, v_pred: bool = False) -> dict:
     }  # fmt: skip
 
 
+TEXT2_DIM, XL_TIME_DIM = 48, 8
+XL_TEXT1, XL_TEXT2 = "conditioner.embedders.0.transformer.text_model", "conditioner.embedders.1.model"
+
+
+def tiny_xl_configs(v_pred: bool = False) -> dict:
+    """SDXL's topology (3 levels, no attention on the first, deeper transformers below, linear proj_in,
+    CLIP-L + OpenCLIP-bigG-shaped text encoders, text_time added conditioning) with tiny widths."""
+    cfg = tiny_configs("sd1", v_pred)
+    cfg["unet"].update(
+        block_out_channels=[16, 32, 32],
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+        up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+        attention_head_dim=[2, 4, 4],
+        transformer_layers_per_block=[1, 1, 2],
+        use_linear_projection=True,
+        cross_attention_dim=TEXT_DIM + TEXT2_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_DIM,
+        projection_class_embeddings_input_dim=TEXT2_DIM + 6 * XL_TIME_DIM,
+    )
+    cfg["vae"]["scaling_factor"] = 0.13025
+    cfg["text2"] = {
+        **cfg["text"],
+        "hidden_size": TEXT2_DIM,
+        "intermediate_size": 2 * TEXT2_DIM,
+        "projection_dim": TEXT2_DIM,
+        "hidden_act": "gelu",
+    }
+    cfg["scheduler"] = {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "prediction_type": "v_prediction" if v_pred else "epsilon",
+    }
+    return cfg  # fmt: skip
+
+
 def write_config_folder(folder: Path, family: str, v_pred: bool = False) -> Path:
     """A diffusers config folder (no weights) for the tiny model: what --model-type accepts."""
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    cfg = tiny_configs(family, v_pred)
+    cfg = tiny_xl_configs(v_pred) if family == "sdxl" else tiny_configs(family, v_pred)
     for sub, name in (
         ("unet", "config.json"),
         ("vae", "config.json"),
@@ -59,15 +100,22 @@ def write_config_folder(folder: Path, family: str, v_pred: bool = False) -> Path
         (folder / sub / name).write_text(json.dumps(cfg[sub]), encoding="utf-8")
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
     assert len(tok) <= VOCAB
-    CLIPTextConfig(**cfg["text"], vocab_size=VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id).save_pretrained(folder / "text_encoder")  # fmt: skip
+    special = dict(vocab_size=VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)  # fmt: skip
+    CLIPTextConfig(**cfg["text"], **special).save_pretrained(folder / "text_encoder")
+    if family == "sdxl":
+        write_clip_tokenizer(folder / "tokenizer_2")
+        CLIPTextConfig(**cfg["text2"], **special).save_pretrained(folder / "text_encoder_2")
     return folder
 
 
 def configs_from_folder(folder: Path) -> dict:
     """The unet/vae/text configs of a diffusers config folder, in the form ``make_checkpoint`` takes."""
     read = lambda sub, name="config.json": json.loads((Path(folder) / sub / name).read_text(encoding="utf-8"))  # noqa: E731
-    return {"unet": read("unet"), "vae": read("vae"), "text": read("text_encoder")}
+    out = {"unet": read("unet"), "vae": read("vae"), "text": read("text_encoder")}
+    if (Path(folder) / "text_encoder_2").is_dir():
+        out["text2"] = read("text_encoder_2")
+    return out
 
 
 class Layout:
@@ -98,6 +146,8 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
     boc, nrb, ctx = cfg["block_out_channels"], cfg["layers_per_block"], cfg["cross_attention_dim"]
     linear_proj, emb = cfg.get("use_linear_projection", False), 4 * boc[0]
     attn = [t.startswith("CrossAttn") for t in cfg["down_block_types"]]
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = depth if isinstance(depth, list) else [depth] * len(boc)
     P = UNET
 
     def res(n: str, i: int, o: int) -> None:  # ResBlock
@@ -109,11 +159,14 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
         if i != o:
             lay.conv(f"{n}.skip_connection", i, o, 1)
 
-    def transformer(n: str, c: int) -> None:  # SpatialTransformer with one BasicTransformerBlock
+    def transformer(n: str, c: int, d: int = 1) -> None:  # SpatialTransformer with d BasicTransformerBlocks
         lay.norm(f"{n}.norm", c)
         for proj in ("proj_in", "proj_out"):
             (lay.linear(f"{n}.{proj}", c, c) if linear_proj else lay.conv(f"{n}.{proj}", c, c, 1))
-        b = f"{n}.transformer_blocks.0"
+        for i in range(d):
+            block(f"{n}.transformer_blocks.{i}", c)
+
+    def block(b: str, c: int) -> None:
         for a, kv in (("attn1", c), ("attn2", ctx)):
             lay.linear(f"{b}.{a}.to_q", c, c, bias=False)
             lay.linear(f"{b}.{a}.to_k", kv, c, bias=False)
@@ -126,6 +179,9 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
 
     lay.linear(f"{P}time_embed.0", boc[0], emb)
     lay.linear(f"{P}time_embed.2", emb, emb)
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size/crop ids
+        lay.linear(f"{P}label_emb.0.0", cfg["projection_class_embeddings_input_dim"], emb)
+        lay.linear(f"{P}label_emb.0.2", emb, emb)
     lay.conv(f"{P}input_blocks.0.0", cfg["in_channels"], boc[0])
     chans, ch, k = [boc[0]], boc[0], 1
     for level, c in enumerate(boc):
@@ -133,7 +189,7 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
             res(f"{P}input_blocks.{k}.0", ch, c)
             ch = c
             if attn[level]:
-                transformer(f"{P}input_blocks.{k}.1", ch)
+                transformer(f"{P}input_blocks.{k}.1", ch, depth[level])
             chans.append(ch)
             k += 1
         if level != len(boc) - 1:
@@ -141,7 +197,7 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
             chans.append(ch)
             k += 1
     res(f"{P}middle_block.0", ch, ch)
-    transformer(f"{P}middle_block.1", ch)
+    transformer(f"{P}middle_block.1", ch, depth[-1])
     res(f"{P}middle_block.2", ch, ch)
     k = 0
     for level in reversed(range(len(boc))):
@@ -149,7 +205,7 @@ def unet_layout(cfg: dict, lay: Layout) -> None:
             res(f"{P}output_blocks.{k}.0", ch + chans.pop(), boc[level])
             ch, j = boc[level], 1
             if attn[level]:
-                transformer(f"{P}output_blocks.{k}.1", ch)
+                transformer(f"{P}output_blocks.{k}.1", ch, depth[level])
                 j = 2
             if level and i == nrb:
                 lay.conv(f"{P}output_blocks.{k}.{j}.conv", ch, ch)
@@ -204,9 +260,9 @@ def vae_layout(cfg: dict, lay: Layout) -> None:
     lay.conv(f"{D}.conv_out", ch, cfg["out_channels"])
 
 
-def clip_layout(cfg: dict, lay: Layout) -> None:
+def clip_layout(cfg: dict, lay: Layout, T: str = "cond_stage_model.transformer.text_model") -> None:
     """SD1: the Hugging Face CLIPTextModel under cond_stage_model.transformer.text_model."""
-    T, d, inner = "cond_stage_model.transformer.text_model", cfg["hidden_size"], cfg["intermediate_size"]
+    d, inner = cfg["hidden_size"], cfg["intermediate_size"]
     lay.add(f"{T}.embeddings.token_embedding.weight", cfg.get("vocab_size", VOCAB), d)
     lay.add(f"{T}.embeddings.position_embedding.weight", 77, d)
     for i in range(cfg["num_hidden_layers"]):
@@ -220,12 +276,14 @@ def clip_layout(cfg: dict, lay: Layout) -> None:
     lay.norm(f"{T}.final_layer_norm", d)
 
 
-def open_clip_layout(cfg: dict, lay: Layout) -> None:
+def open_clip_layout(
+    cfg: dict, lay: Layout, T: str = "cond_stage_model.model", extra_block: bool = True
+) -> None:
     """SD2: OpenCLIP's text tower under cond_stage_model.model (one more block than diffusers keeps)."""
-    T, d, inner = "cond_stage_model.model", cfg["hidden_size"], cfg["intermediate_size"]
+    d, inner = cfg["hidden_size"], cfg["intermediate_size"]
     lay.add(f"{T}.token_embedding.weight", cfg.get("vocab_size", VOCAB), d)
     lay.add(f"{T}.positional_embedding", 77, d)
-    for i in range(cfg["num_hidden_layers"] + 1):
+    for i in range(cfg["num_hidden_layers"] + int(extra_block)):
         R = f"{T}.transformer.resblocks.{i}"
         lay.norm(f"{R}.ln_1", d)
         lay.add(f"{R}.attn.in_proj_weight", 3 * d, d)
@@ -235,7 +293,7 @@ def open_clip_layout(cfg: dict, lay: Layout) -> None:
         lay.linear(f"{R}.mlp.c_fc", d, inner)
         lay.linear(f"{R}.mlp.c_proj", inner, d)
     lay.norm(f"{T}.ln_final", d)
-    lay.add(f"{T}.text_projection", d, d)
+    lay.add(f"{T}.text_projection", d, cfg.get("projection_dim", d))
     lay.add(f"{T}.logit_scale")
 
 
@@ -250,11 +308,17 @@ def make_checkpoint(
     configs: dict | None = None,
 ) -> Path:
     """Write a tiny SD1- or SD2-shaped single-file checkpoint with random weights (``configs``: other sizes)."""
-    cfg = configs or tiny_configs(family)
+    cfg = configs or (tiny_xl_configs() if family == "sdxl" else tiny_configs(family))
     lay = Layout()
     unet_layout(cfg["unet"], lay)
     vae_layout(cfg["vae"], lay)
-    (open_clip_layout if family == "sd2" else clip_layout)(cfg["text"], lay)
+    if (
+        family == "sdxl"
+    ):  # SGM layout: conditioner.embedders.0 (CLIP-L), .1 (OpenCLIP bigG, penultimate layer kept)
+        clip_layout(cfg["text"], lay, XL_TEXT1)
+        open_clip_layout(cfg["text2"], lay, XL_TEXT2, extra_block=False)
+    else:
+        (open_clip_layout if family == "sd2" else clip_layout)(cfg["text"], lay)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in lay.shapes.items():
@@ -262,8 +326,9 @@ def make_checkpoint(
         if name.endswith("weight") and len(shape) == 1:  # norm scales around 1
             t = t + 1.0
         tensors[name] = t.to(dtype)
-    if family == "sd1":
-        tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    if family in ("sd1", "sdxl"):
+        text = XL_TEXT1 if family == "sdxl" else "cond_stage_model.transformer.text_model"
+        tensors[f"{text}.embeddings.position_ids"] = torch.arange(77)[None]
     tensors["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)  # LDM buffers stay float32
     tensors.update(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def test_detection_refuses_other_files_with_a_reason(files, tmp_path):
         # named by diffusers' own single-file type inference
         "sdxl_real_keys": (
             {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.ones(4)},
-            r"SDXL checkpoint \(diffusers type 'xl_base'\)",
+            r"SDXL checkpoint \(diffusers type 'xl_base'\) without its UNet",
         ),
         "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(4)}, "FLUX.1"),
         "unet": ({"conv_in.weight": torch.ones(4, 4, 3, 3)}, "diffusers component"),

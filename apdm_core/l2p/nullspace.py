@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sdxl import token_states
+
 
 def kept_basis(embeds: torch.Tensor, energy: float) -> torch.Tensor:
     """(k, D) orthonormal rows spanning ``energy`` of the token embeddings ``embeds`` (..., D)."""
@@ -27,7 +29,7 @@ class NullSpace:
     """Projects the changes of the cross-attention key/value weights away from the kept prompts' tokens."""
 
     def __init__(self, unet: torch.nn.Module, embeds: torch.Tensor, energy: float) -> None:
-        basis = kept_basis(embeds, energy)
+        basis = kept_basis(token_states(embeds, unet), energy)  # SDXL: without the pooled/ids rows
         self.rank = basis.shape[0]
         eye = torch.eye(basis.shape[1], dtype=torch.float64)
         names = (".attn2.to_k.weight", ".attn2.to_v.weight")
