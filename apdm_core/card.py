@@ -161,6 +161,8 @@ MODELSPEC_ARCHITECTURES = {
     "sd1": "stable-diffusion-v1",
     "sd2": "stable-diffusion-v2-512",
     "sd2-v": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl-v": "stable-diffusion-xl-v1-base",  # the prediction type is its own modelspec key
 }
 
 

@@ -184,7 +184,11 @@ def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
     if in_ch != 4:
         other = diffusers_model_type(ckpt)
         xl = SDXL_LABEL_KEY in ckpt
-        what = OTHER_TYPES.get(other, f"an {'SDXL ' if xl else ''}inpainting or other special model")
+        what = (
+            OTHER_TYPES["xl_inpaint"]
+            if xl
+            else OTHER_TYPES.get(other, "an inpainting or other special model")
+        )
         raise InputError(
             f"{ckpt.path}: the UNet takes {in_ch} input channels ({what}); only text-to-image SD1.x/SD2.x/SDXL "
             "checkpoints (4 channels) are supported. Protect the text-to-image model the inpainting one was made from."

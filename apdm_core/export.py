@@ -233,7 +233,7 @@ def apdm_metadata(
 ) -> dict[str, str]:
     """The safetensors metadata of an export: the source's own keys (minus old apdm.*) plus ours."""
     family = model_family(ckpt)[0]
-    model_type = family + ("-v" if family == "sd2" and model.prediction_type == "v_prediction" else "")
+    model_type = family + ("-v" if family != "sd1" and model.prediction_type == "v_prediction" else "")
     meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith(("apdm.", "modelspec."))}
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta.update(

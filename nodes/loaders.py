@@ -92,7 +92,10 @@ def model_type_input(before: str = ""):
     """The optional model_type input of the model loaders (auto: detected from the tensors)."""
     from apdm_core.checkpoint import MODEL_TYPES
 
-    tooltip = "auto = detected from the tensors; sd2-v = SD2.x 768 v-prediction (set it if detection guesses wrong)."
+    tooltip = (
+        "auto = detected from the tensors; sd2-v = SD2.x 768 v-prediction, sdxl-v = a v-prediction SDXL fine-tune "
+        "(set it if detection guesses wrong)."
+    )
     return (["auto", *MODEL_TYPES], {"default": "auto", "tooltip": before + tooltip})
 
 
@@ -119,7 +122,7 @@ class APDMLoadModel:
     OUTPUT_TOOLTIPS = ("The base model (full precision, on the CPU until a node needs it).",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a Stable Diffusion 1.x/2.x model for Generate Pairs and Protect Model."
+    DESCRIPTION = "Loads a Stable Diffusion 1.x/2.x or SDXL model for Generate Pairs and Protect Model."
 
     def load(self, ckpt_name, model_type="auto"):
         return (host.load_model(ckpt_name, model_type),)
