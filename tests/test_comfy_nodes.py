@@ -568,3 +568,43 @@ def test_the_performance_preset_follows_the_gpu_memory(host, monkeypatch):
         "low-memory",
         "low-memory-8bit",
     )  # 8-bit needs bitsandbytes
+
+
+def test_sdxl_checkpoint_through_the_nodes(host, tmp_path, monkeypatch):
+    """An SDXL checkpoint from models/checkpoints: Load Model (auto-detected), Generate Pairs, Protect Model,
+    Save Protected Checkpoint (SDXL layout, the other tensors kept byte for byte), and the protection as
+    patches on ComfyUI's MODEL."""
+    from ldm_layout import UNET, make_checkpoint, write_config_folder
+    from safetensors.torch import load_file
+
+    import apdm_core.detection as detection
+    from apdm_core.checkpoint import read_checkpoint
+
+    monkeypatch.setattr(detection, "CONFIG_ROOT", tmp_path / "configs")  # the tiny file's configs as "sdxl"
+    write_config_folder(tmp_path / "configs" / "sdxl", "sdxl")
+    ckpt_dir = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
+    source = make_checkpoint(ckpt_dir / "tiny-xl.safetensors", "sdxl")
+    (model,) = host.run("APDMLoadModel", ckpt_name="tiny-xl.safetensors")
+    assert model.is_xl and model.kind == "sdxl"
+    photos = Path(host.folder_paths.get_input_directory()) / "xl_subject"
+    photos.mkdir()
+    for i in range(4):
+        draw_photo(i).save(photos / f"img_{i}.png")
+    subject, _ = host.run("APDMLoadSubjectImages", folder="xl_subject")
+    pairs, _ = host.run("APDMGeneratePairs", model=model, subject=subject, **FAST_PAIRS)
+    protected, _ = host.run("APDMProtectModel", unique_id="21", model=model, subject=subject, pairs=pairs,
+                            **{**FAST_PROTECT, "steps": 2})  # fmt: skip
+    (path,) = host.run(
+        "APDMSaveProtectedCheckpoint", protected_model=protected, filename="apdm/xl", overwrite=False
+    )
+    out, state = load_file(path), load_file(source)
+    assert set(out) == set(state) and read_checkpoint(Path(path)).metadata["apdm.model_type"] == "sdxl"
+    changed = {k for k in out if not torch.equal(out[k], state[k])}
+    assert changed and all(k.startswith(UNET) for k in changed)
+    comfy_model = comfy_model_of(model.unet)
+    patched = host.run("APDMToComfyModel", protected_model=protected, strength=1.0, model=comfy_model)[0]
+    got = patched.patched_state_dict()
+    assert all(
+        torch.allclose(got["diffusion_model." + k], v, atol=1e-6)
+        for k, v in protected.unet.state_dict().items()
+    )

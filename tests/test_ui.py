@@ -521,3 +521,28 @@ def test_loss_curves_start_a_series_where_a_stage_restarts_in_every_host(a1111):
         host.progress(e)
     assert set(host._curves.series) == {"attack", "attack #2"}
     assert len(shared.state.images) - shown == 2  # at step 2 of the first attack and step 1 of the second
+
+
+def test_a1111_tab_protects_tests_and_saves_an_sdxl_checkpoint(a1111, subject_dir, tmp_path):
+    """An SDXL checkpoint in the webui's list takes the same path as SD1: protect, test, save as one file."""
+    from ldm_layout import make_checkpoint, write_config_folder
+    from modules import sd_models
+
+    from apdm_core.export_cli import inspect_checkpoint
+
+    module, _ = a1111
+    make_checkpoint(Path(sd_models.model_path) / "tiny-xl.safetensors", "sdxl")
+    sd_models.list_models()
+    xl_type = str(write_config_folder(tmp_path / "xl-cfg", "sdxl"))  # the tiny file's shapes
+    app = ui.ProtectApp(module.A1111Host())
+    title = next(t for t in sd_models.checkpoint_tiles() if t.startswith("tiny-xl"))
+    views = run_protect(app, title, subject_dir, tmp_path / "cache", model_type=xl_type)
+    assert "Protected in" in views[-1].status, views[-1].status
+    filename = views[-1].filename
+    assert app.protected.model.is_xl and filename == "tiny-xl-apdm.safetensors"
+    views = list(app.test_events("dreambooth", *page_test_inputs(app, tmp_path / "cache")))
+    assert "Report written to" in views[-1].status, views[-1].status
+    out = Path(sd_models.model_path) / filename
+    assert app.save(filename) == f"Saved to {out}"
+    info = inspect_checkpoint(out, model_type=xl_type)
+    assert info["model_type"] == "sdxl" and info["apdm"]["protected"] == "true"
