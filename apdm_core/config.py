@@ -218,7 +218,17 @@ class RunSettings(ConfigIO):
         "all",
         "UNet layers the protection changes: all (the paper), attention (self + cross), cross_attention "
         "(IMMA's choice), cross_attention_kv (only the keys and values of the text: the weights null_space "
-        "controls); the simulated attacker always trains the whole UNet, as the real one does.",
+        "controls); the simulated attacker trains the whole UNet, as the real one does (unless "
+        "attacker_layers narrows it).",
+        PROTECT_LAYERS,
+        group="robust",
+    )
+    attacker_layers: str = _f(
+        "all",
+        "UNet layers the simulated attacker's DreamBooth episodes train: all (the real attacker's full "
+        "fine-tune, the paper) or, to save memory on large models (SDXL on a 24 GB GPU), attention, "
+        "cross_attention: the attacker's gradients, accumulator and AdamW moments then exist for those layers "
+        "only. Must include protect_layers. LoRA episodes train their adapters either way.",
         PROTECT_LAYERS,
         group="robust",
     )
@@ -435,6 +445,12 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
         if self.optimizer_in_backward and self.inner_max_grad_norm > 0:
             raise InputError(
                 "inner_max_grad_norm needs the whole gradient before the step; turn optimizer_in_backward off."
+            )
+        if PROTECT_LAYERS.index(self.protect_layers) < PROTECT_LAYERS.index(self.attacker_layers):
+            raise InputError(
+                f"ProtectConfig.protect_layers={self.protect_layers!r} changes layers the simulated attacker does not "
+                f"train (attacker_layers={self.attacker_layers!r}); the protection gradient only reaches trained "
+                "layers. Narrow protect_layers or widen attacker_layers."
             )
         if self.anchor_weight > 0 and self.offload_outer:
             raise InputError("anchor_weight > 0 trains theta on the compute device; turn offload_outer off.")

@@ -45,6 +45,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora_lr": 1e-4,
         "lora_lr_max": 1e-3,
     },
+    # SDXL on a 24 GB GPU (README "SDXL"; by the memory estimate of benchmarks/bench_protect.py --estimate
+    # --unet sdxl, not measured on a GPU yet): the family preset's loop with the simulated DreamBooth
+    # attacker on the attention layers only, bf16 autocast with a bf16 reference, gradient checkpointing,
+    # the attacker's step inside the backward with 8-bit moments, theta and its optimizer in CPU memory.
+    # Those two levers cannot run with the family's anchor and gradient clipping, which it drops.
+    "sdxl-24gb": {
+        **ROBUST,
+        "outer_steps": 200,
+        "resync_every": 40,
+        "lr_personalize_max": 2e-5,
+        "attacker_family": ["full", "lora"],
+        "lora_ranks": [4, 16],
+        "lora_lr": 1e-4,
+        "lora_lr_max": 1e-3,
+        "attacker_layers": "attention",
+        "anchor_weight": 0.0,
+        "inner_max_grad_norm": 0.0,
+        "mixed_precision": "bf16",
+        "ref_precision": "bf16",
+        "gradient_checkpointing": True,
+        "optimizer_in_backward": True,
+        "offload_outer": True,
+        "optimizer": "adamw8bit",
+    },
     "thorough": {"outer_steps": 1200, "inner_steps": 20},
     # The paper's settings computed faster on a GPU (README "Performance"): bf16 autocast with fp32
     # master weights, a bf16 reference UNet, channels_last.

@@ -7,6 +7,7 @@ ProtectConfig) against the straightforward reference (perf_tools.ReferenceL2P) i
     python benchmarks/bench_protect.py --unet sd15 --resolution 512 --inner 20 --outer 3 --preset fast
     python benchmarks/bench_protect.py --sweep                          # every lever, one at a time
     python benchmarks/bench_protect.py --estimate --unet sd15 --resolution 512   # memory/FLOPs, no run
+    python benchmarks/bench_protect.py --estimate --unet sdxl --resolution 1024  # SDXL (768 too), per preset
     python benchmarks/bench_protect.py --unet world --inner 20 --no-reference --threads 1 --set protect_every=2
 
 The UNet is the real architecture with random weights (speed does not need trained weights):
@@ -263,8 +264,11 @@ def estimate(args) -> None:
     """Memory by the formula of perf_tools.estimate_memory (activations measured on the meta
     device) and FLOPs counted on the meta device, for every preset; nothing is run."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
     from perf_tools import (
         UNET_CONFIGS,
+        _meta_unet,
+        count_layer_parameters,
         count_parameters,
         estimate_memory,
         l2p_flops_per_inner_step,
@@ -273,23 +277,30 @@ def estimate(args) -> None:
 
     from apdm_core.config import ProtectConfig
 
+    diffusers_logging.set_verbosity_error()  # its note on casting meta modules is noise here
     if args.unet not in UNET_CONFIGS:
-        raise SystemExit("--estimate needs --unet sd15 or sd15-small")
+        raise SystemExit(f"--estimate needs --unet {', '.join(UNET_CONFIGS)}")
     cfg_unet = UNET_CONFIGS[args.unet]
-    res = args.resolution or 512
-    from perf_tools import _meta_unet
-
+    xl = args.unet == "sdxl"
+    res = args.resolution or (1024 if xl else 512)
     n = count_parameters(_meta_unet(cfg_unet, torch.float32))
-    print(f"UNet {args.unet}: {n / 1e6:.1f}M parameters, {res} px, batch_size 1 (estimate, GiB)")
-    print("| preset | training state + activations | parts |")
-    print("| --- | ---: | --- |")
-    for preset in ("paper", "fast", "low-memory", "low-memory-8bit"):
+    print(
+        f"UNet {args.unet}: {n / 1e6:.1f}M parameters, {res} px, batch_size 1 (estimate, GiB; not measured)"
+    )
+    print("| preset | training state + activations | fits 24 GB | parts |")
+    print("| --- | ---: | :---: | --- |")
+    presets = ["paper", "fast", "low-memory", "low-memory-8bit", "family"] + (["sdxl-24gb"] if xl else [])
+    for preset in presets:
         c = ProtectConfig.from_preset(preset)
         bf16 = c.mixed_precision == "bf16"
         act = saved_activation_bytes(cfg_unet, res, 3 * c.batch_size, torch.bfloat16 if bf16 else torch.float32,
                                      c.gradient_checkpointing)  # fmt: skip
-        est = estimate_memory(n, c, act)
-        print(f"| {preset} | {est.total / 2**30:.1f} | {est.describe().split('(', 1)[1].rstrip(')')} |")
+        est = estimate_memory(n, c, act, n_attacked=count_layer_parameters(cfg_unet, c.attacker_layers),
+                              n_protected=count_layer_parameters(cfg_unet, c.protect_layers))  # fmt: skip
+        fits = "yes" if est.total < 22 * 2**30 else "no"  # ~2 GiB for the CUDA context and fragmentation
+        print(
+            f"| {preset} | {est.total / 2**30:.1f} | {fits} | {est.describe().split('(', 1)[1].rstrip(')')} |"
+        )
     flops = l2p_flops_per_inner_step(cfg_unet, res, ProtectConfig())
     total = flops * PAPER_INNER * PAPER_OUTER
     print(f"\nFLOPs per inner step (torch.utils.flop_counter, meta device): {flops / 1e12:.2f} TFLOP; "
@@ -305,7 +316,7 @@ def estimate(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default="tiny", choices=["tiny", "world", "sd15-small", "sd15"])
+    p.add_argument("--unet", default="tiny", choices=["tiny", "world", "sd15-small", "sd15", "sdxl"])
     p.add_argument(
         "--resolution", type=int, default=0, help="pixels (multiple of 64); 0 = native (64 tiny, 512 sd15)"
     )

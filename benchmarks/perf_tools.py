@@ -188,6 +188,19 @@ UNET_CONFIGS = {
 TEXT_DIM = 768  # SD1.x text embedding width (the tiny text encoder of the benchmarks has it too)
 
 
+def _shipped_unet_config(kind: str) -> dict:
+    import json
+
+    from apdm_core.detection import config_dir
+
+    cfg = json.loads((config_dir(kind) / "unet" / "config.json").read_text(encoding="utf-8"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+# SDXL base's UNet (the shipped sd_configs/sdxl): 2567.5M parameters, estimates only (--estimate)
+UNET_CONFIGS["sdxl"] = _shipped_unet_config("sdxl")
+
+
 def bench_model(unet: str = "tiny", seed: int = 0) -> SDModel:
     """An SD-shaped model with random weights: the UNet of ``unet`` ('tiny', 'sd15', 'sd15-small')
     with the tiny VAE and a tiny 768-wide text encoder (they run once per run in the fast path);
@@ -230,7 +243,12 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    n_params: int, config: ProtectConfig, activations: float = 0.0, processes: int = 1
+    n_params: int,
+    config: ProtectConfig,
+    activations: float = 0.0,
+    processes: int = 1,
+    n_attacked: int | None = None,
+    n_protected: int | None = None,
 ) -> MemoryEstimate:
     """What the L2P trainer keeps on the compute device for a UNet of ``n_params`` parameters.
 
@@ -242,8 +260,13 @@ def estimate_memory(
     ``activations``: bytes saved for the backward of the largest forward (see
     ``saved_activation_bytes``). FSDP divides the sharded parts by ``processes``. CUDA context,
     allocator fragmentation and kernels' workspaces (typically 0.5-1.5 GiB) are not included.
+    ``n_attacked``: parameters the simulated attacker trains (``attacker_layers``; default all): the
+    gradient, accumulator and attacker moments exist for these only. ``n_protected``: parameters the
+    protection changes (``protect_layers``): the outer AdamW moments exist for these only.
     """
     p = float(n_params)
+    a = float(n_params if n_attacked is None else n_attacked)
+    q = float(n_params if n_protected is None else n_protected)
     eight_bit = config.optimizer == "adamw8bit"
     moments = 2.0 if eight_bit else 8.0
     fsdp = config.distributed == "fsdp" and processes > 1
@@ -251,12 +274,12 @@ def estimate_memory(
     offload = config.offload_outer or fsdp
     parts = {
         "theta'": 4 * p / shard,
-        "accumulator": 4 * p / shard,
-        "gradient": 0.0 if config.optimizer_in_backward and processes == 1 else 4 * p / shard,
-        "attacker AdamW": moments * p / shard,
+        "accumulator": 4 * a / shard,
+        "gradient": 0.0 if config.optimizer_in_backward and processes == 1 else 4 * a / shard,
+        "attacker AdamW": moments * a / shard,
         "reference": (4 if config.ref_precision == "fp32" else 2) * p / shard,
         "theta": 0.0 if offload else 4 * p,
-        "outer AdamW": 0.0 if offload else moments * p,
+        "outer AdamW": 0.0 if offload else moments * q,
         "autocast weights": 2 * p
         if config.mixed_precision == "bf16" and not config.gradient_checkpointing
         else 0.0,
@@ -281,11 +304,23 @@ def _meta_unet(unet_config: dict, dtype: torch.dtype, gradient_checkpointing: bo
 
 
 def _meta_inputs(unet_config: dict, batch: int, resolution: int, dtype: torch.dtype, seq: int = 77):
+    """Latents, timesteps and the packed conditioning (SDXL: with its pooled/size rows, apdm_core.sdxl)."""
+    from apdm_core.sdxl import extra_rows
+
     lat = resolution // 8
     x = torch.empty(batch, unet_config.get("in_channels", 4), lat, lat, device="meta", dtype=dtype)
     t = torch.zeros(batch, dtype=torch.long, device="meta")
-    c = torch.empty(batch, seq, unet_config.get("cross_attention_dim", TEXT_DIM), device="meta", dtype=dtype)
+    rows = seq + extra_rows(unet_config)
+    c = torch.empty(batch, rows, unet_config.get("cross_attention_dim", TEXT_DIM), device="meta", dtype=dtype)
     return x, t, c
+
+
+def count_layer_parameters(unet_config: dict, layers: str) -> int:
+    """Parameters of the UNet that ``protect_layers``/``attacker_layers`` = ``layers`` selects (meta device)."""
+    from apdm_core.levers import PROTECT_LAYERS
+
+    keep = PROTECT_LAYERS[layers]
+    return sum(p.numel() for n, p in _meta_unet(unet_config, torch.float32).named_parameters() if keep(n))
 
 
 def count_unet_flops(unet_config: dict, resolution: int, batch: int = 1, backward: bool = True) -> int:
@@ -296,7 +331,7 @@ def count_unet_flops(unet_config: dict, resolution: int, batch: int = 1, backwar
     unet = _meta_unet(unet_config, torch.float32)
     x, t, c = _meta_inputs(unet_config, batch, resolution, torch.float32)
     with FlopCounterMode(display=False) as counter:
-        out = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        out = unet_call(unet, x, t, c)
         if backward:
             out.sum().backward()
     return int(counter.get_total_flops())
@@ -361,5 +396,5 @@ def saved_activation_bytes(
 
     sdpa = mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa)
     with sdpa, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, t, encoder_hidden_states=c, return_dict=False)
+        unet_call(unet, x, t, c)
     return sum(seen.values())

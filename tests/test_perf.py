@@ -220,4 +220,18 @@ def test_flops_and_activations_on_the_meta_device():
     full = saved_activation_bytes(unet, 64, 3)
     assert saved_activation_bytes(unet, 64, 3, gradient_checkpointing=True) < full
     assert saved_activation_bytes(unet, 64, 3, torch.bfloat16) < full
-    assert set(UNET_CONFIGS) == {"sd15", "sd15-small"}
+    assert set(UNET_CONFIGS) == {"sd15", "sd15-small", "sdxl"}
+    from perf_tools import count_layer_parameters, estimate_memory
+
+    from apdm_core.config import ProtectConfig
+
+    xl = UNET_CONFIGS["sdxl"]
+    n, attention = count_layer_parameters(xl, "all"), count_layer_parameters(xl, "attention")
+    assert round(n / 1e6) == 2567 and 0.2 * n < attention < 0.5 * n
+    c = ProtectConfig.from_preset("sdxl-24gb")
+    est = estimate_memory(
+        n, c, n_attacked=attention, n_protected=count_layer_parameters(xl, c.protect_layers)
+    )
+    assert (
+        est.parts["accumulator"] == 4 * attention and est.parts["theta'"] == 4 * n and est.total < 22 * 2**30
+    )

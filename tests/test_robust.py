@@ -154,6 +154,7 @@ def test_anchor_keeps_theta_near_the_original(fast_config, monkeypatch):
         ({"inner_max_grad_norm": 1.0, "optimizer_in_backward": True}, "inner_max_grad_norm"),
         ({"anchor_weight": 1.0, "offload_outer": True}, "offload_outer"),
         ({"resync_every": 0}, "resync_every"),
+        ({"protect_layers": "attention", "attacker_layers": "cross_attention"}, "widen attacker_layers"),
     ],
 )
 def test_bad_combinations_are_refused(fast_config, overrides, message):
@@ -273,3 +274,22 @@ def test_the_null_space_edit_keeps_the_class_prompts_keys_and_values(fast_config
         else:
             assert torch.equal(dw, torch.zeros_like(dw)), n  # nothing else changes
     assert kv > 0
+
+
+def test_an_attacker_on_fewer_layers_trains_and_accumulates_only_those(fast_config):
+    """attacker_layers (memory for large models): theta' changes only in the attacker's layers, the
+    accumulator and the attacker's optimizer hold those layers only; theta moves in protect_layers."""
+    cfg = fast_config(
+        attacker_layers="attention", protect_layers="cross_attention", inner_steps=2, outer_steps=2
+    )
+    trainer = make_trainer(cfg)
+    names = [n for n, _ in trainer.unet_p.named_parameters()]
+    base = {n: p.detach().clone() for n, p in trainer.unet_p.named_parameters()}
+    theta0 = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    attention = [n for n in names if ".attn1." in n or ".attn2." in n]
+    assert len(trainer.accum) == len(trainer.weights.params_p) == len(attention) < len(names)
+    trainer.outer_step()
+    moved = {n for n, p in trainer.unet_p.named_parameters() if not torch.equal(p, base[n])}
+    assert moved and moved <= set(attention)
+    theta_moved = {n for n, p in trainer.unet.named_parameters() if not torch.equal(p, theta0[n])}
+    assert theta_moved and all(".attn2." in n for n in theta_moved)

@@ -21,7 +21,7 @@ import torch
 
 from ..config import ProtectConfig
 from ..errors import InputError
-from ..levers import DTYPES, make_adamw, pin_parameters, protected_subset, use_xformers
+from ..levers import DTYPES, PROTECT_LAYERS, make_adamw, pin_parameters, protected_subset, use_xformers
 from ..models import SDModel
 from ..parallel import Parallel, copy_into, full_tensor
 from ..training import make_forward
@@ -79,6 +79,11 @@ class Weights:
         if self.outer_device.type == "cpu" and device.type == "cuda":
             pin_parameters(self.unet)  # faster copies theta -> theta' every outer step
         self.unet_p = self._prepare(copy.deepcopy(base).to(device), trained=True)  # theta'
+        if config.attacker_layers != "all":  # the attacker trains (and theta accumulates) these layers only
+            keep = PROTECT_LAYERS[config.attacker_layers]
+            for module in (self.unet, self.unet_p):
+                for name, p in module.named_parameters():
+                    p.requires_grad_(keep(name))
         self._base_device = None
         self.ref_unet, ref_dtype = self._reference(base, fsdp)
         self.run_p = parallel.wrap_trained(self.unet_p)  # DDP wrapper / sharded in place
