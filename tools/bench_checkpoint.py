@@ -6,6 +6,7 @@ single-file conversion) and export (no training: the output must equal the input
 byte), and prints peak memory. Needs about 2 GB of disk per fp16 file and ~10 GB of RAM.
 
     python tools/bench_checkpoint.py --types sd1 sd2-v --dtype fp16 --dir /tmp/apdm-bench
+    python tools/bench_checkpoint.py --types sdxl --dtype fp16 --load-dtype fp16   # ~7 GB file, ~10 GB RAM
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ldm_layout import configs_from_folder, make_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from apdm_core.checkpoint import config_dir, detect_model_type, load_single_file, read_checkpoint  # noqa: E402
+from apdm_core.detection import family_of  # noqa: E402
 from apdm_core.export import export_single_file  # noqa: E402
 
 
@@ -47,8 +49,10 @@ def identical(a: Path, b: Path) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", nargs="+", default=["sd1"], choices=["sd1", "sd2", "sd2-v"])
+    ap.add_argument("--types", nargs="+", default=["sd1"], choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"])
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    ap.add_argument("--load-dtype", choices=["fp16", "fp32"], default="fp32", help="dtype the model is loaded in")
+    ap.add_argument("--keep", action="store_true", help="keep the files (e.g. for a real-host check)")
     ap.add_argument("--dir", default="/tmp/apdm-bench")
     args = ap.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -58,17 +62,18 @@ def main() -> None:
         src, out = root / f"{kind}.safetensors", root / f"{kind}-export.safetensors"
         for p in (src, out):
             p.unlink(missing_ok=True)
-        meta = {"modelspec.prediction_type": "v"} if kind == "sd2-v" else None
+        meta = {"modelspec.prediction_type": "v"} if kind.endswith("-v") else None
         t0 = time.perf_counter()
         make_checkpoint(
-            src, kind[:3], dtype=dtype, configs=configs_from_folder(config_dir(kind)), metadata=meta
+            src, family_of(kind), dtype=dtype, configs=configs_from_folder(config_dir(kind)), metadata=meta
         )
         t_make = time.perf_counter() - t0
         t0 = time.perf_counter()
         det = detect_model_type(read_checkpoint(src))
         t_detect = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model = load_single_file(src)  # auto-detected type and the shipped configs
+        load_dtype = torch.float16 if args.load_dtype == "fp16" else torch.float32
+        model = load_single_file(src, dtype=load_dtype)  # auto-detected type and the shipped configs
         t_load = time.perf_counter() - t0
         n_unet = sum(p.numel() for p in model.unet.parameters())
         t0 = time.perf_counter()
@@ -82,7 +87,7 @@ def main() -> None:
             flush=True,
         )
         del model
-        for p in (src, out):
+        for p in (src, out) if not args.keep else ():
             p.unlink(missing_ok=True)
 
 
