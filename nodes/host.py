@@ -7,6 +7,7 @@ never at import time, so the package imports (and the tests run) without ComfyUI
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from PIL import Image
 from apdm_core.data import IMAGE_EXTENSIONS
 from apdm_core.errors import InputError
 from apdm_core.progress import ProgressEvent
+
+log = logging.getLogger("apdm.comfyui")
 
 DEMO_MODEL = "[demo] APDM demo model (built in)"
 DEMO_SUBJECT = "[demo] APDM demo subject (built in)"
@@ -208,9 +211,21 @@ def protect_config(pairs, model, widgets: dict, advanced: str = ""):
         )
     from apdm_core.config import PRESETS
 
-    preset = performance_preset(widgets.pop("preset", "none"))
-    values = {**pairs.config.to_dict(), **PRESETS.get(preset, {}), **widgets, "device": device()}
-    values.update(parse_settings(advanced))
+    choice = widgets.pop("preset", "none")
+    preset = performance_preset(choice, xl=model.is_xl)
+    levers = dict(PRESETS.get(preset, {}))
+    extra = parse_settings(advanced)
+    values = {**pairs.config.to_dict(), **levers, **widgets, "device": device(), **extra}
+    if choice == "auto":  # never pick levers the run's own settings cannot run with
+        for lever, clash in (
+            ("offload_outer", "anchor_weight"),
+            ("optimizer_in_backward", "inner_max_grad_norm"),
+        ):
+            if values.get(lever) and values.get(clash, 0) > 0 and lever not in extra:
+                values[lever] = False
+                log.warning(
+                    "APDM: preset auto (%s) without %s: the run's %s needs it off.", preset, lever, clash
+                )
     return ProtectConfig.from_dict(values)
 
 
@@ -271,13 +286,14 @@ def device() -> str:
     return str(mm.get_torch_device())
 
 
-PERFORMANCE_PRESETS = ("auto", "none", "fast", "low-memory", "low-memory-8bit")
+PERFORMANCE_PRESETS = ("auto", "none", "fast", "low-memory", "low-memory-8bit", "sdxl-24gb")
 
 
-def performance_preset(choice: str) -> str:
+def performance_preset(choice: str, xl: bool = False) -> str:
     """The performance preset Protect Model runs with: the node's choice, or for 'auto' one that fits this
-    GPU's memory (the README's estimates for SD1.5 at 512 px: the fast preset about 31 GB, low-memory 15,
-    low-memory-8bit 10 with bitsandbytes); 'none' on a CPU or when nothing is chosen."""
+    GPU's memory (the README's estimates; SD1.5 at 512 px: the fast preset about 31 GB, low-memory 15,
+    low-memory-8bit 10 with bitsandbytes; SDXL at 1024 px: low-memory 45, low-memory-8bit 30,
+    sdxl-24gb 21, which also narrows the simulated attacker); 'none' on a CPU or when nothing is chosen."""
     if choice != "auto":
         return choice
     import comfy.model_management as mm
@@ -286,6 +302,12 @@ def performance_preset(choice: str) -> str:
     if getattr(dev, "type", str(dev)) != "cuda":
         return "none"
     total_gb = mm.get_total_memory(dev) / 2**30
+    if xl:
+        if total_gb >= 120:
+            return "fast"
+        if total_gb >= 48:
+            return "low-memory"
+        return "low-memory-8bit" if total_gb >= 32 else "sdxl-24gb"
     if total_gb >= 40:
         return "fast"
     if total_gb >= 16:

@@ -143,7 +143,9 @@ class APDMProtectModel:
                         "default": "auto",
                         "tooltip": "How the protection "
                         "is computed (not what): auto picks for this GPU's memory (fast >= 40 GB, low-memory, "
-                        "low-memory-8bit with bitsandbytes under 16 GB), none on a CPU; README 'Performance'.",
+                        "low-memory-8bit with bitsandbytes under 16 GB; SDXL: sdxl-24gb under 32 GB, which also "
+                        "narrows the simulated attacker to the attention layers), none on a CPU; auto leaves out "
+                        "levers the run's settings cannot run with. README 'Performance', 'SDXL'.",
                     },
                 ),
             },

@@ -38,7 +38,12 @@ NOTE = """APDM: protect a model against DreamBooth personalization of one subjec
 
 The Reroute lanes above the graph carry the base model and the subject photos to the columns
 that use them. For a real SD1.5 checkpoint use the robust preset's settings at lr 5e-6 and
-prompts such as 'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI."""
+prompts such as 'a photo of person' / 'a photo of sks person'. See the README, section ComfyUI.
+
+SDXL: pick the SDXL checkpoint in Load Model (model_type auto; sdxl-v for a v-prediction fine-tune
+without a marker), Generate Pairs resolution 1024 (or 0 = native), and in Protect Model's advanced
+box 'preset: sdxl-24gb' on a 24 GB GPU (an estimate; its efficacy is not measured). Save Protected
+Checkpoint keeps the SDXL layout; see the README, section SDXL."""
 
 
 def protect_widgets() -> dict:
@@ -119,7 +124,7 @@ GRAPH = [
     (14, "PreviewAny", "Metrics", (C[10], 480), (420, 300), {}, {"source": (12, 1)}),
     *REROUTES,
 ]  # fmt: skip
-NOTE_NODE = (16, "Note", "About this workflow", (C[0], 330), (330, 600))
+NOTE_NODE = (16, "Note", "About this workflow", (C[0], 330), (330, 720))
 FRONTEND_NODES = ("Reroute",)  # frontend-only: not in the API prompt (their links go to the source)
 
 CORE_NODES = {  # the ComfyUI nodes the graph uses: INPUT_TYPES and RETURN_TYPES as ComfyUI defines them

@@ -568,6 +568,31 @@ def test_the_performance_preset_follows_the_gpu_memory(host, monkeypatch):
         "low-memory",
         "low-memory-8bit",
     )  # 8-bit needs bitsandbytes
+    for gb, want in ((24, "sdxl-24gb"), (40, "low-memory-8bit"), (80, "low-memory")):  # an SDXL model
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, gb=gb: gb * 2**30)
+        assert node_host.performance_preset("auto", xl=True) == want
+
+
+def test_auto_preset_leaves_out_levers_the_demo_settings_cannot_run_with(host, graph, monkeypatch):
+    """The example workflow's settings (the family preset: anchor and inner clipping) on a 24 GB GPU: auto
+    picks low-memory but runs without offload_outer / optimizer_in_backward; an explicit choice is checked."""
+    import comfy.model_management as mm
+    import torch
+    from comfy_workflow import PROTECT_WIDGETS
+
+    from nodes import host as node_host
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "get_total_memory", lambda dev=None: 24 * 2**30)
+    monkeypatch.setattr(node_host, "device", lambda: "cpu")
+    widgets = {k: v for k, v in PROTECT_WIDGETS.items() if k not in ("advanced", "steps", "learning_rate")}
+    widgets["preset"] = "auto"
+    config = node_host.protect_config(graph["pairs"], graph["model"], widgets, PROTECT_WIDGETS["advanced"])
+    assert config.gradient_checkpointing and config.mixed_precision == "bf16" and config.anchor_weight > 0
+    assert not config.offload_outer and not config.optimizer_in_backward
+    widgets["preset"] = "low-memory"
+    with pytest.raises(InputError, match="optimizer_in_backward|offload_outer"):
+        node_host.protect_config(graph["pairs"], graph["model"], widgets, PROTECT_WIDGETS["advanced"])
 
 
 def test_sdxl_checkpoint_through_the_nodes(host, tmp_path, monkeypatch):

@@ -51,7 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="+", default=["sd1"], choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"])
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
-    ap.add_argument("--load-dtype", choices=["fp16", "fp32"], default="fp32", help="dtype the model is loaded in")
+    ap.add_argument(
+        "--load-dtype", choices=["fp16", "fp32"], default="fp32", help="dtype the model is loaded in"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the files (e.g. for a real-host check)")
     ap.add_argument("--dir", default="/tmp/apdm-bench")
     args = ap.parse_args()
