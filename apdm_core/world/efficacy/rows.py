@@ -212,6 +212,7 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "single_kind": ("demo preset, lever off: DreamBooth episodes only", {"attacker_family": ["full"]}),
     "horizon400": ("demo preset, lever off: episodes of 400 attack steps", {"resync_every": 20}),
     "horizon1600": ("demo preset, episodes of 1600 attack steps (4x the attack)", {"resync_every": 80}),
+    "long400": ("demo preset, 400 outer steps (twice the protection training)", {"outer_steps": 400}),
     # the demo preset before this one, and what was tried on it against the LoRA and 2x attackers
     "robust": ("the robust preset (the earlier demo preset)", ROBUST_OVERRIDES),
     "family": ("the family preset (= the demo preset)", {}),
