@@ -138,10 +138,10 @@ class SDModel:
         return pipe
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], pipe=None) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], pipe=None, size: int | None = None) -> torch.Tensor:
         """Text embeddings exactly as the diffusers pipeline computes them for sampling; for SDXL the
-        token states of both encoders with the pooled embedding and the size/crop ids of the native
-        resolution packed after them (``apdm_core.sdxl.pack``)."""
+        token states of both encoders with the pooled embedding and the size/crop ids of the training
+        resolution ``size`` (default: native) packed after them (``apdm_core.sdxl.pack``)."""
         pipe = pipe or self.pipeline()
         if self.is_xl:
             from .sdxl import pack, time_ids
@@ -149,7 +149,7 @@ class SDModel:
             embeds, _, pooled, _ = pipe.encode_prompt(
                 list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-            ids = time_ids(self.native_resolution, len(prompts))
+            ids = time_ids(size or self.native_resolution, len(prompts))
             return pack(embeds.detach(), pooled.detach(), ids).detach()
         embeds, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
         return embeds.detach()

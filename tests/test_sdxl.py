@@ -150,6 +150,9 @@ def test_conditioning_packs_the_pooled_embedding_and_size_ids(xl):
     states, added = unpack(cond, model.unet)
     assert states.shape == (2, 77, 80) and cond.shape[1] == 78  # 48 pooled + 6 ids fit one extra row of 80
     assert torch.equal(added["time_ids"], time_ids(64, 2))
+    assert unpack(model.encode_prompts(["a dog"], size=48), model.unet)[1]["time_ids"].tolist() == [
+        [48, 48, 0, 0, 48, 48]
+    ]
     pipe = model.pipeline()
     embeds, _, pooled, _ = pipe.encode_prompt(
         ["a photo of dog"], device="cpu", do_classifier_free_guidance=False

@@ -137,7 +137,9 @@ class Attack:
     def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(instance, class) prompt embeddings; fixed here, recomputed each step by attacks that train them."""
         if self._embeds is None:
-            self._embeds = self.model.encode_prompts([self.training_prompt(), self.cfg.class_prompt])
+            self._embeds = self.model.encode_prompts(
+                [self.training_prompt(), self.cfg.class_prompt], size=self.cfg.resolution or None
+            )
         return self._embeds[:1], self._embeds[1:]
 
     def loss(self, data: AttackData, generator: torch.Generator) -> torch.Tensor:

@@ -130,7 +130,9 @@ def class_image_bank(config: ImageProtectConfig, model: SDModel, size: int, prog
 
 def make_task(config: ImageProtectConfig, model: SDModel, originals, prior, device) -> ImageTask:
     """The run's inputs on the compute device: the photos as pixels, the prompts, the random stream."""
-    embeds = model.encode_prompts([config.instance_prompt, config.class_prompt])
+    embeds = model.encode_prompts(
+        [config.instance_prompt, config.class_prompt], size=config.resolution or None
+    )
     x0 = pil_to_tensor(originals).to(device, next(model.vae.parameters()).dtype)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     forward = make_forward(device, config.mixed_precision)

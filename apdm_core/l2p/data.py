@@ -87,7 +87,7 @@ def anchor_set(config: ProtectConfig, model: SDModel, size: int, progress, shoul
         return None
     return AnchorSet(
         [LatentBank(*model.encode_images(images)) for _, images in anchors],
-        model.encode_prompts([prompt for prompt, _ in anchors]),
+        model.encode_prompts([prompt for prompt, _ in anchors], size=size),
     )
 
 
@@ -146,7 +146,9 @@ def encode_data(
     prior = LatentBank(*model.encode_images(class_images)) if class_images else None
     tracker.update(message="class images")
     variants = identifier_prompts(config)
-    embeds = model.encode_prompts([config.instance_prompt, config.class_prompt, *variants])
+    embeds = model.encode_prompts(
+        [config.instance_prompt, config.class_prompt, *variants], size=config.resolution or None
+    )
     tracker.update(message="prompts")
     return ProtectionData(
         subject,

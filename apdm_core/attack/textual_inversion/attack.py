@@ -110,7 +110,7 @@ class TextualInversionAttack(Attack):
                 device=self.text_encoder.device,
                 do_classifier_free_guidance=False,
             )
-            packed = pack(embeds, pooled, time_ids(self.model.native_resolution, 2))
+            packed = pack(embeds, pooled, time_ids(self.cfg.resolution or self.model.native_resolution, 2))
             return packed[:1], packed[1:]
         if self.ids is None:
             tok = self.tokenizer(
