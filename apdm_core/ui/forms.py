@@ -36,7 +36,7 @@ GROUP_TITLES = {
     **{name: f"{entry.title} (method {name})" for name, entry in METHODS.items()},
 }
 # the presets the pages offer (fast / low-memory: GPU presets)
-BASIC_PRESETS = ("quick", "paper", "robust", "family", "thorough", "fast", "low-memory")
+BASIC_PRESETS = ("quick", "paper", "robust", "family", "thorough", "fast", "low-memory", "sdxl-24gb")
 
 
 def _default(name: str, cls=ProtectConfig) -> Any:
