@@ -193,9 +193,10 @@ def tiny_xl_configs(latent_size: int = 8, vocab_size: int = 1000, prediction_typ
 
 def build_tiny_xl_model(
     folder: str | Path | None = None, *, seed: int = 0, latent_size: int = 8, prediction_type: str = "epsilon",
-    words=DEFAULT_WORDS,
+    words=DEFAULT_WORDS, configs: dict | None = None,
 ) -> SDModel:  # fmt: skip
-    """A randomly initialised tiny SDXL-shaped model; saved as a diffusers folder when ``folder`` is given."""
+    """A randomly initialised tiny SDXL-shaped model (``configs``: other sizes, as ``tiny_xl_configs`` gives
+    them); saved as a diffusers folder when ``folder`` is given."""
     import tempfile
 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -204,7 +205,7 @@ def build_tiny_xl_model(
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
         tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
-    cfg = tiny_xl_configs(latent_size, vocab_size=len(tokenizer), prediction_type=prediction_type)
+    cfg = configs or tiny_xl_configs(latent_size, vocab_size=len(tokenizer), prediction_type=prediction_type)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])

@@ -133,8 +133,8 @@ def measure(args, mode: str, sets: list[str]) -> dict:
     else:
         data = encode_data(config, model, subjects, positives, class_images)
         if device.type == "cuda":
-            model.vae.to("cpu")
-            model.text_encoder.to("cpu")
+            for m in (model.vae, *model.text_encoders):
+                m.to("cpu")
         runner = L2PTrainer(config, model, data, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,7 +281,7 @@ def estimate(args) -> None:
     if args.unet not in UNET_CONFIGS:
         raise SystemExit(f"--estimate needs --unet {', '.join(UNET_CONFIGS)}")
     cfg_unet = UNET_CONFIGS[args.unet]
-    xl = args.unet == "sdxl"
+    xl = args.unet.startswith("sdxl")
     res = args.resolution or (1024 if xl else 512)
     n = count_parameters(_meta_unet(cfg_unet, torch.float32))
     print(
@@ -316,7 +316,9 @@ def estimate(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", default="tiny", choices=["tiny", "world", "sd15-small", "sd15", "sdxl"])
+    p.add_argument(
+        "--unet", default="tiny", choices=["tiny", "world", "sd15-small", "sd15", "sdxl-small", "sdxl"]
+    )
     p.add_argument(
         "--resolution", type=int, default=0, help="pixels (multiple of 64); 0 = native (64 tiny, 512 sd15)"
     )

@@ -197,15 +197,19 @@ def _shipped_unet_config(kind: str) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-# SDXL base's UNet (the shipped sd_configs/sdxl): 2567.5M parameters, estimates only (--estimate)
+# SDXL base's UNet (the shipped sd_configs/sdxl): 2567.5M parameters; and its topology (blocks, transformer
+# depths 1/2/10) at a quarter of the width (225.3M parameters) for CPU measurements
 UNET_CONFIGS["sdxl"] = _shipped_unet_config("sdxl")
+UNET_CONFIGS["sdxl-small"] = {**UNET_CONFIGS["sdxl"], "block_out_channels": [80, 160, 320],
+                              "attention_head_dim": [5, 10, 20], "norm_num_groups": 16}  # fmt: skip
 
 
 def bench_model(unet: str = "tiny", seed: int = 0) -> SDModel:
     """An SD-shaped model with random weights: the UNet of ``unet`` ('tiny', 'sd15', 'sd15-small')
     with the tiny VAE and a tiny 768-wide text encoder (they run once per run in the fast path);
-    'world' is the shipped demo-world model itself (trained weights)."""
-    from apdm_core.tiny import build_tiny_model, tiny_configs
+    'sdxl', 'sdxl-small': SDXL's UNet with two tiny text encoders of SDXL's widths (768 and 1280, pooled
+    1280); 'world' is the shipped demo-world model itself (trained weights)."""
+    from apdm_core.tiny import build_tiny_model, build_tiny_xl_model, tiny_configs, tiny_xl_configs
 
     if unet == "tiny":
         return build_tiny_model(seed=seed)
@@ -215,6 +219,13 @@ def bench_model(unet: str = "tiny", seed: int = 0) -> SDModel:
         return load_world_model()
     if unet not in UNET_CONFIGS:
         raise InputError(f"Unknown UNet {unet!r}; choose tiny, world, {', '.join(UNET_CONFIGS)}.")
+    if unet.startswith("sdxl"):
+        configs = tiny_xl_configs(latent_size=8)
+        configs["unet"] = dict(UNET_CONFIGS[unet])
+        configs["text_encoder"].update(hidden_size=768, intermediate_size=1536, num_attention_heads=12)
+        configs["text_encoder_2"].update(hidden_size=1280, intermediate_size=2560, num_attention_heads=20,
+                                         projection_dim=1280)  # fmt: skip
+        return build_tiny_xl_model(seed=seed, configs=configs)
     configs = tiny_configs(latent_size=8, text_dim=TEXT_DIM)
     configs["unet"] = dict(UNET_CONFIGS[unet])
     return build_tiny_model(seed=seed, configs=configs)

@@ -220,7 +220,7 @@ def test_flops_and_activations_on_the_meta_device():
     full = saved_activation_bytes(unet, 64, 3)
     assert saved_activation_bytes(unet, 64, 3, gradient_checkpointing=True) < full
     assert saved_activation_bytes(unet, 64, 3, torch.bfloat16) < full
-    assert set(UNET_CONFIGS) == {"sd15", "sd15-small", "sdxl"}
+    assert set(UNET_CONFIGS) == {"sd15", "sd15-small", "sdxl", "sdxl-small"}
     from perf_tools import count_layer_parameters, estimate_memory
 
     from apdm_core.config import ProtectConfig
