@@ -229,3 +229,27 @@ def test_cli_protects_an_sdxl_checkpoint(xl, subject_dir, tmp_path):
             "--num-class-images", "2", "--sample-steps", "2", "--device", "cpu"]  # fmt: skip
     assert main(argv) in (0, None)
     assert read_checkpoint(out).metadata["apdm.model_type"] == "sdxl"
+
+
+def test_every_method_and_lever_runs_on_sdxl(xl, subject_dir, tmp_path):
+    """PersGuard, the family preset (LoRA episodes), the null-space edit and image-level ASPL on an SDXL
+    model: the packed conditioning reaches every loop (the null space sees only the text tokens)."""
+    from apdm_core.images.config import ImageProtectConfig
+    from apdm_core.images.run import protect_images
+    from apdm_core.l2p.nullspace import NullSpace
+
+    base = dict(model=xl["folder"], images=[str(subject_dir)], cache_dir=str(tmp_path / "cache"),
+                instance_prompt="a photo of sks dog", class_prompt="a photo of dog", **fast())  # fmt: skip
+    r = protect(ProtectConfig(method="persguard", backdoor="target", target_prompt="a photo of cat", **base))
+    assert len(r.history) == 2 and r.model.is_xl
+    family = ProtectConfig.from_preset(
+        "family", **{**base, "outer_steps": 3, "resync_every": 2, "lora_ranks": [2]}
+    )
+    assert [h["attacker"] for h in protect(family).history] == ["full", "full", "lora-r2"]
+    model = load_model(xl["folder"])
+    space = NullSpace(model.unet, model.encode_prompts(["a photo of dog"]), 0.99)
+    assert space.projection.shape == (80, 80) and 1 <= space.rank <= 77
+    out = protect_images(ImageProtectConfig(model=xl["folder"], images=[str(subject_dir)], method="aspl", steps=1,
+                                            pgd_steps=1, num_class_images=2, sample_steps=2, device="cpu",
+                                            cache_dir=str(tmp_path / "cache"), output=str(tmp_path / "aspl")))  # fmt: skip
+    assert len(out.images) == 4
