@@ -224,14 +224,22 @@ def model_family(ckpt: CheckpointFile) -> tuple[str, list[str]]:
     return text, [text_reason, f"UNet proj_in is {'linear' if linear else 'a 1x1 conv'}"]
 
 
-def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
-    """Whether an SD2.x file is v-prediction (768) rather than epsilon (512-base), and why."""
-    meta = ckpt.metadata
-    if meta.get("apdm.model_type") in ("sd2", "sd2-v"):
-        return meta["apdm.model_type"] == "sd2-v", "apdm.model_type metadata"
+def _metadata_prediction(meta: dict[str, str], family: str) -> tuple[bool, str] | None:
+    """(v-prediction?, why) from apdm's or modelspec's metadata, or None when neither says."""
+    if meta.get("apdm.model_type") in (family, f"{family}-v"):
+        return meta["apdm.model_type"] == f"{family}-v", "apdm.model_type metadata"
     pred = meta.get("modelspec.prediction_type", "").lower()
     if pred in ("v", "v_prediction", "v-prediction", "epsilon", "eps"):
         return pred.startswith("v"), f"modelspec.prediction_type={pred!r} metadata"
+    return None
+
+
+def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
+    """Whether an SD2.x file is v-prediction (768) rather than epsilon (512-base), and why."""
+    meta = ckpt.metadata
+    said = _metadata_prediction(meta, "sd2")
+    if said is not None:
+        return said
     arch = meta.get("modelspec.architecture", "")
     if arch.startswith("stable-diffusion-v2"):
         return arch.endswith("-v"), f"modelspec.architecture={arch!r} metadata"
@@ -256,12 +264,9 @@ def _v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
 
 def _sdxl_v_prediction_hint(ckpt: CheckpointFile) -> tuple[bool, str]:
     """Whether an SDXL file is v-prediction: the file's own markers only (SDXL files default to epsilon)."""
-    meta = ckpt.metadata
-    if meta.get("apdm.model_type") in ("sdxl", "sdxl-v"):
-        return meta["apdm.model_type"] == "sdxl-v", "apdm.model_type metadata"
-    pred = meta.get("modelspec.prediction_type", "").lower()
-    if pred in ("v", "v_prediction", "v-prediction", "epsilon", "eps"):
-        return pred.startswith("v"), f"modelspec.prediction_type={pred!r} metadata"
+    said = _metadata_prediction(ckpt.metadata, "sdxl")
+    if said is not None:
+        return said
     if "v_pred" in ckpt:
         return True, "a 'v_pred' key (as ComfyUI reads it)"
     return (

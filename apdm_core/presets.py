@@ -21,6 +21,17 @@ ROBUST: dict[str, Any] = {
     "inner_max_grad_norm": 1.0,
     "anchor_weight": 3.0,
 }
+# robust + the attacker family (the "family" preset below)
+FAMILY = {
+    **ROBUST,
+    "outer_steps": 200,
+    "resync_every": 40,
+    "lr_personalize_max": 2e-5,
+    "attacker_family": ["full", "lora"],
+    "lora_ranks": [4, 16],
+    "lora_lr": 1e-4,
+    "lora_lr_max": 1e-3,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings (the defaults).
     "paper": {},
@@ -35,30 +46,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the attention projections), its lr drawn log-uniformly up to 4x the attacker's (LoRA: 1e-4 .. 1e-3,
     # what DreamBooth-LoRA scripts use on SD1.5), and each episode lives 40 outer steps (800 attack steps,
     # 2x the standard attack) over 200 outer steps. Measured on the demo world only, not on SD1.5.
-    "family": {
-        **ROBUST,
-        "outer_steps": 200,
-        "resync_every": 40,
-        "lr_personalize_max": 2e-5,
-        "attacker_family": ["full", "lora"],
-        "lora_ranks": [4, 16],
-        "lora_lr": 1e-4,
-        "lora_lr_max": 1e-3,
-    },
+    "family": FAMILY,
     # SDXL on a 24 GB GPU (README "SDXL"; by the memory estimate of benchmarks/bench_protect.py --estimate
     # --unet sdxl, not measured on a GPU yet): the family preset's loop with the simulated DreamBooth
     # attacker on the attention layers only, bf16 autocast with a bf16 reference, gradient checkpointing,
     # the attacker's step inside the backward with 8-bit moments, theta and its optimizer in CPU memory.
     # Those two levers cannot run with the family's anchor and gradient clipping, which it drops.
     "sdxl-24gb": {
-        **ROBUST,
-        "outer_steps": 200,
-        "resync_every": 40,
-        "lr_personalize_max": 2e-5,
-        "attacker_family": ["full", "lora"],
-        "lora_ranks": [4, 16],
-        "lora_lr": 1e-4,
-        "lora_lr_max": 1e-3,
+        **FAMILY,
         "attacker_layers": "attention",
         "anchor_weight": 0.0,
         "inner_max_grad_norm": 0.0,

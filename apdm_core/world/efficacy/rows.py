@@ -251,7 +251,10 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
         {"then_add": 1, "replay": True},
     ),
     # 5 subjects with 5x the outer steps: each subject gets the single-subject run's steps (the same cost per subject)
-    "multi5long": ("demo preset, 5 subjects in one run, 5x the outer steps", {"companions": 4, "outer_steps": 1000}),
+    "multi5long": (
+        "demo preset, 5 subjects in one run, 5x the outer steps",
+        {"companions": 4, "outer_steps": 1000},
+    ),
 }
 ABLATIONS.update(MULTI_ROWS)
 
