@@ -32,6 +32,14 @@ FAMILY = {
     "lora_lr": 1e-4,
     "lora_lr_max": 1e-3,
 }
+# the memory levers that keep the optimizer (the "low-memory" preset below)
+LOW_MEMORY = {
+    "mixed_precision": "bf16",
+    "ref_precision": "bf16",
+    "gradient_checkpointing": True,
+    "optimizer_in_backward": True,
+    "offload_outer": True,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings (the defaults).
     "paper": {},
@@ -57,11 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attacker_layers": "attention",
         "anchor_weight": 0.0,
         "inner_max_grad_norm": 0.0,
-        "mixed_precision": "bf16",
-        "ref_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer_in_backward": True,
-        "offload_outer": True,
+        **LOW_MEMORY,
         "optimizer": "adamw8bit",
     },
     "thorough": {"outer_steps": 1200, "inner_steps": 20},
@@ -70,21 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"mixed_precision": "bf16", "ref_precision": "bf16", "channels_last": True},
     # fast + everything that saves memory without changing the optimizer (estimate for SD1.5 at
     # 512 px in the README: about 16 GB).
-    "low-memory": {
-        "mixed_precision": "bf16",
-        "ref_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer_in_backward": True,
-        "offload_outer": True,
-    },
+    "low-memory": LOW_MEMORY,
     # low-memory + 8-bit AdamW moments for the simulated attacker (bitsandbytes, CUDA): fits 12 GB
     # for SD1.5 at 512 px by the estimate in the README.
-    "low-memory-8bit": {
-        "mixed_precision": "bf16",
-        "ref_precision": "bf16",
-        "gradient_checkpointing": True,
-        "optimizer_in_backward": True,
-        "offload_outer": True,
-        "optimizer": "adamw8bit",
-    },
+    "low-memory-8bit": {**LOW_MEMORY, "optimizer": "adamw8bit"},
 }
