@@ -82,7 +82,7 @@ class RunSettings(ConfigIO):
     model_type: str = _f(
         "auto",
         "Single-file checkpoints: auto (detect from the tensors), sd1, sd2 (512, epsilon), "
-        "sd2-v (768, v-prediction), or a diffusers config folder.",
+        "sd2-v (768, v-prediction), sdxl, sdxl-v (SDXL v-prediction), or a diffusers config folder.",
         group="io",
     )
     images: list[str] = _f(

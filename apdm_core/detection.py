@@ -53,7 +53,7 @@ def family_of(model_type: str) -> str:
 
 
 def config_dir(model_type: str) -> Path:
-    """The shipped diffusers config folder of a model type (sd1, sd2, sd2-v)."""
+    """The shipped diffusers config folder of a model type (sd1, sd2, sd2-v, sdxl, sdxl-v)."""
     if model_type not in MODEL_TYPES:
         raise InputError(f"Unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}.")
     return CONFIG_ROOT / model_type

@@ -104,8 +104,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
         "--model-type",
         default="auto",
         metavar="TYPE",
-        help="auto (detect from the tensors), sd1, sd2 (512, epsilon), sd2-v (768, v-prediction), "
-        "or a diffusers config folder (default: auto)",
+        help="auto (detect from the tensors), sd1, sd2 (512, epsilon), sd2-v (768, v-prediction), sdxl, "
+        "sdxl-v, or a diffusers config folder (default: auto)",
     )
     p.add_argument(
         "--allow-pickle",

@@ -21,7 +21,9 @@ class ImageProtectConfig(ConfigIO):
         "", "Surrogate model: a diffusers folder or a single-file .safetensors checkpoint.", group="io"
     )
     model_type: str = _f(
-        "auto", "Single-file checkpoints: auto, sd1, sd2, sd2-v, or a diffusers config folder.", group="io"
+        "auto",
+        "Single-file checkpoints: auto, sd1, sd2, sd2-v, sdxl, sdxl-v, or a diffusers config folder.",
+        group="io",
     )
     images: list[str] = _f([], "The photos to protect: a folder or png/jpg/webp files.", group="io")
     output: str = _f(
