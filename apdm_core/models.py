@@ -104,7 +104,7 @@ class SDModel:
         return self._fingerprint
 
     # --- using it ---------------------------------------------------------------------------
-    def pipeline(self, unet=None, scheduler=None, text_encoder=None, tokenizer=None):
+    def pipeline(self, unet=None, scheduler=None):
         """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over these components (no safety
         checker or watermarker, nothing downloaded)."""
         if self.is_xl:
@@ -112,9 +112,9 @@ class SDModel:
 
             pipe = StableDiffusionXLPipeline(
                 vae=self.vae,
-                text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
+                text_encoder=self.text_encoder,
                 text_encoder_2=self.text_encoder_2,
-                tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                tokenizer=self.tokenizer,
                 tokenizer_2=self.tokenizer_2,
                 unet=unet if unet is not None else self.unet,
                 scheduler=scheduler if scheduler is not None else self.scheduler,
@@ -126,8 +126,8 @@ class SDModel:
 
         pipe = StableDiffusionPipeline(
             vae=self.vae,
-            text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
-            tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
             unet=unet if unet is not None else self.unet,
             scheduler=scheduler if scheduler is not None else self.scheduler,
             safety_checker=None,
@@ -138,19 +138,15 @@ class SDModel:
         return pipe
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], pipe=None, size: int | None = None) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], size: int | None = None) -> torch.Tensor:
         """Text embeddings exactly as the diffusers pipeline computes them for sampling; for SDXL the
         token states of both encoders with the pooled embedding and the size/crop ids of the training
-        resolution ``size`` (default: native) packed after them (``apdm_core.sdxl.pack``)."""
-        pipe = pipe or self.pipeline()
+        resolution ``size`` (default: native) packed after them (``apdm_core.sdxl.encode``)."""
+        pipe = self.pipeline()
         if self.is_xl:
-            from .sdxl import pack, time_ids
+            from .sdxl import encode
 
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            ids = time_ids(size or self.native_resolution, len(prompts))
-            return pack(embeds.detach(), pooled.detach(), ids).detach()
+            return encode(pipe, prompts, size or self.native_resolution, self.device).detach()
         embeds, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
         return embeds.detach()
 

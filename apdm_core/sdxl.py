@@ -35,10 +35,6 @@ def unet_config(unet) -> dict:
     return {}
 
 
-def is_sdxl_unet(unet) -> bool:
-    return unet_config(unet).get("addition_embed_type") == "text_time"
-
-
 def pooled_dim(cfg) -> int:
     return int(cfg["projection_class_embeddings_input_dim"]) - TIME_IDS * int(cfg["addition_time_embed_dim"])
 
@@ -63,6 +59,19 @@ def pack(embeds: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch
     rows = math.ceil(vec.shape[1] / d)
     vec = torch.nn.functional.pad(vec, (0, rows * d - vec.shape[1]))
     return torch.cat([embeds, vec.reshape(n, rows, d)], dim=1)
+
+
+def encode(pipe, prompts: list[str], size: int, device) -> torch.Tensor:
+    """The packed conditioning of ``prompts`` as an SDXL pipeline encodes them for sampling (both encoders'
+    token states, the pooled embedding), with the size/crop ids of ``size``. Gradients flow (textual
+    inversion trains through it); ``SDModel.encode_prompts`` calls it without them."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        list(prompts),
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+    )
+    return pack(embeds, pooled, time_ids(size, len(prompts)))
 
 
 def unpack(cond: torch.Tensor, unet) -> tuple[torch.Tensor, dict | None]:

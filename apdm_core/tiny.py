@@ -8,6 +8,7 @@ fall back to byte tokens, exactly as a rare word does in the real CLIP vocabular
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def build_tiny_xl_model(
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer", words))
+    tokenizer_2 = copy.deepcopy(tokenizer)  # the same small vocabulary for both encoders
     cfg = configs or tiny_xl_configs(latent_size, vocab_size=len(tokenizer), prediction_type=prediction_type)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])

@@ -267,11 +267,9 @@ def estimate(args) -> None:
     from diffusers.utils import logging as diffusers_logging
     from perf_tools import (
         UNET_CONFIGS,
-        _meta_unet,
-        count_layer_parameters,
-        count_parameters,
         estimate_memory,
         l2p_flops_per_inner_step,
+        layer_parameter_counts,
         saved_activation_bytes,
     )
 
@@ -283,7 +281,8 @@ def estimate(args) -> None:
     cfg_unet = UNET_CONFIGS[args.unet]
     xl = args.unet.startswith("sdxl")
     res = args.resolution or (1024 if xl else 512)
-    n = count_parameters(_meta_unet(cfg_unet, torch.float32))
+    counts = layer_parameter_counts(cfg_unet)
+    n = counts["all"]
     print(
         f"UNet {args.unet}: {n / 1e6:.1f}M parameters, {res} px, batch_size 1 (estimate, GiB; not measured)"
     )
@@ -295,8 +294,9 @@ def estimate(args) -> None:
         bf16 = c.mixed_precision == "bf16"
         act = saved_activation_bytes(cfg_unet, res, 3 * c.batch_size, torch.bfloat16 if bf16 else torch.float32,
                                      c.gradient_checkpointing)  # fmt: skip
-        est = estimate_memory(n, c, act, n_attacked=count_layer_parameters(cfg_unet, c.attacker_layers),
-                              n_protected=count_layer_parameters(cfg_unet, c.protect_layers))  # fmt: skip
+        est = estimate_memory(
+            n, c, act, n_attacked=counts[c.attacker_layers], n_protected=counts[c.protect_layers]
+        )
         fits = "yes" if est.total < 22 * 2**30 else "no"  # ~2 GiB for the CUDA context and fragmentation
         print(
             f"| {preset} | {est.total / 2**30:.1f} | {fits} | {est.describe().split('(', 1)[1].rstrip(')')} |"

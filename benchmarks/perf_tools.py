@@ -326,12 +326,13 @@ def _meta_inputs(unet_config: dict, batch: int, resolution: int, dtype: torch.dt
     return x, t, c
 
 
-def count_layer_parameters(unet_config: dict, layers: str) -> int:
-    """Parameters of the UNet that ``protect_layers``/``attacker_layers`` = ``layers`` selects (meta device)."""
+def layer_parameter_counts(unet_config: dict) -> dict[str, int]:
+    """Parameters of the UNet that each ``protect_layers``/``attacker_layers`` choice selects, counted on
+    one UNet built on the meta device ("all": the whole UNet)."""
     from apdm_core.levers import PROTECT_LAYERS
 
-    keep = PROTECT_LAYERS[layers]
-    return sum(p.numel() for n, p in _meta_unet(unet_config, torch.float32).named_parameters() if keep(n))
+    params = [(n, p.numel()) for n, p in _meta_unet(unet_config, torch.float32).named_parameters()]
+    return {layers: sum(k for n, k in params if keep(n)) for layers, keep in PROTECT_LAYERS.items()}
 
 
 def count_unet_flops(unet_config: dict, resolution: int, batch: int = 1, backward: bool = True) -> int:

@@ -221,17 +221,16 @@ def test_flops_and_activations_on_the_meta_device():
     assert saved_activation_bytes(unet, 64, 3, gradient_checkpointing=True) < full
     assert saved_activation_bytes(unet, 64, 3, torch.bfloat16) < full
     assert set(UNET_CONFIGS) == {"sd15", "sd15-small", "sdxl", "sdxl-small"}
-    from perf_tools import count_layer_parameters, estimate_memory
+    from perf_tools import estimate_memory, layer_parameter_counts
 
     from apdm_core.config import ProtectConfig
 
     xl = UNET_CONFIGS["sdxl"]
-    n, attention = count_layer_parameters(xl, "all"), count_layer_parameters(xl, "attention")
+    counts = layer_parameter_counts(xl)
+    n, attention = counts["all"], counts["attention"]
     assert round(n / 1e6) == 2567 and 0.2 * n < attention < 0.5 * n
     c = ProtectConfig.from_preset("sdxl-24gb")
-    est = estimate_memory(
-        n, c, n_attacked=attention, n_protected=count_layer_parameters(xl, c.protect_layers)
-    )
+    est = estimate_memory(n, c, n_attacked=attention, n_protected=counts[c.protect_layers])
     assert (
         est.parts["accumulator"] == 4 * attention and est.parts["theta'"] == 4 * n and est.total < 22 * 2**30
     )

@@ -83,6 +83,7 @@ class TextualInversionAttack(Attack):
             first.token_ids,
         )
         self.ids = None
+        self._pipe = None
 
     @property
     def trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -99,18 +100,15 @@ class TextualInversionAttack(Attack):
     def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Recomputed every step through the text encoder(s): the gradient reaches the new row(s)."""
         if self.model.is_xl:  # the pipeline's own SDXL encoding (both encoders, pooled, ids), with gradients
-            from ...sdxl import pack, time_ids
+            from ...sdxl import encode
 
-            view = self.result_view()
+            if self._pipe is None:  # over the trained copies, whose tables change in place
+                self._pipe = self.result_view().pipeline()
             prompt = replace_word(
                 self.cfg.instance_prompt, self.cfg.identifier, self.token
             )  # the pipeline expands it
-            embeds, _, pooled, _ = view.pipeline().encode_prompt(
-                [prompt, self.cfg.class_prompt],
-                device=self.text_encoder.device,
-                do_classifier_free_guidance=False,
-            )
-            packed = pack(embeds, pooled, time_ids(self.cfg.resolution or self.model.native_resolution, 2))
+            size = self.cfg.resolution or self.model.native_resolution
+            packed = encode(self._pipe, [prompt, self.cfg.class_prompt], size, self.text_encoder.device)
             return packed[:1], packed[1:]
         if self.ids is None:
             tok = self.tokenizer(
