@@ -29,6 +29,11 @@ DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
 MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
 PROTECT_LAYERS = ("all", "attention", "cross_attention", "cross_attention_kv")
 ATTACKER_KINDS = ("full", "lora")  # the simulated attacker's kinds (l2p/episode.py)
+# performance levers that cannot run with a setting of the run (when it is > 0): (lever, setting, why)
+LEVER_CLASHES = (
+    ("optimizer_in_backward", "inner_max_grad_norm", "needs the whole gradient before the step"),
+    ("offload_outer", "anchor_weight", "trains theta on the compute device"),
+)
 # Settings that name files or folders (of every config class). They come only from a host's own
 # widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
 # free-text settings a shared workflow or a web page can carry; see ``untrusted_settings``.
@@ -442,18 +447,15 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
             )
         if any(r < 1 for r in self.lora_ranks) or not self.lora_ranks:
             raise InputError(f"ProtectConfig.lora_ranks={self.lora_ranks!r} must be whole numbers >= 1.")
-        if self.optimizer_in_backward and self.inner_max_grad_norm > 0:
-            raise InputError(
-                "inner_max_grad_norm needs the whole gradient before the step; turn optimizer_in_backward off."
-            )
+        for lever, setting, why in LEVER_CLASHES:
+            if getattr(self, lever) and getattr(self, setting) > 0:
+                raise InputError(f"{setting} > 0 {why}; turn {lever} off.")
         if PROTECT_LAYERS.index(self.protect_layers) < PROTECT_LAYERS.index(self.attacker_layers):
             raise InputError(
                 f"ProtectConfig.protect_layers={self.protect_layers!r} changes layers the simulated attacker does not "
                 f"train (attacker_layers={self.attacker_layers!r}); the protection gradient only reaches trained "
                 "layers. Narrow protect_layers or widen attacker_layers."
             )
-        if self.anchor_weight > 0 and self.offload_outer:
-            raise InputError("anchor_weight > 0 trains theta on the compute device; turn offload_outer off.")
 
     # --- presets -----------------------------------------------------------------------------
     @classmethod

@@ -209,7 +209,7 @@ def protect_config(pairs, model, widgets: dict, advanced: str = ""):
             "The pairs were generated with another model: connect the same Load Model output to "
             "Generate Pairs and Protect Model."
         )
-    from apdm_core.config import PRESETS
+    from apdm_core.config import LEVER_CLASHES, PRESETS
 
     choice = widgets.pop("preset", "none")
     preset = performance_preset(choice, xl=model.is_xl)
@@ -217,10 +217,7 @@ def protect_config(pairs, model, widgets: dict, advanced: str = ""):
     extra = parse_settings(advanced)
     values = {**pairs.config.to_dict(), **levers, **widgets, "device": device(), **extra}
     if choice == "auto":  # never pick levers the run's own settings cannot run with
-        for lever, clash in (
-            ("offload_outer", "anchor_weight"),
-            ("optimizer_in_backward", "inner_max_grad_norm"),
-        ):
+        for lever, clash, _why in LEVER_CLASHES:
             if values.get(lever) and values.get(clash, 0) > 0 and lever not in extra:
                 values[lever] = False
                 log.warning(
