@@ -109,6 +109,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="samples per score")
     ap.add_argument("--outer-steps", type=int, default=None, help="override the protection's outer steps")
     ap.add_argument("--attack-steps", type=int, default=None, help="override the attack's standard steps")
+    ap.add_argument(
+        "--world",
+        choices=["sd", "sdxl"],
+        default="sd",
+        help="the demo world's model: sd (SD1-shaped, the default) or sdxl (SDXL-shaped, assets/model_xl)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--results-cache", default="",
                     help="JSON file that keeps the cells of unprotected rows (base, scratch) across runs")  # fmt: skip
@@ -133,9 +139,13 @@ def main() -> None:
     }
     standard = attack_settings["steps"]
     if args.merge:
-        cells, rows = [], []
+        cells, rows, worlds = [], [], set()
         for f in args.merge:
             data = json.loads(Path(f).read_text())
+            worlds.add(data.get("args", {}).get("world", "sd"))
+            if len(worlds) > 1:
+                raise SystemExit(f"{f} was measured in another demo world ({', '.join(sorted(worlds))}); "
+                                 "merge the files of one world at a time.")  # fmt: skip
             cells += efficacy.cells_from_dicts(data["cells"])
             variants.update(data.get("variants", {}))
             rows += [c.row for c in cells]
@@ -178,7 +188,9 @@ def main() -> None:
     rows = list(dict.fromkeys(rows))
     protect = {"outer_steps": args.outer_steps} if args.outer_steps else {}
     cache = os.environ.get("APDM_CACHE_DIR") or tempfile.mkdtemp(prefix="apdm_efficacy_")
-    runner = efficacy.Runner(samples=args.samples, cache_dir=cache, protect_settings=protect,
+    from apdm_core.world import load_world_model
+
+    runner = efficacy.Runner(load_world_model(arch=args.world), samples=args.samples, cache_dir=cache, protect_settings=protect,
                              attack_settings=attack_settings, variants=variants,
                              results=args.results_cache or None, grids=args.grids or None)  # fmt: skip
     cells = []

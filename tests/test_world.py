@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from apdm_core.cli import main
+from apdm_core.errors import InputError
 from apdm_core.world import render
+from apdm_core.world.pretrain import PretrainConfig, build_world_model
 
 # ------------------------------------------------------------------------------------------
 # the generator
@@ -140,6 +143,38 @@ def test_pretrain_recipe_writes_a_loadable_model(tmp_path, capsys):
     card = (out / "MODEL_CARD.md").read_text()
     assert "apdm world pretrain --out MODEL_DIR" in card and "--unet-steps 2" in card
     assert main(argv) == 2  # never over an existing output
+
+
+def test_pretrain_recipe_sdxl_world(tmp_path):
+    """--arch sdxl: an SDXL-shaped world (two text encoders trained, pooled + size ids) that loads as SDXL,
+    with the SD world's VAE reused and its DDIM sampler; it samples and the card names the layout."""
+    from apdm_core.loading import load_model
+    from apdm_core.pairs import sample_images
+    from apdm_core.world import WORLD_MODEL_DIR
+
+    out = tmp_path / "world_xl"
+    argv = ["world", "pretrain", "--out", str(out), "--arch", "sdxl", "--subjects", "4", "--photos", "1",
+            "--unet-steps", "3", "--unet-batch", "2", "--vae-from", str(WORLD_MODEL_DIR)]  # fmt: skip
+    assert main(argv) == 0
+    model = load_model(out)
+    assert model.is_xl and model.native_resolution == render.SIZE
+    assert type(model.scheduler).__name__ == "DDIMScheduler"
+    assert model.tokenizer.model_max_length == model.tokenizer_2.model_max_length == 16
+    assert model.unet.config.addition_embed_type == "text_time"
+    from safetensors.torch import load_file
+
+    vae = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    shipped = load_file(WORLD_MODEL_DIR / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae[k], shipped[k]) for k in shipped)  # the reused VAE, bit for bit
+    trained = load_file(out / "text_encoder_2" / "model.safetensors")
+    fresh = build_world_model(0, "sdxl").text_encoder_2.state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in trained)  # the second encoder trained too
+    images = sample_images(model, render.class_prompt("ball"), [0, 1], render.SIZE, 2, 4.0, 2)
+    assert len(images) == 2 and images[0].size == (render.SIZE, render.SIZE)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "SDXL-shaped" in card and "--arch sdxl" in card
+    with pytest.raises(InputError, match="arch"):
+        PretrainConfig(arch="sd3")
 
 
 def test_train_evaluator_smoke(tmp_path):

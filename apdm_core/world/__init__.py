@@ -4,6 +4,8 @@
 - ``pretrain``: the recipe that trains the world model (``apdm world pretrain``);
 - ``evaluator``: the identity evaluator (``apdm world train-evaluator``);
 - ``assets/model``: the shipped world model, a diffusers folder loaded by ``load_model``;
+  ``assets/model_xl``: the SDXL-shaped world model (``apdm world pretrain --arch sdxl``: two text
+  encoders, pooled embedding and size ids, the same photos, VAE and evaluator);
   ``assets/evaluator.safetensors``: the shipped evaluator.
 
 Light to import: torch-heavy parts load on first use.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WORLD_MODEL_DIR = ASSETS / "model"
+WORLD_MODEL_DIRS = {"sd": WORLD_MODEL_DIR, "sdxl": ASSETS / "model_xl"}  # by PretrainConfig.arch
 EVALUATOR_PATH = ASSETS / "evaluator.safetensors"
 
 _LAZY = {
@@ -32,17 +35,24 @@ _LAZY = {
 }
 
 
-def load_world_model(device: str = "cpu"):
-    """The shipped world model through the same ``load_model`` path as any SD folder."""
+def load_world_model(device: str = "cpu", arch: str = "sd"):
+    """The shipped world model (``arch="sdxl"``: the SDXL-shaped one) through the same ``load_model`` path
+    as any SD folder."""
     from ..errors import InputError
     from ..loading import load_model
 
-    if not (WORLD_MODEL_DIR / "model_index.json").exists():
+    if arch not in WORLD_MODEL_DIRS:
         raise InputError(
-            f"The demo world model is missing from {WORLD_MODEL_DIR}; recreate it with "
-            f"`apdm world pretrain --out {WORLD_MODEL_DIR}` (or reinstall the package)."
+            f"No demo world of architecture {arch!r}; choose one of {', '.join(WORLD_MODEL_DIRS)}."
         )
-    return load_model(WORLD_MODEL_DIR, device=device)
+    folder = WORLD_MODEL_DIRS[arch]
+    if not (folder / "model_index.json").exists():
+        flag = " --arch sdxl" if arch == "sdxl" else ""
+        raise InputError(
+            f"The demo world model is missing from {folder}; recreate it with "
+            f"`apdm world pretrain --out {folder}{flag}` (or reinstall the package)."
+        )
+    return load_model(folder, device=device)
 
 
 def __getattr__(name: str):

@@ -34,10 +34,19 @@ def model_card(record: dict, defaults: dict) -> str:
     total_cpu = sum(v["cpu_s"] for v in timing.values())
     total_wall = sum(v["wall_s"] for v in timing.values())
     rows = "\n".join(f"| {k} | {v['cpu_s']:.0f} | {v['wall_s']:.0f} |" for k, v in timing.items())
-    return f"""# APDM demo world model
+    xl = cfg.get("arch", "sd") == "sdxl"
+    layout = (
+        "the SDXL layout (diffusers `UNet2DConditionModel` with SDXL's `text_time` added conditioning:\n"
+        "the pooled embedding and the six size/crop ids; no attention at the first level; two text\n"
+        "encoders, `CLIPTextModel` + `CLIPTextModelWithProjection`, whose token states are concatenated;\n"
+        "`AutoencoderKL`, `DDIMScheduler`"
+        if xl
+        else "the Stable Diffusion layout (diffusers\n`UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel` + "
+        "`CLIPTokenizer`, `DDIMScheduler`"
+    )
+    return f"""# APDM demo world model{" (SDXL-shaped)" if xl else ""}
 
-A tiny text-to-image latent diffusion model with the Stable Diffusion layout (diffusers
-`UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel` + `CLIPTokenizer`, `DDIMScheduler`,
+A tiny text-to-image latent diffusion model with {layout},
 epsilon prediction, SD's scaled-linear noise schedule), pretrained from scratch on the
 procedural demo world of `apdm_core.world`. It exists so that protection and personalization
 can be run and *measured* on a CPU in minutes; it knows nothing but this world.
@@ -67,7 +76,7 @@ on the thread count). This model: torch {record["torch"]}, {record["threads"]} t
 | --- | --- | --- | --- |
 | data | {cfg["subjects"]} individuals x {cfg["photos"]} photos = {record["images"]} images, random captions | | |
 | VAE | MSE + {cfg["vae_kl"]} x KL per element | {cfg["vae_steps"]} x {cfg["vae_batch"]} | {cfg["vae_lr"]} (cosine) |
-| UNet + text encoder | noise prediction, {cfg["uncond"]:.0%} empty captions, EMA {cfg["ema_decay"]} | {cfg["unet_steps"]} x {cfg["unet_batch"]} | {cfg["unet_lr"]} / {cfg["text_lr"]} (cosine) |
+| UNet + text encoder{"s" if xl else ""} | noise prediction, {cfg["uncond"]:.0%} empty captions, EMA {cfg["ema_decay"]} | {cfg["unet_steps"]} x {cfg["unet_batch"]} | {cfg["unet_lr"]} / {cfg["text_lr"]} (cosine) |
 
 Losses (mean over the last 50 steps): VAE MSE {vae_log[-1]["mse"]:.4f} (first 50: {vae_log[0]["mse"]:.4f}),
 KL {vae_log[-1]["kl"]:.3f}; UNet {unet_log[-1]["loss"]:.4f} (first 50: {unet_log[0]["loss"]:.4f}).

@@ -49,6 +49,7 @@ from . import render
 log = logging.getLogger(__name__)
 
 
+ARCHS = ("sd", "sdxl")  # PretrainConfig.arch
 # Text context of the world model in tokens: the longest world caption has 12, and cross-attention
 # over 16 instead of SD's 77 positions makes every UNet step ~1.6x cheaper on a CPU.
 CONTEXT = 16
@@ -74,22 +75,32 @@ class PretrainConfig:
     uncond: float = 0.1  # fraction of empty captions (classifier-free guidance)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     vae_from: str = ""  # reuse the VAE of this world model folder instead of training one (stage 2 only)
+    arch: str = "sd"  # "sd": SD1-shaped (the shipped world); "sdxl": SDXL-shaped (two text encoders, pooled + size ids)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name not in ("seed", "vae_from") and (not math.isfinite(float(v)) or v < 0):
+            if f.name not in ("seed", "vae_from", "arch") and (not math.isfinite(float(v)) or v < 0):
                 raise InputError(f"PretrainConfig.{f.name} must be >= 0 (got {v}).")
+        if self.arch not in ARCHS:
+            raise InputError(f"PretrainConfig.arch must be one of {', '.join(ARCHS)} (got {self.arch!r}).")
 
 
 # ------------------------------------------------------------------------------------------
 # the architecture
 # ------------------------------------------------------------------------------------------
-def world_configs(vocab_size: int) -> dict:
-    """Configs of the world model: the tiny SD topology (apdm_core.tiny), 32 px photos, 8x8x4 latents."""
-    from ..tiny import tiny_configs
+def world_configs(vocab_size: int, arch: str = "sd") -> dict:
+    """Configs of the world model: the tiny SD topology (apdm_core.tiny), 32 px photos, 8x8x4 latents.
+
+    ``arch="sdxl"``: the tiny SDXL topology (``tiny.tiny_xl_configs``: no attention at the first level, two
+    transformer layers at the second, two text encoders of 32 and 48 dims, the pooled embedding and the
+    size/crop ids in the time embedding) with the same VAE as the SD world (``build_world_model`` gives
+    it the SD world's DDIM sampler too), so the two worlds differ in the UNet and its conditioning only."""
+    from ..tiny import tiny_configs, tiny_xl_configs
 
     cfg = tiny_configs(latent_size=render.SIZE // 4, text_dim=32, vocab_size=vocab_size)
+    if arch == "sdxl":
+        cfg = {**tiny_xl_configs(latent_size=render.SIZE // 4, vocab_size=vocab_size), "vae": cfg["vae"]}
     cfg["vae"].update(
         down_block_types=["DownEncoderBlock2D"] * 3,
         up_block_types=["UpDecoderBlock2D"] * 3,
@@ -99,14 +110,22 @@ def world_configs(vocab_size: int) -> dict:
     return cfg
 
 
-def build_world_model(seed: int = 0) -> SDModel:
+def build_world_model(seed: int = 0, arch: str = "sd") -> SDModel:
     """The randomly initialised world model with the world's vocabulary (before pretraining)."""
-    from ..tiny import build_tiny_model, write_clip_tokenizer
+    from diffusers import DDIMScheduler
+
+    from ..tiny import build_tiny_model, build_tiny_xl_model, write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab = json.loads((write_clip_tokenizer(tmp, render.VOCABULARY) / "vocab.json").read_text())
-    model = build_tiny_model(seed=seed, words=render.VOCABULARY, configs=world_configs(len(vocab)))
-    model.tokenizer.model_max_length = CONTEXT
+    configs = world_configs(len(vocab), arch)
+    build = build_tiny_xl_model if arch == "sdxl" else build_tiny_model
+    model = build(seed=seed, words=render.VOCABULARY, configs=configs)
+    if arch == "sdxl":  # the SD world's sampler (tiny_xl_model builds SDXL's Euler)
+        model.scheduler = DDIMScheduler(**world_configs(len(vocab))["scheduler"])
+    for tok in (model.tokenizer, model.tokenizer_2):
+        if tok is not None:
+            tok.model_max_length = CONTEXT
     return model
 
 
@@ -210,7 +229,7 @@ def train_unet(
     progress=None,
     should_stop=None,
 ) -> list[dict]:
-    """Train the UNet and the text encoder on scaled latents with random captions (EMA shipped)."""
+    """Train the UNet and the text encoder(s) on scaled latents with random captions (EMA shipped)."""
     from diffusers.training_utils import EMAModel
 
     from ..losses import noise_prediction_loss
@@ -221,16 +240,21 @@ def train_unet(
     bank = LatentBank(mean, std)
     diffusion = Diffusion(model.noise_scheduler())
     forward = make_forward(torch.device("cpu"))
-    unet, te = model.unet, model.text_encoder
+    unet, encoders = model.unet, model.text_encoders
     unet.train().requires_grad_(True)
-    te.train().requires_grad_(True)
-    params = list(unet.parameters()) + list(te.parameters())
+    text_params = [p for te in encoders for p in te.train().requires_grad_(True).parameters()]
+    params = list(unet.parameters()) + text_params
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.unet_lr, "weight_decay": 1e-2},
-            {"params": list(te.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0},
+            {"params": text_params, "lr": cfg.text_lr, "weight_decay": 0.0},
         ]
     )
+    pipe = model.pipeline() if model.is_xl else None
+    if (
+        pipe is not None
+    ):  # the pipeline warns at every caption cut at CONTEXT tokens (the SD world cuts them silently)
+        logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
     sched = _cosine(opt, cfg.unet_steps)
     ema = EMAModel(params, decay=cfg.ema_decay)
     token_cache: dict[str, torch.Tensor] = {}
@@ -242,8 +266,14 @@ def train_unet(
             "" if rng.random() < cfg.uncond else render.caption(data.subjects[data.owner[i]], rng)
             for i in idx.tolist()
         ]
-        ids = torch.stack([_tokens(model.tokenizer, c, token_cache) for c in captions])
-        embeds = te(ids)[0]
+        if pipe is not None:  # SDXL: both encoders' token states + the pooled embedding + size ids
+            from ..sdxl import encode
+
+            embeds = encode(pipe, captions, render.SIZE, "cpu")
+        else:
+            embeds = model.text_encoder(
+                torch.stack([_tokens(model.tokenizer, c, token_cache) for c in captions])
+            )[0]
         batch = diffusion.noisy(bank.sample(idx, g), embeds, g)
         loss = noise_prediction_loss(forward(unet, batch), batch.target)
         _check(loss, "unet", step)
@@ -259,7 +289,7 @@ def train_unet(
             window = []
         tracker.update(losses={"loss": float(loss.detach())})
     ema.copy_to(params)
-    for m in (unet, te):
+    for m in (unet, *encoders):
         m.eval().requires_grad_(False)
     return history
 
@@ -311,7 +341,7 @@ def pretrain(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     clock = _Clock()
-    model = build_world_model(cfg.seed)
+    model = build_world_model(cfg.seed, cfg.arch)
     data = render_dataset("pretrain", cfg.subjects, cfg.photos, cfg.seed, progress, should_stop)
     clock.lap("render")
     if cfg.vae_from:
@@ -367,7 +397,8 @@ def save_world_model(model: SDModel, out: Path, record: dict, overwrite: bool = 
 
     with atomic_path(out, overwrite=overwrite) as tmp:
         model.pipeline().save_pretrained(tmp, safe_serialization=True)
-        write_clip_tokenizer(tmp / "tokenizer", render.VOCABULARY, max_length=CONTEXT)
+        for sub in ("tokenizer", "tokenizer_2") if model.is_xl else ("tokenizer",):
+            write_clip_tokenizer(tmp / sub, render.VOCABULARY, max_length=CONTEXT)
         (tmp / "apdm_tiny.json").write_text(
             json.dumps({"note": "the APDM demo world model; see MODEL_CARD.md"}), encoding="utf-8"
         )
