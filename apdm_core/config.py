@@ -40,6 +40,7 @@ LEVER_CLASHES = (
 PATH_FIELDS = frozenset(
     {
         "model",
+        "reference_model",
         "images",
         "output",
         "class_images",
@@ -88,6 +89,13 @@ class RunSettings(ConfigIO):
         "auto",
         "Single-file checkpoints: auto (detect from the tensors), sd1, sd2 (512, epsilon), "
         "sd2-v (768, v-prediction), sdxl, sdxl-v (SDXL v-prediction), or a diffusers config folder.",
+        group="io",
+    )
+    reference_model: str = _f(
+        "",
+        "Adding a subject to a protected model: the original model it was protected from (same architecture). "
+        "The anchor, the protection targets and the generated pairs/class/anchor images then come from it, "
+        "not from the already-moved input model, so the drift of each round does not compound.",
         group="io",
     )
     images: list[str] = _f(

@@ -73,6 +73,7 @@ def protect(
     model: SDModel | None = None,
     images=None,
     subject_images=None,
+    reference: SDModel | None = None,
     resume: bool = False,
     keep_state: bool = False,
     overwrite: bool = False,
@@ -83,7 +84,9 @@ def protect(
 
     ``model``/``images`` (and ``subject_images``: one list per entry of ``config.subjects``) may be
     passed preloaded (hosts do); the input model is never
-    modified: the result holds a new protected UNet beside the original components.
+    modified: the result holds a new protected UNet beside the original components. ``reference``
+    (preloaded ``config.reference_model``): the original model a protected ``model`` came from; the
+    anchor, the targets and the generated images come from it (a subject added to a protected model).
     ``progress`` receives a ProgressEvent every inner step; ``should_stop`` is checked every
     inner step and stops the run within one step, saving the resumable state first
     (``result.cancelled``; call again with ``resume=True`` to continue). Any other exception
@@ -94,7 +97,7 @@ def protect(
     the state is saved and the KeyboardInterrupt carries its path as ``state_path``.
     """
     flags = {"resume": resume, "keep_state": keep_state, "overwrite": overwrite, "restart": restart,
-             "subject_images": subject_images}  # fmt: skip
+             "subject_images": subject_images, "reference": reference}  # fmt: skip
     if model is None:
         return _protect(config, progress, should_stop, None, images, **flags)
     saved = ModelState(model)
@@ -142,6 +145,7 @@ def _protect(
     overwrite: bool,
     restart: bool,
     subject_images=None,
+    reference: SDModel | None = None,
 ) -> ProtectResult:
     """protect() without the care for a preloaded model's state."""
     config.validate()
@@ -158,6 +162,7 @@ def _protect(
         model = load_model(config.model, device=device, model_type=config.model_type)
     else:
         model.to(device)
+    reference = reference_model(config, model, reference, device)
     if config.output:  # fail before hours of training, not after
         check_output(config.output, overwrite, model, tuple(p for _, p in inputs))
     size = config.resolution or model.native_resolution
@@ -168,7 +173,10 @@ def _protect(
     source = images if images is not None and len(specs) == 1 else (config.images if len(specs) == 1 else
                                                                      [s.image for s in subjects])  # fmt: skip
     check_parallel(config, parallel)  # before any pairs are made
-    run = RunDriver.open(PROTECTION, config, identity_settings(config), model, subjects, inputs, resume=resume,
+    identity = identity_settings(config)
+    if reference is not None:  # by content (a preloaded one has no path)
+        identity["reference_model"] = reference.fingerprint()
+    run = RunDriver.open(PROTECTION, config, identity, model, subjects, inputs, resume=resume,
                          restart=restart, writer=parallel.is_main)  # fmt: skip
     state_unets = 6 if config.resync_every > 1 else 3  # theta + AdamW moments (+ the persistent attacker's)
     run.preflight(config.output, module_bytes(model.unet, model.vae, model.text_encoder),
@@ -176,14 +184,14 @@ def _protect(
     with torch.inference_mode(False), torch.enable_grad():
         try:
             with parallel.main_first():  # the main process fills the pair cache, the others read it
-                data = prepare_subjects(config, model, subject_sets, size, progress, should_stop)
+                data = prepare_subjects(config, reference or model, subject_sets, size, progress, should_stop)
         except Cancelled:
             return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         if device.type == "cuda":  # the frozen encoders are done: free their memory
             model.vae.to("cpu")
             model.text_encoder.to("cpu")
             torch.cuda.empty_cache()
-        trainer = L2PTrainer(config, model, data, device, parallel)
+        trainer = L2PTrainer(config, model, data, device, parallel, reference=reference)
         cancelled = train(trainer, run, progress, should_stop)
         protected = result_model(model, trainer.finish())
     result = ProtectResult(
@@ -245,11 +253,37 @@ def result_model(model: SDModel, unet) -> SDModel:
     return dataclasses.replace(model, unet=unet, info=info, _fingerprint=None)
 
 
+def reference_model(
+    config: ProtectConfig, model: SDModel, reference: SDModel | None, device
+) -> SDModel | None:
+    """The original model of a protected ``model`` (``reference`` preloaded, or ``config.reference_model``
+    loaded), checked to be of the same architecture; None without one."""
+    from .errors import InputError
+
+    if reference is None and not config.reference_model:
+        return None
+    where = config.reference_model or "the reference model"
+    if reference is None:
+        reference = load_model(config.reference_model, device=device, model_type=config.model_type)
+    else:
+        reference.to(device)
+
+    def shape(m):  # the architecture (not where a config came from: keys with a leading underscore)
+        return {k: v for k, v in dict(m.unet.config).items() if not k.startswith("_")}, m.is_xl
+
+    if shape(reference) != shape(model):
+        raise InputError(
+            f"{where} is not the same architecture as {config.model or 'the model'} (UNet configs differ): "
+            "reference_model must be the original checkpoint the protected model was made from."
+        )
+    return reference
+
+
 def input_paths(config: ProtectConfig, images=None, model: SDModel | None = None) -> list[tuple[str, Path]]:
     """What a run reads (the model, the subject photos, class images, backdoor images): never written."""
     others = [p for s in config.all_subjects()[1:] for p in (*s.images, s.class_images)]
     return source_paths(
-        model=[config.model, getattr(model, "source", None) or ""],
+        model=[config.model, getattr(model, "source", None) or "", config.reference_model],
         photos=[*(config.images if images is None else images), *others],
         class_images=config.class_images,
         backdoor_images=config.backdoor_images,

@@ -122,3 +122,24 @@ def test_a_subject_added_to_a_protected_model_keeps_the_earlier_round(fast_confi
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "round 1: 4 photos of 1 subject(s)" in printed and "round 2: 7 photos of 2 subject(s)" in printed
+
+
+def test_a_round_against_the_original_model(fast_config, tmp_path):
+    """reference_model: a round that starts from a protected model takes its anchor (and targets and generated
+    images) from the original model. With the original, the anchor pulls the moved model back from the first
+    step (without it, theta starts equal to its reference); the protected model as its own reference is
+    bit-identical to no reference; a model of another architecture is refused before any work."""
+    from apdm_core.world import WORLD_MODEL_DIRS
+
+    first = tmp_path / "a"
+    protect(fast_config(outer_steps=2, lr_protect=1e-2, output=str(first)))
+    again = dict(model=str(first), outer_steps=2, anchor_weight=1.0, anchor_prompts=["a photo of dog"])
+    plain = protect(fast_config(**again))
+    itself = protect(fast_config(**again, reference_model=str(first)))
+    original = protect(fast_config(**again, reference_model=fast_config().model))
+    assert plain.history[0]["anchor"] == 0.0 < original.history[0]["anchor"]
+    assert [h["anchor"] for h in itself.history] == [h["anchor"] for h in plain.history]
+    for a, b in zip(plain.model.unet.parameters(), itself.model.unet.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(InputError, match="same architecture"):
+        protect(fast_config(**again, reference_model=str(WORLD_MODEL_DIRS["sdxl"])))

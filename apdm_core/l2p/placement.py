@@ -55,7 +55,12 @@ class Weights:
     persistent buffer on the compute device) and the frozen reference, placed by the levers."""
 
     def __init__(
-        self, config: ProtectConfig, model: SDModel, device: torch.device, parallel: Parallel
+        self,
+        config: ProtectConfig,
+        model: SDModel,
+        device: torch.device,
+        parallel: Parallel,
+        reference: SDModel | None = None,
     ) -> None:
         self.cfg, self.model, self.device, self.parallel = config, model, device, parallel
         distributed = parallel.active
@@ -85,7 +90,8 @@ class Weights:
                 for name, p in module.named_parameters():
                     p.requires_grad_(keep(name))
         self._base_device = None
-        self.ref_unet, ref_dtype = self._reference(base, fsdp)
+        # the frozen reference: the input model, or the original it was protected from (reference_model)
+        self.ref_unet, ref_dtype = self._reference(base if reference is None else reference.unet, fsdp)
         self.run_p = parallel.wrap_trained(self.unet_p)  # DDP wrapper / sharded in place
         self.ref_unet = parallel.wrap_frozen(self.ref_unet)
         self.run_ref = self.ref_unet
@@ -110,7 +116,7 @@ class Weights:
             return base, ref_dtype
         ref = self._prepare(copy.deepcopy(base).to(self.device, ref_dtype), trained=False)
         if self.device.type == "cuda":  # the fp32 original is not needed on the GPU meanwhile
-            self._base_device = self.device
+            self._base_device, self._moved = self.device, base
             base.to("cpu")
             torch.cuda.empty_cache()
         return ref, ref_dtype
@@ -216,5 +222,5 @@ class Weights:
         """The protected UNet as a plain module on the compute device; the base model back where it was."""
         unet = self.unet.to(self.device, memory_format=torch.contiguous_format)
         if self._base_device is not None:
-            self.model.unet.to(self._base_device)
+            self._moved.to(self._base_device)
         return unet

@@ -71,6 +71,7 @@ class L2PTrainer:
         data: ProtectionData | list[ProtectionData],
         device: torch.device,
         parallel: Parallel | None = None,
+        reference: SDModel | None = None,
     ) -> None:
         self.cfg, self.model, self.device = config, model, device
         # one ProtectionData per subject (config.subjects): the episodes take them in turn
@@ -79,7 +80,7 @@ class L2PTrainer:
         self.method = get_method(config.method)
         if config.optimizer == "adamw8bit":
             require_bitsandbytes(device)
-        self.weights = Weights(config, model, device, self.parallel)
+        self.weights = Weights(config, model, device, self.parallel, reference=reference)
         self.optimizer = self.weights.adamw(self.weights.protected_params, config.lr_protect)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.attacker = Attacker(config, self.weights, self.generator)

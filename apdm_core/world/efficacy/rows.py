@@ -250,6 +250,15 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
         "demo preset, then another subject added, this one replayed",
         {"then_add": 1, "replay": True},
     ),
+    # the second round against the original model (reference_model) instead of the protected one
+    "seqref": (
+        "demo preset, then another subject added against the original model",
+        {"then_add": 1, "from_original": True},
+    ),
+    "seqreplayref": (
+        "demo preset, then another subject added against the original model, this one replayed",
+        {"then_add": 1, "replay": True, "from_original": True},
+    ),
     # 5 subjects with 5x the outer steps: each subject gets the single-subject run's steps (the same cost per subject)
     "multi5long": (
         "demo preset, 5 subjects in one run, 5x the outer steps",

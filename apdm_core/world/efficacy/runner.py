@@ -124,25 +124,28 @@ class Runner:
         Pseudo-settings of the world (multi-subject rows): ``companions`` k protects k other subjects of the
         world in the same run (COMPANION_SEEDS, each with its own identifier); ``then_add`` m protects m
         more companions afterwards, starting from that model (a subject added to a protected model), with
-        ``replay`` keeping the first run's subjects in the second.
+        ``replay`` keeping the first run's subjects in the second and ``from_original`` giving the second
+        round the world model as its reference (``reference_model``: anchor, targets, generated images).
         """
         from ...protection import protect
 
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
-            k, then_add, replay = (
-                settings.pop(n, d) for n, d in (("companions", 0), ("then_add", 0), ("replay", False))
-            )
+            k, then_add, replay, original = (settings.pop(n, d) for n, d in (
+                ("companions", 0), ("then_add", 0), ("replay", False), ("from_original", False)))  # fmt: skip
             comps = list(zip(companions(k + then_add, exclude=subject.seed), COMPANION_IDS))
             start, seconds, members = self.model, 0.0, [(subject, render.IDENTIFIER), *comps[:k]]
             if then_add:
-                first = {n: v for n, v in overrides.items() if n not in ("then_add", "replay")}
+                first = {
+                    n: v for n, v in overrides.items() if n not in ("then_add", "replay", "from_original")
+                }
                 start, seconds, _ = self.protected(subject, seed, first)
                 members = [*comps[k:], *(members if replay else [])]
             config, images, others = self.protect_config(members, seed, settings)
+            reference = self.model if then_add and original else None
             result = protect(config, self.progress, self.should_stop, model=start, images=images, resume=True,
-                             subject_images=others or None)  # fmt: skip
+                             subject_images=others or None, reference=reference)  # fmt: skip
             self._protected[key] = (result.model, seconds + result.seconds, config)
         return self._protected[key]
 
