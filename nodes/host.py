@@ -200,11 +200,17 @@ def parse_settings(text: str) -> dict:
     return untrusted_settings(data, "the advanced settings")  # a shared workflow names no path
 
 
-def protect_config(pairs, model, widgets: dict, advanced: str = ""):
-    """The run's ProtectConfig: the pairs' generation settings, the node's widgets, then the YAML box."""
+def protect_config(pairs, model, widgets: dict, advanced: str = "", original=None):
+    """The run's ProtectConfig: the pairs' generation settings, the node's widgets, then the YAML box.
+    ``original``: the original model of a protected ``model`` (the pairs come from it)."""
     from apdm_core.config import ProtectConfig
 
-    if pairs.model_fingerprint != model.fingerprint():
+    if pairs.model_fingerprint != (original or model).fingerprint():
+        if original is not None:
+            raise InputError(
+                "The pairs were generated with another model: with original_model connected, connect the "
+                "original model to Generate Pairs too."
+            )
         raise InputError(
             "The pairs were generated with another model: connect the same Load Model output to "
             "Generate Pairs and Protect Model."

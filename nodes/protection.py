@@ -148,6 +148,16 @@ class APDMProtectModel:
                         "levers the run's settings cannot run with. README 'Performance', 'SDXL'.",
                     },
                 ),
+                "original_model": (
+                    "APDM_MODEL",
+                    {
+                        "tooltip": "Adding a subject to an already protected model: the original model it "
+                        "was protected from. The anchor and the protection targets then come from it, so the "
+                        "second round does not compound the first one's drift (connect it to Generate Pairs "
+                        "too). "
+                        "Add the earlier subjects as more_subjects to keep them protected.",
+                    },
+                ),
             },
             "hidden": HIDDEN,
         }
@@ -182,6 +192,7 @@ class APDMProtectModel:
         target_prompt="",
         more_subjects=None,
         preset="auto",
+        original_model=None,
         unique_id=None,
     ):
         from apdm_core.plots import loss_curve
@@ -200,7 +211,7 @@ class APDMProtectModel:
             "target_prompt": target_prompt,
             "preset": preset,
         }
-        config = host.protect_config(pairs, model, widgets, advanced)
+        config = host.protect_config(pairs, model, widgets, advanced, original=original_model)
         more = list(more_subjects or [])
         if more:  # their photos come from the nodes (folders or IMAGE batches), not from the config
             config = config.replace(subjects=[{"images": ["<Add Subject>"], "instance_prompt": m["instance_prompt"],
@@ -208,9 +219,12 @@ class APDMProtectModel:
         host.free_comfy_memory()
         try:
             result = protect(config, host.NodeProgress(unique_id), model=model, images=subject, resume=True,
-                             subject_images=[m["images"] for m in more] or None)  # fmt: skip
+                             subject_images=[m["images"] for m in more] or None,
+                             reference=original_model)  # fmt: skip
         finally:
             host.offload(model)
+            if original_model is not None:
+                host.offload(original_model)
         host.offload(result.model)
         result.model.info.update(
             protect_config=result.config, protect_history=result.history, protect_subject=subject

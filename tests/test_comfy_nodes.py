@@ -209,6 +209,7 @@ def test_protect_node_method_inputs(host, graph):
         "target_prompt",
         "more_subjects",
         "preset",
+        "original_model",
     ]
     assert spec["optional"]["method"][0] == ["apdm", "persguard"]
     run = {"model": graph["model"], "subject": graph["subject"], "pairs": graph["pairs"], **FAST_PROTECT}
@@ -548,6 +549,23 @@ def test_add_subject_nodes_protect_two_subjects_in_one_run(host, graph):
                             class_prompt="a photo of dog")  # fmt: skip
         host.run("APDMProtectModel", model=graph["model"], subject=graph["subject"], pairs=graph["pairs"],
                  more_subjects=twice, **FAST_PROTECT)  # fmt: skip
+
+
+def test_a_second_round_against_the_original_model(host, graph):
+    """original_model: a subject added to a protected MODEL takes its anchor from the original (the first
+    step's anchor is already > 0: theta starts away from its reference); without it, from the protected one."""
+    run = {"subject": graph["subject"], **FAST_PROTECT, "steps": 1,
+           "advanced": "anchor_weight: 1.0\nanchor_prompts: ['a photo of dog']"}  # fmt: skip
+    first, _ = host.run("APDMProtectModel", model=graph["model"], pairs=graph["pairs"],
+                        **{**run, "learning_rate": 1e-2})  # fmt: skip
+    first_pairs, _ = host.run("APDMGeneratePairs", model=first, subject=graph["subject"], **FAST_PAIRS)
+    plain, _ = host.run("APDMProtectModel", model=first, pairs=first_pairs, **run)
+    against, _ = host.run(
+        "APDMProtectModel", model=first, original_model=graph["model"], pairs=graph["pairs"], **run
+    )
+    assert plain.info["protect_history"][0]["anchor"] == 0.0 < against.info["protect_history"][0]["anchor"]
+    with pytest.raises(InputError, match="original model to Generate Pairs"):
+        host.run("APDMProtectModel", model=first, original_model=graph["model"], pairs=first_pairs, **run)
 
 
 def test_the_performance_preset_follows_the_gpu_memory(host, monkeypatch):
