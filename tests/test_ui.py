@@ -470,6 +470,26 @@ def test_more_subjects_from_the_page(tiny_model_dir, subject_dir, tmp_path):
     assert "More subjects, line 1" in views[0].status
 
 
+def test_a_second_round_from_the_page_against_the_original_model(tiny_model_dir, subject_dir, tmp_path):
+    """The Original model box: a protected model protected again takes its reference from the original
+    (reference_model in the run's config; the anchor is > 0 from the first step); an unknown one is refused."""
+    app = ui.ProtectApp(ui.Host(output_dir=tmp_path))
+    values = advanced_values(app, tmp_path / "cache", outer_steps=1, lr_protect=1e-2, anchor_weight=1.0)
+    prompts = ("a photo of sks person", "a photo of person")
+    views = list(app.protect_events(str(tiny_model_dir), None, str(subject_dir), *prompts, *values, ""))
+    assert "Protected in" in views[-1].status
+    first = tmp_path / "first"
+    app.protected.model.pipeline().save_pretrained(first, safe_serialization=True)
+    views = list(
+        app.protect_events(str(first), None, str(subject_dir), *prompts, *values, "", str(tiny_model_dir))
+    )
+    assert "Protected in" in views[-1].status
+    assert app.protected.config.reference_model == str(tiny_model_dir)
+    assert app.protected.history[0]["anchor"] > 0.0
+    views = list(app.protect_events(str(first), None, str(subject_dir), *prompts, *values, "", " "))
+    assert "Original model" in views[0].status
+
+
 def test_a1111_tab_opens_on_the_loaded_checkpoint_registers_tasks_settings_and_previews(
     a1111, subject_dir, tmp_path
 ):

@@ -145,10 +145,10 @@ class ProtectApp:
 
     def make_config(
         self, model: str, files: Any, folder: str, instance_prompt: str, class_prompt: str, advanced: dict,
-        more_subjects: str = "",
+        more_subjects: str = "", original: str = "",
     ) -> ProtectConfig:  # fmt: skip
         """A validated ProtectConfig from the page's inputs (Advanced values by field name; more subjects as
-        lines 'folder | instance prompt | class prompt')."""
+        lines 'folder | instance prompt | class prompt'; ``original``: the model a protected one came from)."""
         values = {
             name: parse_field(ProtectConfig, name, advanced.get(name, _default(name)))
             for name in ADVANCED_FIELDS
@@ -160,8 +160,16 @@ class ProtectApp:
             "Choose the model to protect (a checkpoint file or a diffusers folder).",
             "Add the subject's photos: upload 4-6 images or give a folder of them.",
         )
+        reference = ""
+        if original:
+            reference = self.host.resolve_model(original)
+            if not reference:
+                raise InputError(
+                    f"Original model {original!r} not found: choose it from the list (or leave it empty)."
+                )
         return ProtectConfig(
             model=model_path,
+            reference_model=reference,
             images=images,
             instance_prompt=str(instance_prompt or ""),
             class_prompt=str(class_prompt or ""),
@@ -190,11 +198,12 @@ class ProtectApp:
             return None
 
     def start_protect(
-        self, model, files, folder, instance_prompt, class_prompt, advanced: dict, more_subjects: str = ""
-    ) -> str | None:
+        self, model, files, folder, instance_prompt, class_prompt, advanced: dict, more_subjects: str = "",
+        original: str = "",
+    ) -> str | None:  # fmt: skip
         """Start protecting; returns a refusal message when a job is already running."""
         config = self.make_config(
-            model, files, folder, instance_prompt, class_prompt, advanced, more_subjects
+            model, files, folder, instance_prompt, class_prompt, advanced, more_subjects, original
         )
 
         def work(progress, should_stop):
@@ -383,12 +392,13 @@ class ProtectApp:
 
     def protect_events(self, model, files, folder, instance_prompt, class_prompt, *values) -> Iterator[View]:
         """Protect button: start (or politely refuse and show the running job), then stream views.
-        ``values``: the Advanced fields in order, then (optionally) the more-subjects lines."""
+        ``values``: the Advanced fields in order, then (optionally) the more-subjects lines and the original
+        model."""
         advanced, more = values[: len(ADVANCED_FIELDS)], values[len(ADVANCED_FIELDS) :]
         try:
             refused = self.start_protect(
                 model, files, folder, instance_prompt, class_prompt, dict(zip(ADVANCED_FIELDS, advanced)),
-                str(more[0] or "") if more else "",
+                *(str(v or "") for v in more[:2]),
             )  # fmt: skip
         except APDMError as exc:
             yield View(_status_html(str(exc), kind="error"), done=True)

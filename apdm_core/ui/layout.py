@@ -132,6 +132,12 @@ def _model_and_photos(gr, app: ProtectApp, c) -> None:
         lines=2, elem_id="apdm_more_subjects",
         info="Each with its own identifier, e.g. '/photos/rex | a photo of zwx dog | a photo of dog'.",
     )  # fmt: skip
+    original = {"label": "Original model (optional): when the model above is already protected, the model it was "
+                "protected from", "info": meta["reference_model"]["help"], "elem_id": "apdm_original_model"}  # fmt: skip
+    if choices is None:
+        c.original = gr.Textbox(value="", **original)
+    else:
+        c.original = gr.Dropdown(choices=["", *choices], value="", **original)
 
 
 def _settings(gr, app: ProtectApp, c) -> None:
@@ -275,7 +281,7 @@ def _wire(gr, app: ProtectApp, blocks, c) -> None:
     photos = [c.model, c.files, c.folder, c.instance, c.klass]
     streaming = {"outputs": run_outputs, "show_progress": "hidden", **_event_options(gr)}
     c.protect_btn.click(
-        stream(app.protect_events), inputs=[*photos, *c.advanced, c.more_subjects], **streaming
+        stream(app.protect_events), inputs=[*photos, *c.advanced, c.more_subjects, c.original], **streaming
     )
     c.test_btn.click(stream(app.test_events), inputs=[c.kind, *c.attack_inputs, *c.eval_inputs], **streaming)
     c.images_btn.click(
