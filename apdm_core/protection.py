@@ -62,6 +62,8 @@ def identity_settings(config: ProtectConfig) -> dict:
                                 for s in settings["subjects"]]  # fmt: skip
     else:
         settings.pop("subjects", None)  # (runs before multi-subject runs existed keep their identity)
+    if not settings.get("reference_model"):
+        settings.pop("reference_model", None)  # (likewise runs before reference_model existed)
     return settings
 
 
@@ -98,16 +100,20 @@ def protect(
     """
     flags = {"resume": resume, "keep_state": keep_state, "overwrite": overwrite, "restart": restart,
              "subject_images": subject_images, "reference": reference}  # fmt: skip
-    if model is None:
+    if model is None and reference is None:
         return _protect(config, progress, should_stop, None, images, **flags)
-    saved = ModelState(model)
+    saved = ModelState(model) if model is not None else None
+    saved_reference = ModelState(reference) if reference is not None else None
     done = False
     try:
         result = _protect(config, progress, should_stop, model, images, **flags)
         done = not result.cancelled
         return result
-    finally:  # the caller's model as it was (a finished run's result shares its VAE and text encoder)
-        saved.restore(devices_of_shared=not done)
+    finally:  # the caller's models as they were (a finished run's result shares its VAE and text encoder)
+        if saved is not None:
+            saved.restore(devices_of_shared=not done)
+        if saved_reference is not None:
+            saved_reference.restore()
 
 
 class ModelState:
@@ -115,6 +121,8 @@ class ModelState:
 
     def __init__(self, model: SDModel) -> None:
         self.modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+        if model.text_encoder_2 is not None:  # SDXL
+            self.modules["text_encoder_2"] = model.text_encoder_2
         self.devices = {k: _device_of(m) for k, m in self.modules.items()}
         self.grads = {k: [p.requires_grad for p in m.parameters()] for k, m in self.modules.items()}
         self.modes = {k: [sub.training for sub in m.modules()] for k, m in self.modules.items()}
@@ -188,8 +196,10 @@ def _protect(
         except Cancelled:
             return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         if device.type == "cuda":  # the frozen encoders are done: free their memory
-            model.vae.to("cpu")
-            model.text_encoder.to("cpu")
+            for m in {
+                id(m): m for r in (model, reference) if r is not None for m in (r.vae, *r.text_encoders)
+            }.values():
+                m.to("cpu")
             torch.cuda.empty_cache()
         trainer = L2PTrainer(config, model, data, device, parallel, reference=reference)
         cancelled = train(trainer, run, progress, should_stop)
