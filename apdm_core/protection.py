@@ -52,7 +52,7 @@ class ProtectResult:
     distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
 
 
-def identity_settings(config: ProtectConfig) -> dict:
+def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -> dict:
     """The settings that determine the trajectory: all but the number of outer steps, how it runs, and the
     settings of the methods not run (a PersGuard field does not change an APDM run)."""
     skip = RUN_IDENTITY_EXCLUDE | inactive_settings(config.method) | {"model", "images"}
@@ -64,6 +64,8 @@ def identity_settings(config: ProtectConfig) -> dict:
         settings.pop("subjects", None)  # (runs before multi-subject runs existed keep their identity)
     if not settings.get("reference_model"):
         settings.pop("reference_model", None)  # (likewise runs before reference_model existed)
+    if reference is not None:  # by content (a preloaded one has no path)
+        settings["reference_model"] = reference.fingerprint()
     return settings
 
 
@@ -181,10 +183,7 @@ def _protect(
     source = images if images is not None and len(specs) == 1 else (config.images if len(specs) == 1 else
                                                                      [s.image for s in subjects])  # fmt: skip
     check_parallel(config, parallel)  # before any pairs are made
-    identity = identity_settings(config)
-    if reference is not None:  # by content (a preloaded one has no path)
-        identity["reference_model"] = reference.fingerprint()
-    run = RunDriver.open(PROTECTION, config, identity, model, subjects, inputs, resume=resume,
+    run = RunDriver.open(PROTECTION, config, identity_settings(config, reference), model, subjects, inputs, resume=resume,
                          restart=restart, writer=parallel.is_main)  # fmt: skip
     state_unets = 6 if config.resync_every > 1 else 3  # theta + AdamW moments (+ the persistent attacker's)
     run.preflight(config.output, module_bytes(model.unet, model.vae, model.text_encoder),
