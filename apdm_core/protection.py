@@ -25,7 +25,7 @@ from .driver import (
     module_bytes,
     source_paths,
 )
-from .errors import Cancelled
+from .errors import Cancelled, InputError
 from .l2p import STATE_VERSION, L2PTrainer, check_parallel, prepare_subjects
 from .loading import load_model
 from .methods import inactive_settings
@@ -195,9 +195,7 @@ def _protect(
         except Cancelled:
             return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
         if device.type == "cuda":  # the frozen encoders are done: free their memory
-            for m in {
-                id(m): m for r in (model, reference) if r is not None for m in (r.vae, *r.text_encoders)
-            }.values():
+            for m in {m for r in (model, reference) if r is not None for m in (r.vae, *r.text_encoders)}:
                 m.to("cpu")
             torch.cuda.empty_cache()
         trainer = L2PTrainer(config, model, data, device, parallel, reference=reference)
@@ -267,8 +265,6 @@ def reference_model(
 ) -> SDModel | None:
     """The original model of a protected ``model`` (``reference`` preloaded, or ``config.reference_model``
     loaded), checked to be of the same architecture; None without one."""
-    from .errors import InputError
-
     if reference is None and not config.reference_model:
         return None
     where = config.reference_model or "the reference model"

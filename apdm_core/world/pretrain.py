@@ -251,9 +251,7 @@ def train_unet(
         ]
     )
     pipe = model.pipeline() if model.is_xl else None
-    if (
-        pipe is not None
-    ):  # the pipeline warns at every caption cut at CONTEXT tokens (the SD world cuts them silently)
+    if pipe is not None:  # it warns at every caption cut at CONTEXT tokens (the SD world cuts them silently)
         logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
     sched = _cosine(opt, cfg.unet_steps)
     ema = EMAModel(params, decay=cfg.ema_decay)
