@@ -78,6 +78,9 @@ def test_outputs_inside_or_around_an_input_are_refused_before_training(fast_conf
     monkeypatch.setattr(protect_module, "prepare_subjects", lambda *a, **k: pytest.fail("training started"))
     cfg = fast_config()
     model_dir, photos = cfg.model, cfg.images[0]
+    original = tmp_path / "original"  # reference_model is an input too, also through a symlink
+    original.mkdir()
+    (tmp_path / "link").symlink_to(original)
     before = tree_hashes(tmp_path)
     for out, why in [
         (os.path.join(model_dir, "protected"), "inside the input"),
@@ -86,6 +89,9 @@ def test_outputs_inside_or_around_an_input_are_refused_before_training(fast_conf
     ]:
         with pytest.raises(InputError, match=why):
             protect(fast_config(output=out), overwrite=True)
+    for out in (original / "protected", tmp_path / "link" / "protected"):
+        with pytest.raises(InputError, match="inside the input"):
+            protect(fast_config(output=str(out), reference_model=str(original)), overwrite=True)
     with pytest.raises(InputError, match="is the input photos .* itself"):
         protect(fast_config(state_path=photos))
     (tmp_path / "a_folder").mkdir()
