@@ -132,14 +132,11 @@ class Runner:
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
-            k, then_add, replay, original = (settings.pop(n, d) for n, d in (
-                ("companions", 0), ("then_add", 0), ("replay", False), ("from_original", False)))  # fmt: skip
+            k, then_add, replay, original = (settings.pop(n, d) for n, d in WORLD_SETTINGS.items())
             comps = list(zip(companions(k + then_add, exclude=subject.seed), COMPANION_IDS))
             start, seconds, members = self.model, 0.0, [(subject, render.IDENTIFIER), *comps[:k]]
             if then_add:
-                first = {
-                    n: v for n, v in overrides.items() if n not in ("then_add", "replay", "from_original")
-                }
+                first = {n: v for n, v in overrides.items() if n not in SECOND_ROUND}
                 start, seconds, _ = self.protected(subject, seed, first)
                 members = [*comps[k:], *(members if replay else [])]
             config, images, others = self.protect_config(members, seed, settings)
@@ -425,6 +422,10 @@ class Scorer:
                     psnr=self.psnr, ssim=self.ssim)  # fmt: skip
 
 
+# the pseudo-settings of the multi-subject rows (Runner.protected) with their defaults; the last three
+# describe the second round, which the first round's settings leave out
+WORLD_SETTINGS = {"companions": 0, "then_add": 0, "replay": False, "from_original": False}
+SECOND_ROUND = ("then_add", "replay", "from_original")
 COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
 COMPANION_IDS = ("zwx", "qkv", "vbn", "plk", "dtr", "mqz", "hjy", "xcv", "bnm", "wrt", "gfd", "ytp")
 
