@@ -264,11 +264,12 @@ def generate_anchor_images(
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
 ) -> list[tuple[str, list[Image.Image]]]:
-    """(prompt, images) for the class prompt, then each other anchor prompt of ``config``, generated
-    with the base model or read from the cache (the class prompt's are the first class images);
-    empty when ``anchor_weight`` is 0."""
+    """(prompt, images) for the class prompt, then each other anchor prompt of ``config`` (and the empty
+    prompt with ``anchor_unconditional``), generated with the base model or read from the cache (the
+    class prompt's are the first class images); empty when ``anchor_weight`` is 0."""
     if config.anchor_weight <= 0:
         return []
-    prompts = list(dict.fromkeys([config.class_prompt, *config.anchor_prompts]))
+    unconditional = [""] if config.anchor_unconditional else []
+    prompts = list(dict.fromkeys([config.class_prompt, *config.anchor_prompts, *unconditional]))
     gen = generation_kwargs(config, size, progress, should_stop)
     return [(p, ensure_class_images(model, p, config.num_anchor_images, **gen)) for p in prompts]

@@ -147,6 +147,24 @@ def test_anchor_keeps_theta_near_the_original(fast_config, monkeypatch):
     assert distance(anchored.model.unet) < distance(free.model.unet)
 
 
+def test_anchor_unconditional_adds_the_empty_prompt(fast_config, monkeypatch):
+    """The flag is the empty prompt appended to the anchor prompts: its images are generated and
+    distilled like theirs (and the run is the same as with the prompt written out)."""
+    import apdm_core.pairs as pairs
+
+    calls = []
+    real = pairs.sample_images
+    monkeypatch.setattr(pairs, "sample_images", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    common = dict(outer_steps=3, loss="target", anchor_weight=1.0, num_anchor_images=2)
+    plain = protect(fast_config(anchor_prompts=["a photo of cat"], **common))
+    assert "" not in calls
+    flag = protect(fast_config(anchor_prompts=["a photo of cat"], anchor_unconditional=True, **common))
+    assert "" in calls
+    written = protect(fast_config(anchor_prompts=["a photo of cat", ""], **common))
+    assert [h["anchor"] for h in flag.history] == [h["anchor"] for h in written.history]
+    assert [h["anchor"] for h in flag.history] != [h["anchor"] for h in plain.history]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
