@@ -213,6 +213,11 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "horizon400": ("demo preset, lever off: episodes of 400 attack steps", {"resync_every": 20}),
     "horizon1600": ("demo preset, episodes of 1600 attack steps (4x the attack)", {"resync_every": 80}),
     "long400": ("demo preset, 400 outer steps (twice the protection training)", {"outer_steps": 400}),
+    "uncond": ("demo preset + the empty prompt in the anchor", {"anchor_unconditional": True}),
+    "single_kind_uncond": (
+        "demo preset, DreamBooth episodes only, the empty prompt in the anchor",
+        {"attacker_family": ["full"], "anchor_unconditional": True},
+    ),
     # the demo preset before this one, and what was tried on it against the LoRA and 2x attackers
     "robust": ("the robust preset (the earlier demo preset)", ROBUST_OVERRIDES),
     "family": ("the family preset (= the demo preset)", {}),
@@ -258,6 +263,12 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
     "seqreplayref": (
         "demo preset, then another subject added against the original model, this one replayed",
         {"then_add": 1, "replay": True, "from_original": True},
+    ),
+    # seqreplayref with the empty prompt in both rounds' anchor (anchor_unconditional)
+    "seqreplayrefunc": (
+        "demo preset, then another subject added against the original model, this one replayed, "
+        "the empty prompt anchored",
+        {"then_add": 1, "replay": True, "from_original": True, "anchor_unconditional": True},
     ),
     # 5 subjects with 5x the outer steps: each subject gets the single-subject run's steps (the same cost per subject)
     "multi5long": (
