@@ -17,6 +17,7 @@ from .errors import InputError
 from .methods import METHODS, method_settings_classes
 from .presets import PRESETS
 from .subjects import SUBJECT_KEYS, Subject, check_subjects, identifier_word  # noqa: F401
+from .untrusted import MODEL_TYPES, PATH_FIELDS, untrusted_settings  # noqa: F401
 
 ACCUMULATIONS = ("protect", "protect+personalize")
 PAIR_ORDERS = ("name", "listdir")
@@ -26,7 +27,6 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 ATTENTIONS = ("sdpa", "xformers")
 DISTRIBUTED = ("auto", "no", "ddp", "fsdp")
-MODEL_TYPES = ("auto", "sd1", "sd2", "sd2-v")
 PROTECT_LAYERS = ("all", "attention", "cross_attention", "cross_attention_kv")
 ATTACKER_KINDS = ("full", "lora")  # the simulated attacker's kinds (l2p/episode.py)
 # performance levers that cannot run with a setting of the run (when it is > 0): (lever, setting, why)
@@ -34,46 +34,6 @@ LEVER_CLASHES = (
     ("optimizer_in_backward", "inner_max_grad_norm", "needs the whole gradient before the step"),
     ("offload_outer", "anchor_weight", "trains theta on the compute device"),
 )
-# Settings that name files or folders (of every config class). They come only from a host's own
-# widgets (a model dropdown, a folder of ComfyUI/input, the app's output folder), never from
-# free-text settings a shared workflow or a web page can carry; see ``untrusted_settings``.
-PATH_FIELDS = frozenset(
-    {
-        "model",
-        "reference_model",
-        "images",
-        "output",
-        "class_images",
-        "cache_dir",
-        "state_path",
-        "dino_model",
-        "clip_model",
-        "backdoor_images",
-        "subjects",
-    }
-)
-
-
-def untrusted_settings(data: dict[str, Any], where: str = "these settings") -> dict[str, Any]:
-    """``data`` (settings typed into a host's free-text box) when it names no file or folder.
-
-    A ComfyUI workflow JSON shared by someone else, or a page served to a network, must not be
-    able to make the tool read or write arbitrary paths: path fields are refused, and
-    ``model_type`` may only be one of MODEL_TYPES (a config folder is a path).
-    """
-    bad = sorted(k for k in data if k in PATH_FIELDS)
-    if bad:
-        raise InputError(
-            f"{', '.join(bad)} cannot be set in {where}: files and folders come only from the host's own "
-            "inputs (model and image loaders, the output folder); the cache and state files live in the "
-            "host's folders."
-        )
-    if "model_type" in data and data["model_type"] not in MODEL_TYPES:
-        raise InputError(
-            f"model_type={data['model_type']!r} in {where} must be one of {', '.join(MODEL_TYPES)} "
-            "(a config folder can only be given on the command line or in Python)."
-        )
-    return data  # see apdm_core.checkpoint
 
 
 @dataclass
@@ -181,6 +141,12 @@ class RunSettings(ConfigIO):
     inner_max_grad_norm: float = _f(
         0.0,
         "Clip the simulated attacker's gradient norm (0 = no clipping; DreamBooth clips at 1).",
+        group="robust",
+    )
+    inner_batch_sizes: list[int] = _f(
+        [],
+        "Batch sizes the simulated attacker's episodes draw from, one per episode (empty = inner_batch_size "
+        "for every episode): attackers whose batch size is not known.",
         group="robust",
     )
     lr_personalize_max: float = _f(
@@ -404,6 +370,11 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
             ),
             unit_interval=("adam_beta1", "adam_beta2", "null_space"),
         )
+        if any(int(b) < 1 for b in self.inner_batch_sizes):
+            raise InputError(
+                f"ProtectConfig.inner_batch_sizes={self.inner_batch_sizes} must hold batch sizes >= 1 "
+                "(or be empty: every episode uses inner_batch_size)."
+            )
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(
                 f"ProtectConfig.model_type={self.model_type!r} is not valid; choose one of {', '.join(MODEL_TYPES)} "

@@ -93,7 +93,8 @@ def test_sparse_late_weighted_accumulation_matches_its_definition(fast_config, l
 
 
 def test_persistent_resume_equals_an_uninterrupted_run(fast_config, tmp_path):
-    settings = dict(outer_steps=5, inner_steps=2, resync_every=3, lr_personalize_max=1e-3, loss="target")
+    settings = dict(outer_steps=5, inner_steps=2, resync_every=3, lr_personalize_max=1e-3, loss="target",
+                    inner_batch_sizes=[1, 2])  # fmt: skip
     full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
     events = []
     config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
@@ -107,6 +108,7 @@ def test_persistent_resume_equals_an_uninterrupted_run(fast_config, tmp_path):
     for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
         assert torch.equal(a, b)
     assert [h["attack_lr"] for h in full.history] == [h["attack_lr"] for h in resumed.history]
+    assert [h["attack_batch"] for h in full.history] == [h["attack_batch"] for h in resumed.history]
 
 
 def test_attacker_learning_rate_range(fast_config):
@@ -115,6 +117,23 @@ def test_attacker_learning_rate_range(fast_config):
     lrs = [h["attack_lr"] for h in result.history]
     assert lrs[0] == lrs[1] and lrs[2] == lrs[3] and lrs[4] == lrs[5]  # one lr per episode
     assert len(set(lrs)) == 3 and all(1e-4 <= v <= 1e-2 for v in lrs)
+
+
+def test_attacker_batch_size_drawn_per_episode(fast_config, monkeypatch):
+    """inner_batch_sizes: one batch size per episode, drawn from the list, and the attack steps use it."""
+    import apdm_core.l2p.trainer as trainer_module
+
+    used = []
+    real = trainer_module.dreambooth_loss
+    monkeypatch.setattr(trainer_module, "dreambooth_loss", lambda *a, **k: used.append(a[6]) or real(*a, **k))
+    result = protect(fast_config(outer_steps=8, inner_steps=1, resync_every=2, inner_batch_sizes=[1, 3]))
+    batches = [h["attack_batch"] for h in result.history]
+    assert all(batches[i] == batches[i + 1] for i in range(0, 8, 2))  # one per episode
+    assert set(batches) == {1, 3}
+    assert used == batches  # one attack step per outer step, with its episode's batch
+    assert "attack_batch" not in protect(fast_config(outer_steps=1)).history[0]
+    with pytest.raises(InputError, match="inner_batch_sizes"):
+        fast_config(inner_batch_sizes=[2, 0])
 
 
 def test_target_loss_is_zero_where_the_prompts_coincide(fast_config):

@@ -1,7 +1,8 @@
 """The simulated attacker: one personalization trajectory from theta, an *episode*.
 
-An episode starts from theta (theta' <- theta) with a fresh optimizer, a learning rate and an
-identifier (the instance prompt's own, or one of extra_identifiers). Its kind comes from
+An episode starts from theta (theta' <- theta) with a fresh optimizer, a learning rate, an
+identifier (the instance prompt's own, or one of extra_identifiers) and a batch size (drawn from
+inner_batch_sizes when given). Its kind comes from
 ``attacker_family``, one per episode in turn:
 
 - ``full``: DreamBooth on the whole UNet theta' (the paper's attacker); lr fixed, or drawn
@@ -83,6 +84,7 @@ class Episode:
     inner: dict | None = None  # optimizer_in_backward: parameter -> its optimizer
     kind: str = "full"
     lora: LoRAAdapters | None = None  # kind 'lora': the adapters the attacker trains
+    batch: int = 0  # subject images per attack step, drawn from inner_batch_sizes (0 = the config's)
 
     @property
     def label(self) -> str:
@@ -105,7 +107,7 @@ class Attacker:
     # --- episodes ------------------------------------------------------------------------------
     def start(self, index: int = 0) -> Episode:
         """theta' <- theta and a fresh attacker of the family's ``index``-th kind (in turn). The draws, in
-        order: the learning rate, (LoRA) the rank and the adapters' init, then the identifier."""
+        order: the learning rate, (LoRA) the rank and the adapters' init, the identifier, then the batch size."""
         self.end()
         self.weights.refill_prime()
         family = self.cfg.attacker_family
@@ -121,10 +123,11 @@ class Attacker:
             lora = LoRAAdapters(self.weights.unet_p, rank, self.weights.device, self.generator)
             opt = self.weights.adamw(lora.params, lr)
             self.current = Episode(opt, lr, self._draw_identifier(), kind=kind, lora=lora)
-            return self.current
-        lr = self._draw_lr(self.cfg.lr_personalize, self.cfg.lr_personalize_max)
-        opt, inner = self._optimizer(lr)
-        self.current = Episode(opt, lr, self._draw_identifier(), inner=inner)
+        else:
+            lr = self._draw_lr(self.cfg.lr_personalize, self.cfg.lr_personalize_max)
+            opt, inner = self._optimizer(lr)
+            self.current = Episode(opt, lr, self._draw_identifier(), inner=inner)
+        self.current.batch = self._draw_batch()
         return self.current
 
     def end(self) -> None:
@@ -141,6 +144,10 @@ class Attacker:
     def _draw_identifier(self) -> int:
         n = len(self.cfg.extra_identifiers)
         return int(torch.randint(0, n + 1, (), generator=self.generator)) if n else 0
+
+    def _draw_batch(self) -> int:
+        sizes = self.cfg.inner_batch_sizes
+        return int(sizes[int(torch.randint(0, len(sizes), (), generator=self.generator))]) if sizes else 0
 
     def _optimizer(self, lr: float) -> tuple[torch.optim.Optimizer | None, dict | None]:
         w = self.weights
@@ -215,6 +222,7 @@ class Attacker:
             "lr": ep.lr,
             "h": ep.h,
             "identifier": ep.identifier,
+            "batch": ep.batch,
         }
         if ep.lora is not None:
             state.update(kind="lora", rank=ep.lora.rank, lora=ep.lora.state())
@@ -233,6 +241,7 @@ class Attacker:
             opt = self.weights.adamw(lora.params, state["lr"])
             opt.load_state_dict(state["optimizer"])
             self.current = Episode(opt, state["lr"], state["identifier"], state["h"], kind="lora", lora=lora)
+            self.current.batch = state.get("batch", 0)
             return
         opt, inner = self._optimizer(state["lr"])
         if inner is not None:
@@ -241,3 +250,4 @@ class Attacker:
         else:
             opt.load_state_dict(state["optimizer"])
         self.current = Episode(opt, state["lr"], state.get("identifier", 0), state["h"], inner)
+        self.current.batch = state.get("batch", 0)

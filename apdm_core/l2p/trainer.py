@@ -91,7 +91,6 @@ class L2PTrainer:
                 kept.append(self.datas[0].anchor.embeds)
             self.null_space = NullSpace(self.weights.unet, torch.cat(kept), config.null_space)
         self.persistent = config.resync_every > 1
-        self.inner_batch = config.inner_batch_size or config.batch_size
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step_start = self.generator.get_state()
@@ -117,6 +116,12 @@ class L2PTrainer:
     def data(self) -> ProtectionData:
         """What the current episode samples from (its subject's photos, pairs and prompts)."""
         return self.datas[self.subject_index]
+
+    @property
+    def inner_batch(self) -> int:
+        """Subject images per attack step: the current episode's draw, else inner_batch_size (or batch_size)."""
+        ep = self.attacker.current
+        return (ep.batch if ep is not None else 0) or self.cfg.inner_batch_size or self.cfg.batch_size
 
     @property
     def instance_embeds(self) -> torch.Tensor:
@@ -202,6 +207,8 @@ class L2PTrainer:
             entry["attacker"] = episode.label
         if len(self.datas) > 1:
             entry["subject"] = (self.step - 1) // cfg.resync_every % len(self.datas) + 1
+        if cfg.inner_batch_sizes:
+            entry["attack_batch"] = episode.batch
         if cfg.extra_identifiers:
             entry["identifier"] = ([cfg.instance_prompt] + identifier_prompts(cfg))[episode.identifier]
         self.history.append(entry)
