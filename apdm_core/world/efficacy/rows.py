@@ -213,6 +213,15 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "horizon400": ("demo preset, lever off: episodes of 400 attack steps", {"resync_every": 20}),
     "horizon1600": ("demo preset, episodes of 1600 attack steps (4x the attack)", {"resync_every": 80}),
     "long400": ("demo preset, 400 outer steps (twice the protection training)", {"outer_steps": 400}),
+    "late": (
+        "demo preset, the protection gradient at attack step h weighted exp(0.005 (h - 800)) (TAR's late weighting)",
+        {"late_weighting": 0.005},
+    ),
+    "lr2x": ("demo preset, twice the protection lr (1e-3)", {"lr_protect": 1e-3}),
+    "batches": (
+        "demo preset, each DreamBooth episode's batch drawn from 1, 2, 4",
+        {"inner_batch_sizes": [1, 2, 4]},
+    ),
     "uncond": ("demo preset + the empty prompt in the anchor", {"anchor_unconditional": True}),
     "single_kind_uncond": (
         "demo preset, DreamBooth episodes only, the empty prompt in the anchor",
