@@ -421,8 +421,17 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
                             class_images=subject.class_images, subjects=[])  # fmt: skip
 
     def check_subjects(self) -> None:
-        """Every subject has photos and both prompts; no two subjects share an identifier."""
+        """Every subject has photos and both prompts; no two subjects share an identifier; every subject
+        gets an attacker episode (the subjects take turns, one episode of resync_every outer steps each)."""
         check_subjects(self.subjects, self.all_subjects)
+        n, r = 1 + len(self.subjects), self.resync_every
+        if n > 1 and self.outer_steps <= (n - 1) * r:
+            raise InputError(
+                f"{n} subjects take turns, one attacker episode of resync_every={r} outer steps each, but "
+                f"outer_steps={self.outer_steps} gives {-(-self.outer_steps // r)} episode(s): subjects after "
+                f"the first {-(-self.outer_steps // r)} would not be protected. Set outer_steps to at least "
+                f"{n * r} (an episode each) or lower resync_every."
+            )
 
     def check_lever_combinations(self) -> None:
         """Combinations of levers that cannot run together (found here, before pairs are made)."""

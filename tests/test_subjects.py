@@ -80,6 +80,16 @@ def test_bad_subjects_are_refused_before_any_work(fast_config, subject, message,
     assert tree_hashes(tmp_path) == before
 
 
+def test_every_subject_gets_an_attacker_episode(fast_config, dog_dir):
+    """The subjects take turns by episode (resync_every outer steps): too few outer steps would leave
+    the later subjects unprotected without a word, so the run is refused before any work."""
+    dog = [{"images": [str(dog_dir)], **DOG}]
+    with pytest.raises(InputError, match="gives 1 episode.*at least 4"):
+        fast_config(outer_steps=2, resync_every=2, subjects=dog)
+    result = protect(fast_config(outer_steps=3, resync_every=2, inner_steps=1, subjects=dog))
+    assert [h["subject"] for h in result.history] == [1, 1, 2]  # a partial last episode still counts
+
+
 def test_an_interrupted_multi_subject_run_resumes_exactly(fast_config, dog_dir, tmp_path):
     settings = dict(
         outer_steps=6,

@@ -258,7 +258,12 @@ ABLATIONS.update(METHOD_ROWS)
 # Several subjects (the demo preset, runner.companions): k others in the same run; one added afterwards
 # to the protected model, without or with replaying this subject's terms.
 MULTI_ROWS: dict[str, tuple[str, dict]] = {
-    **{f"multi{n}": (f"demo preset, {n} subjects in one run", {"companions": n - 1}) for n in (2, 5, 10)},
+    **{f"multi{n}": (f"demo preset, {n} subjects in one run", {"companions": n - 1}) for n in (2, 5)},
+    # the subjects take turns by episode (40 outer steps): 200 outer steps cover 5, so 10 need 400
+    "multi10": (
+        "demo preset, 10 subjects in one run, 400 outer steps (an episode each)",
+        {"companions": 9, "outer_steps": 400},
+    ),
     "seq": ("demo preset, then another subject added from the protected model", {"then_add": 1}),
     "seqreplay": (
         "demo preset, then another subject added, this one replayed",
