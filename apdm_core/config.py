@@ -75,8 +75,8 @@ class RunSettings(ConfigIO):
     subjects: list[dict] = _f(
         [],
         "More subjects protected in the same run, each a mapping with images (a folder or files), "
-        "instance_prompt and class_prompt (and optionally class_images); the outer steps take the subjects in "
-        "turn (an attacker episode each). CLI: --subject FOLDER 'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
+        "instance_prompt and class_prompt (and optionally class_images); the subjects take turns by attacker "
+        "episode (resync_every outer steps each; outer_steps must give each one). CLI: --subject FOLDER 'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
         group="io",
     )
     class_images: str = _f(
