@@ -122,12 +122,14 @@ class Attacker:
             )
             lora = LoRAAdapters(self.weights.unet_p, rank, self.weights.device, self.generator)
             opt = self.weights.adamw(lora.params, lr)
-            self.current = Episode(opt, lr, self._draw_identifier(), kind=kind, lora=lora)
-        else:
-            lr = self._draw_lr(self.cfg.lr_personalize, self.cfg.lr_personalize_max)
-            opt, inner = self._optimizer(lr)
-            self.current = Episode(opt, lr, self._draw_identifier(), inner=inner)
-        self.current.batch = self._draw_batch()
+            # (arguments are evaluated in order: the identifier is drawn before the batch size)
+            self.current = Episode(
+                opt, lr, self._draw_identifier(), kind=kind, lora=lora, batch=self._draw_batch()
+            )
+            return self.current
+        lr = self._draw_lr(self.cfg.lr_personalize, self.cfg.lr_personalize_max)
+        opt, inner = self._optimizer(lr)
+        self.current = Episode(opt, lr, self._draw_identifier(), inner=inner, batch=self._draw_batch())
         return self.current
 
     def end(self) -> None:
@@ -240,8 +242,8 @@ class Attacker:
             )
             opt = self.weights.adamw(lora.params, state["lr"])
             opt.load_state_dict(state["optimizer"])
-            self.current = Episode(opt, state["lr"], state["identifier"], state["h"], kind="lora", lora=lora)
-            self.current.batch = state.get("batch", 0)
+            self.current = Episode(opt, state["lr"], state["identifier"], state["h"], kind="lora", lora=lora,
+                                   batch=state.get("batch", 0))  # fmt: skip
             return
         opt, inner = self._optimizer(state["lr"])
         if inner is not None:
@@ -249,5 +251,5 @@ class Attacker:
                 inner[p].load_state_dict(sd)
         else:
             opt.load_state_dict(state["optimizer"])
-        self.current = Episode(opt, state["lr"], state.get("identifier", 0), state["h"], inner)
-        self.current.batch = state.get("batch", 0)
+        self.current = Episode(opt, state["lr"], state.get("identifier", 0), state["h"], inner,
+                               batch=state.get("batch", 0))  # fmt: skip
