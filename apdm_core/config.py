@@ -76,7 +76,8 @@ class RunSettings(ConfigIO):
         [],
         "More subjects protected in the same run, each a mapping with images (a folder or files), "
         "instance_prompt and class_prompt (and optionally class_images); the subjects take turns by attacker "
-        "episode (resync_every outer steps each; outer_steps must give each one). CLI: --subject FOLDER 'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
+        "episode (resync_every outer steps each; outer_steps must give each one). CLI: --subject FOLDER "
+        "'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
         group="io",
     )
     class_images: str = _f(
@@ -370,11 +371,6 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
             ),
             unit_interval=("adam_beta1", "adam_beta2", "null_space"),
         )
-        if any(int(b) < 1 for b in self.inner_batch_sizes):
-            raise InputError(
-                f"ProtectConfig.inner_batch_sizes={self.inner_batch_sizes} must hold batch sizes >= 1 "
-                "(or be empty: every episode uses inner_batch_size)."
-            )
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(
                 f"ProtectConfig.model_type={self.model_type!r} is not valid; choose one of {', '.join(MODEL_TYPES)} "
@@ -425,12 +421,13 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
         gets an attacker episode (the subjects take turns, one episode of resync_every outer steps each)."""
         check_subjects(self.subjects, self.all_subjects)
         n, r = 1 + len(self.subjects), self.resync_every
-        if n > 1 and self.outer_steps <= (n - 1) * r:
+        episodes = -(-self.outer_steps // r)  # a partial last episode counts
+        if episodes < n:
             raise InputError(
                 f"{n} subjects take turns, one attacker episode of resync_every={r} outer steps each, but "
-                f"outer_steps={self.outer_steps} gives {-(-self.outer_steps // r)} episode(s): subjects after "
-                f"the first {-(-self.outer_steps // r)} would not be protected. Set outer_steps to at least "
-                f"{n * r} (an episode each) or lower resync_every."
+                f"outer_steps={self.outer_steps} gives {episodes} episode(s): subjects after the first "
+                f"{episodes} would not be protected. Set outer_steps to at least {n * r} (an episode each) "
+                "or lower resync_every."
             )
 
     def check_lever_combinations(self) -> None:
@@ -442,6 +439,11 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
             )
         if any(r < 1 for r in self.lora_ranks) or not self.lora_ranks:
             raise InputError(f"ProtectConfig.lora_ranks={self.lora_ranks!r} must be whole numbers >= 1.")
+        if any(b < 1 for b in self.inner_batch_sizes):
+            raise InputError(
+                f"ProtectConfig.inner_batch_sizes={self.inner_batch_sizes!r} must be whole numbers >= 1 "
+                "(or empty: every episode uses inner_batch_size)."
+            )
         for lever, setting, why in LEVER_CLASHES:
             if getattr(self, lever) and getattr(self, setting) > 0:
                 raise InputError(f"{setting} > 0 {why}; turn {lever} off.")

@@ -81,7 +81,8 @@ def prepare_data(
 
 
 def anchor_set(config: ProtectConfig, model: SDModel, size: int, progress, should_stop) -> AnchorSet | None:
-    """The anchor's images (class prompt first, then anchor_prompts and the empty prompt), encoded; None without an anchor."""
+    """The anchor's images (class prompt first, then anchor_prompts, and the empty prompt with
+    anchor_unconditional), encoded; None without an anchor."""
     anchors = generate_anchor_images(config, model, size, progress, should_stop)
     if not anchors:
         return None

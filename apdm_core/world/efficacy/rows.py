@@ -219,7 +219,7 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     ),
     "lr2x": ("demo preset, twice the protection lr (1e-3)", {"lr_protect": 1e-3}),
     "batches": (
-        "demo preset, each DreamBooth episode's batch drawn from 1, 2, 4",
+        "demo preset, each attacker episode's batch drawn from 1, 2, 4",
         {"inner_batch_sizes": [1, 2, 4]},
     ),
     "uncond": ("demo preset + the empty prompt in the anchor", {"anchor_unconditional": True}),
