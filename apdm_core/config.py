@@ -76,7 +76,8 @@ class RunSettings(ConfigIO):
         [],
         "More subjects protected in the same run, each a mapping with images (a folder or files), "
         "instance_prompt and class_prompt (and optionally class_images); the subjects take turns by attacker "
-        "episode (resync_every outer steps each; outer_steps must give each one). CLI: --subject FOLDER "
+        "episode (resync_every outer steps each; outer_steps must give each one), and each subject's own episodes "
+        "take attacker_family's kinds in turn. CLI: --subject FOLDER "
         "'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
         group="io",
     )

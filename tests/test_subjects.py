@@ -90,6 +90,17 @@ def test_every_subject_gets_an_attacker_episode(fast_config, dog_dir):
     assert [h["subject"] for h in result.history] == [1, 1, 2]  # a partial last episode still counts
 
 
+def test_every_subject_meets_every_attacker_kind(fast_config, dog_dir):
+    """Subjects and attacker kinds both take turns by episode. Counted by the run's episodes, 2 subjects and
+    [full, lora] would give subject 1 only DreamBooth and subject 2 only LoRA attackers; each subject's
+    own episodes take the kinds in turn instead."""
+    config = fast_config(outer_steps=4, resync_every=1, inner_steps=1, attacker_family=["full", "lora"],
+                         lora_ranks=[2], loss="target", subjects=[{"images": [str(dog_dir)], **DOG}])  # fmt: skip
+    history = protect(config).history
+    seen = [(h["subject"], h["attacker"]) for h in history]
+    assert seen == [(1, "full"), (2, "full"), (1, "lora-r2"), (2, "lora-r2")]
+
+
 def test_an_interrupted_multi_subject_run_resumes_exactly(fast_config, dog_dir, tmp_path):
     settings = dict(
         outer_steps=6,

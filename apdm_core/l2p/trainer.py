@@ -169,7 +169,9 @@ class L2PTrainer:
     def episode_for_this_step(self):
         """A new episode (theta' <- theta) every resync_every outer steps; else the accumulator restarts."""
         if self.attacker.current is None or self.step % self.cfg.resync_every == 0:
-            self.attacker.start(self.step // self.cfg.resync_every)
+            # the kind follows this subject's own episode count: with subjects and kinds in turn by the
+            # run's episode count, 2 subjects and [full, lora] would give each subject one kind only
+            self.attacker.start(self.step // self.cfg.resync_every // len(self.datas))
         else:  # the persistent attacker continues where the last outer step left it
             self.weights.zero_accum()
         if self.persistent:  # what a resume from this step's start needs
