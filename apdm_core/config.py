@@ -81,6 +81,14 @@ class RunSettings(ConfigIO):
         "'INSTANCE PROMPT' 'CLASS PROMPT', repeated.",
         group="io",
     )
+    interleave_subjects: bool = _f(
+        False,
+        "With subjects: take turns by outer step instead of by episode; each subject keeps its own persistent "
+        "attacker (parked between its turns, theta's changes applied on its return), so every subject's "
+        "protection is refreshed every few outer steps. Memory: one attacker state (theta' and its optimizer) "
+        "per subject.",
+        group="robust",
+    )
     class_images: str = _f(
         "", "Optional folder of your own class images; missing ones are generated.", group="io"
     )
@@ -422,8 +430,11 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
         gets an attacker episode (the subjects take turns, one episode of resync_every outer steps each)."""
         check_subjects(self.subjects, self.all_subjects)
         n, r = 1 + len(self.subjects), self.resync_every
+        if self.interleave_subjects and self.outer_steps < n:
+            raise InputError(f"{n} subjects take turns by outer step (interleave_subjects) but outer_steps="
+                             f"{self.outer_steps} < {n}: set outer_steps to at least {n}.")  # fmt: skip
         episodes = -(-self.outer_steps // r)  # a partial last episode counts
-        if episodes < n:
+        if episodes < n and not self.interleave_subjects:
             raise InputError(
                 f"{n} subjects take turns, one attacker episode of resync_every={r} outer steps each, but "
                 f"outer_steps={self.outer_steps} gives {episodes} episode(s): subjects after the first "

@@ -101,6 +101,56 @@ def test_every_subject_meets_every_attacker_kind(fast_config, dog_dir):
     assert seen == [(1, "full"), (2, "full"), (1, "lora-r2"), (2, "lora-r2")]
 
 
+INTERLEAVED = dict(outer_steps=6, resync_every=2, inner_steps=1, interleave_subjects=True, loss="target",
+                   attacker_family=["full", "lora"], lora_ranks=[2], lr_personalize_max=1e-3)  # fmt: skip
+
+
+def test_interleaved_subjects_keep_their_own_attackers(fast_config, dog_dir, monkeypatch):
+    """interleave_subjects: the subjects take turns by outer step; each one's attacker is parked between its
+    turns and comes back where it was, relative to theta (theta' - theta unchanged while parked)."""
+    from apdm_core.l2p import trainer as trainer_module
+
+    original, offsets, returned = trainer_module.L2PTrainer.interleaved_episode, {}, []
+
+    def offset(t):  # theta' - theta on the protected weights
+        index = {id(p): k for k, p in enumerate(t.weights.params)}
+        return [(t.weights.params_p[index[id(p)]] - p).detach().clone() for p in t.weights.protected_params]
+
+    def spy(t):
+        if t.attacker.current is not None:
+            offsets[t._current_subject] = offset(t)
+        episode = original(t)
+        if episode.h > 0:  # a parked attacker came back
+            returned.append(t.subject_index)
+            for a, b in zip(offset(t), offsets[t.subject_index]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        return episode
+
+    monkeypatch.setattr(trainer_module.L2PTrainer, "interleaved_episode", spy)
+    history = protect(fast_config(subjects=[{"images": [str(dog_dir)], **DOG}], **INTERLEAVED)).history
+    assert [h["subject"] for h in history] == [1, 2, 1, 2, 1, 2]
+    assert returned == [0, 1]  # steps 3 and 4 continue the subjects' first episodes; 5 and 6 start new ones
+    assert [h["attacker"] for h in history] == ["full"] * 4 + ["lora-r2"] * 2
+    lrs = [h["attack_lr"] for h in history]
+    assert lrs[0] == lrs[2] != lrs[1] == lrs[3]  # each subject's episode kept its own drawn lr
+    with pytest.raises(InputError, match="outer_steps=1 < 2"):
+        fast_config(subjects=[{"images": [str(dog_dir)], **DOG}], **{**INTERLEAVED, "outer_steps": 1})
+
+
+def test_an_interrupted_interleaved_run_resumes_exactly(fast_config, dog_dir, tmp_path):
+    settings = dict(subjects=[{"images": [str(dog_dir)], **DOG}], **INTERLEAVED)
+    full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
+    events = []
+    config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
+    stopped = protect(config, progress=events.append,
+                      should_stop=lambda: sum(e.stage == "protect" for e in events) >= 3)  # fmt: skip
+    assert stopped.cancelled and 0 < stopped.steps_done < 6
+    resumed = protect(config, resume=True)
+    for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["attack_lr"] for h in full.history] == [h["attack_lr"] for h in resumed.history]
+
+
 def test_an_interrupted_multi_subject_run_resumes_exactly(fast_config, dog_dir, tmp_path):
     settings = dict(
         outer_steps=6,

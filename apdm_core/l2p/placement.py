@@ -218,6 +218,15 @@ class Weights:
             for p_prime, p, b in zip(self.params_p, self.params, before):
                 p_prime.add_((p - b).to(p_prime.device))
 
+    def follow_protected(self, before: list[torch.Tensor]) -> None:
+        """theta' += (theta - ``before``) on the protected weights (``before``: their values earlier)."""
+        index = {id(p): k for k, p in enumerate(self.params)}
+        with torch.no_grad():
+            for p, b in zip(self.protected_params, before):
+                if id(p) in index:
+                    p_prime = self.params_p[index[id(p)]]
+                    p_prime.add_((p - b).to(p_prime.device))
+
     def finish(self):
         """The protected UNet as a plain module on the compute device; the base model back where it was."""
         unet = self.unet.to(self.device, memory_format=torch.contiguous_format)

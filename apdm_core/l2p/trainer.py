@@ -16,6 +16,7 @@ comes from one CPU generator whose state is saved, so a resumed run continues bi
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -91,6 +92,12 @@ class L2PTrainer:
                 kept.append(self.datas[0].anchor.embeds)
             self.null_space = NullSpace(self.weights.unet, torch.cat(kept), config.null_space)
         self.persistent = config.resync_every > 1
+        # interleave_subjects: the subjects take turns by outer step, each with its own attacker, parked
+        # between its turns as (its state, theta's protected weights when parked)
+        self.interleave = config.interleave_subjects and len(self.datas) > 1
+        self.parked: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+        self._parked_at_step_start: dict | None = None
+        self._current_subject = 0
         self.step = 0
         self.history: list[dict] = []
         self._rng_at_step_start = self.generator.get_state()
@@ -109,8 +116,13 @@ class L2PTrainer:
 
     @property
     def subject_index(self) -> int:
-        """The subject of the current episode: the subjects in turn, one episode (resync_every steps) each."""
-        return (self.step // self.cfg.resync_every) % len(self.datas)
+        return self.subject_at(self.step)
+
+    def subject_at(self, step: int) -> int:
+        """The subject of outer step ``step`` (0-based): the subjects in turn, one episode (resync_every
+        steps) each, or one outer step each with interleave_subjects."""
+        n = len(self.datas)
+        return step % n if self.interleave else (step // self.cfg.resync_every) % n
 
     @property
     def data(self) -> ProtectionData:
@@ -161,13 +173,15 @@ class L2PTrainer:
             log.add(self.apply_outer_update(log.weight))
             self.step += 1
             self._rng_at_step_start = self.generator.get_state()  # now the start of the next step
-            self._attacker_at_step_start = None
+            self._attacker_at_step_start = self._parked_at_step_start = None
         if not self.persistent:
             self.attacker.end()
         return self.record(log, episode, time.perf_counter() - t0)
 
     def episode_for_this_step(self):
         """A new episode (theta' <- theta) every resync_every outer steps; else the accumulator restarts."""
+        if self.interleave:
+            return self.interleaved_episode()
         if self.attacker.current is None or self.step % self.cfg.resync_every == 0:
             # the kind follows this subject's own episode count: with subjects and kinds in turn by the
             # run's episode count, 2 subjects and [full, lora] would give each subject one kind only
@@ -176,6 +190,29 @@ class L2PTrainer:
             self.weights.zero_accum()
         if self.persistent:  # what a resume from this step's start needs
             self._attacker_at_step_start = self.attacker.state_dict()
+        return self.attacker.current
+
+    def interleaved_episode(self):
+        """interleave_subjects: park the last step's attacker; this step's subject starts an episode every
+        resync_every of its own outer steps, else its parked attacker returns, theta' following what theta
+        did meanwhile (as follow_theta does every outer step for the attacker in play)."""
+        i, own, r = self.subject_index, self.step // len(self.datas), self.cfg.resync_every
+        if self.attacker.current is not None:
+            theta_now = [p.detach().clone() for p in self.weights.protected_params]
+            self.parked[self._current_subject] = (self.attacker.state_dict(), theta_now)
+            self.attacker.end()
+        self._parked_at_step_start = dict(self.parked)  # what a resume from this step's start needs
+        self._current_subject = i
+        if own % r == 0 or i not in self.parked:
+            self.parked.pop(i, None)
+            self.attacker.start(own // r)
+        else:
+            state, theta_then = self.parked.pop(i)
+            # the optimizer and the adapters would alias the parked tensors (kept for a resume from this step)
+            self.attacker.load_state_dict({**state, **{k: copy.deepcopy(state[k]) for k in ("optimizer", "lora")
+                                                       if k in state}})  # fmt: skip
+            self.weights.follow_protected(theta_then)
+            self.weights.zero_accum()
         return self.attacker.current
 
     def protection_gradient(self, log: StepLog, where: str, weight: float = 1.0) -> None:
@@ -208,7 +245,7 @@ class L2PTrainer:
         if len(cfg.attacker_family) > 1 or cfg.attacker_family != ["full"]:
             entry["attacker"] = episode.label
         if len(self.datas) > 1:
-            entry["subject"] = (self.step - 1) // cfg.resync_every % len(self.datas) + 1
+            entry["subject"] = self.subject_at(self.step - 1) + 1
         if cfg.inner_batch_sizes:
             entry["attack_batch"] = episode.batch
         if cfg.extra_identifiers:
@@ -301,7 +338,11 @@ class L2PTrainer:
             "rng": self._rng_at_step_start if at_step_start else self.generator.get_state(),
             "history": self.history,
         }
-        if self.persistent and self.attacker.current is not None:  # the attacker lives on between outer steps
+        if self.interleave:  # every subject's attacker, parked
+            state["parked"] = self.parked_state(at_step_start)
+        elif (
+            self.persistent and self.attacker.current is not None
+        ):  # the attacker lives on between outer steps
             start = self._attacker_at_step_start if at_step_start else None
             state["attacker"] = start if start is not None else self.attacker.state_dict()
         return state
@@ -313,5 +354,22 @@ class L2PTrainer:
         self._rng_at_step_start = self.generator.get_state()
         self.step = int(state["step"])
         self.history = list(state["history"])
-        if state.get("attacker") is not None and self.step % self.cfg.resync_every:
+        if self.interleave:
+            device = self.weights.protected_params[0].device
+            self.parked = {
+                int(i): (st, [t.to(device) for t in theta]) for i, (st, theta) in state["parked"].items()
+            }
+            self.attacker.end()
+        elif state.get("attacker") is not None and self.step % self.cfg.resync_every:
             self.attacker.load_state_dict(state["attacker"])
+
+    def parked_state(self, at_step_start: bool) -> dict:
+        """interleave_subjects: the parked attackers (with the one in play, when not at a step's start)."""
+        if at_step_start and self._parked_at_step_start is not None:
+            parked = self._parked_at_step_start
+        else:
+            parked = dict(self.parked)
+            if self.attacker.current is not None:
+                theta_now = [p.detach().clone() for p in self.weights.protected_params]
+                parked[self._current_subject] = (self.attacker.state_dict(), theta_now)
+        return {i: (st, [t.detach().cpu() for t in theta]) for i, (st, theta) in parked.items()}

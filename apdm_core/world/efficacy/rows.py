@@ -284,6 +284,11 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
         "the empty prompt anchored",
         {"then_add": 1, "replay": True, "from_original": True, "anchor_unconditional": True},
     ),
+    # turns by outer step, each subject's attacker parked between its turns (interleave_subjects)
+    "multi5i": (
+        "demo preset, 5 subjects in one run, turns by outer step",
+        {"companions": 4, "interleave_subjects": True},
+    ),
     # 5 subjects with 5x the outer steps: each subject gets the single-subject run's steps (the same cost per subject)
     "multi5long": (
         "demo preset, 5 subjects in one run, 5x the outer steps",
