@@ -282,6 +282,10 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
         seq_config.instance_prompt.split()[-2] == "zwx"
         and seq_config.subjects[0]["instance_prompt"].split()[-2] == "sks"
     )
+    for row, same in (("multi5same", True), ("multi5other", False)):  # companions of one class / the others
+        settings = {**efficacy.make_row(f"{row}+attack").protect, "outer_steps": 5}
+        config = runner.protected(subject, 0, settings)[2]
+        assert [s["class_prompt"] == config.class_prompt for s in config.subjects] == [same] * 4
     learned = runner.before_attack("learn_other", model, subject, 0)
     assert learned.unet is not model.unet
     cells = runner.run_curve("multi2+longitudinal", 8, 0, [0, 2])

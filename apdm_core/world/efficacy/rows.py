@@ -289,6 +289,15 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
         "demo preset, 5 subjects in one run, turns by outer step",
         {"companions": 4, "interleave_subjects": True},
     ),
+    # who the companions are: only the subject's class, or only the other classes (default: the world's first)
+    "multi5same": (
+        "demo preset, 5 subjects of one class in one run",
+        {"companions": 4, "companion_class": "same"},
+    ),
+    "multi5other": (
+        "demo preset, 5 subjects in one run, the others of other classes",
+        {"companions": 4, "companion_class": "other"},
+    ),
     # 5 subjects with 5x the outer steps: each subject gets the single-subject run's steps (the same cost per subject)
     "multi5long": (
         "demo preset, 5 subjects in one run, 5x the outer steps",

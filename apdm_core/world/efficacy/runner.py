@@ -125,15 +125,17 @@ class Runner:
         world in the same run (COMPANION_SEEDS, each with its own identifier); ``then_add`` m protects m
         more companions afterwards, starting from that model (a subject added to a protected model), with
         ``replay`` keeping the first run's subjects in the second and ``from_original`` giving the second
-        round the world model as its reference (``reference_model``: anchor, targets, generated images).
+        round the world model as its reference (``reference_model``: anchor, targets, generated images);
+        ``companion_class`` 'same' / 'other' picks companions of the subject's class only / of the others only.
         """
         from ...protection import protect
 
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
-            k, then_add, replay, original = (settings.pop(n, d) for n, d in WORLD_SETTINGS.items())
-            comps = list(zip(companions(k + then_add, exclude=subject.seed), COMPANION_IDS))
+            k, then_add, replay, original, kind = (settings.pop(n, d) for n, d in WORLD_SETTINGS.items())
+            picked = companions(k + then_add, subject.seed, subject.cls if kind else "", kind == "same")
+            comps = list(zip(picked, COMPANION_IDS))
             start, seconds, members = self.model, 0.0, [(subject, render.IDENTIFIER), *comps[:k]]
             if then_add:
                 first = {n: v for n, v in overrides.items() if n not in SECOND_ROUND}
@@ -424,15 +426,27 @@ class Scorer:
 
 # the pseudo-settings of the multi-subject rows (Runner.protected) with their defaults; the last three
 # describe the second round, which the first round's settings leave out
-WORLD_SETTINGS = {"companions": 0, "then_add": 0, "replay": False, "from_original": False}
+WORLD_SETTINGS = {
+    "companions": 0,
+    "then_add": 0,
+    "replay": False,
+    "from_original": False,
+    "companion_class": "",
+}
 SECOND_ROUND = ("then_add", "replay", "from_original")
 COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
 COMPANION_IDS = ("zwx", "qkv", "vbn", "plk", "dtr", "mqz", "hjy", "xcv", "bnm", "wrt", "gfd", "ytp")
 
 
-def companions(k: int, exclude: int | None = None) -> list[render.Subject]:
-    """The first ``k`` companion subjects of the world (never the subject itself)."""
-    return [render.make_subject(s) for s in COMPANION_SEEDS if s != exclude][:k]
+def companions(k: int, exclude: int | None = None, cls: str = "", same: bool = True) -> list[render.Subject]:
+    """The first ``k`` companion subjects of the world (never the subject itself); with ``cls``, only those of
+    that class (``same``) or only those of the other classes."""
+    if not cls:
+        return [render.make_subject(s) for s in COMPANION_SEEDS if s != exclude][:k]
+    pool = (
+        render.make_subject(s) for s in range(COMPANION_SEEDS[0], COMPANION_SEEDS[0] + 200) if s != exclude
+    )
+    return [c for c in pool if (c.cls == cls) == same][:k]
 
 
 class WorldJudge:
