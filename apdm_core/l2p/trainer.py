@@ -198,8 +198,7 @@ class L2PTrainer:
         did meanwhile (as follow_theta does every outer step for the attacker in play)."""
         i, own, r = self.subject_index, self.step // len(self.datas), self.cfg.resync_every
         if self.attacker.current is not None:
-            theta_now = [p.detach().clone() for p in self.weights.protected_params]
-            self.parked[self._current_subject] = (self.attacker.state_dict(), theta_now)
+            self.parked[self._current_subject] = self.parking()
             self.attacker.end()
         self._parked_at_step_start = dict(self.parked)  # what a resume from this step's start needs
         self._current_subject = i
@@ -370,6 +369,9 @@ class L2PTrainer:
         else:
             parked = dict(self.parked)
             if self.attacker.current is not None:
-                theta_now = [p.detach().clone() for p in self.weights.protected_params]
-                parked[self._current_subject] = (self.attacker.state_dict(), theta_now)
+                parked[self._current_subject] = self.parking()
         return {i: (st, [t.detach().cpu() for t in theta]) for i, (st, theta) in parked.items()}
+
+    def parking(self) -> tuple[dict, list[torch.Tensor]]:
+        """The attacker in play as parked: its state and theta's protected weights now."""
+        return self.attacker.state_dict(), [p.detach().clone() for p in self.weights.protected_params]
