@@ -62,13 +62,9 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
                                 for s in settings["subjects"]]  # fmt: skip
     else:
         settings.pop("subjects", None)  # (runs before multi-subject runs existed keep their identity)
-    for name in (
-        "reference_model",
-        "anchor_unconditional",
-        "inner_batch_sizes",
-        "interleave_subjects",
-    ):  # (likewise runs before
-        if not settings.get(name):  # these settings existed keep their identity while they are off)
+    # (likewise runs before these settings existed keep their identity while they are off)
+    for name in ("reference_model", "anchor_unconditional", "inner_batch_sizes", "interleave_subjects"):
+        if not settings.get(name):
             settings.pop(name, None)
     if reference is not None:  # by content (a preloaded one has no path)
         settings["reference_model"] = reference.fingerprint()

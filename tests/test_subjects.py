@@ -113,8 +113,7 @@ def test_interleaved_subjects_keep_their_own_attackers(fast_config, dog_dir, mon
     original, offsets, returned = trainer_module.L2PTrainer.interleaved_episode, {}, []
 
     def offset(t):  # theta' - theta on the protected weights
-        index = {id(p): k for k, p in enumerate(t.weights.params)}
-        return [(t.weights.params_p[index[id(p)]] - p).detach().clone() for p in t.weights.protected_params]
+        return [(p_prime - p).detach().clone() for p, p_prime in t.weights.protected_pairs]
 
     def spy(t):
         if t.attacker.current is not None:

@@ -101,6 +101,12 @@ class Weights:
         self.params_p = [p for p in self.unet_p.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.params_p]
         self.protected_params = protected_subset(self.unet, config.protect_layers)
+        index = {
+            id(p): k for k, p in enumerate(self.params)
+        }  # (theta's protected weights, theta' counterparts)
+        self.protected_pairs = [
+            (p, self.params_p[index[id(p)]]) for p in self.protected_params if id(p) in index
+        ]
         self.forward = make_forward(device, config.mixed_precision)
         ref_precision = config.ref_precision if ref_dtype != torch.float32 else config.mixed_precision
         self.forward_ref = make_forward(device, ref_precision)
@@ -218,14 +224,15 @@ class Weights:
             for p_prime, p, b in zip(self.params_p, self.params, before):
                 p_prime.add_((p - b).to(p_prime.device))
 
+    def protected_snapshot(self) -> list[torch.Tensor]:
+        """theta's protected weights now (those protected_pairs follows), for follow_protected later."""
+        return [p.detach().clone() for p, _ in self.protected_pairs]
+
     def follow_protected(self, before: list[torch.Tensor]) -> None:
-        """theta' += (theta - ``before``) on the protected weights (``before``: their values earlier)."""
-        index = {id(p): k for k, p in enumerate(self.params)}
+        """theta' += (theta - ``before``) on the protected weights (``before``: a protected_snapshot)."""
         with torch.no_grad():
-            for p, b in zip(self.protected_params, before):
-                if id(p) in index:
-                    p_prime = self.params_p[index[id(p)]]
-                    p_prime.add_((p - b).to(p_prime.device))
+            for (p, p_prime), b in zip(self.protected_pairs, before):
+                p_prime.add_((p - b).to(p_prime.device))
 
     def finish(self):
         """The protected UNet as a plain module on the compute device; the base model back where it was."""

@@ -339,9 +339,7 @@ class L2PTrainer:
         }
         if self.interleave:  # every subject's attacker, parked
             state["parked"] = self.parked_state(at_step_start)
-        elif (
-            self.persistent and self.attacker.current is not None
-        ):  # the attacker lives on between outer steps
+        elif self.persistent and self.attacker.current is not None:  # the attacker lives on between steps
             start = self._attacker_at_step_start if at_step_start else None
             state["attacker"] = start if start is not None else self.attacker.state_dict()
         return state
@@ -374,4 +372,4 @@ class L2PTrainer:
 
     def parking(self) -> tuple[dict, list[torch.Tensor]]:
         """The attacker in play as parked: its state and theta's protected weights now."""
-        return self.attacker.state_dict(), [p.detach().clone() for p in self.weights.protected_params]
+        return self.attacker.state_dict(), self.weights.protected_snapshot()

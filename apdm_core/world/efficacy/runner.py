@@ -424,7 +424,7 @@ class Scorer:
                     psnr=self.psnr, ssim=self.ssim)  # fmt: skip
 
 
-# the pseudo-settings of the multi-subject rows (Runner.protected) with their defaults; the last three
+# the pseudo-settings of the multi-subject rows (Runner.protected) with their defaults; SECOND_ROUND's
 # describe the second round, which the first round's settings leave out
 WORLD_SETTINGS = {
     "companions": 0,
