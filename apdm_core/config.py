@@ -143,6 +143,13 @@ class RunSettings(ConfigIO):
         "episode length (0 = equal weights, the paper; TAR uses 0.0625 per step).",
         group="robust",
     )
+    conflict_weight: float = _f(
+        0.0,
+        "Weight of a term that makes the simulated attacker's gradients on two independent batches disagree "
+        "(their cosine at theta', once per outer step; second order): Adam's step follows the gradients' "
+        "signal-to-noise ratio, so this aims to slow the attacker rather than pre-compensate its path (0 = off).",
+        group="robust",
+    )
     inner_batch_size: int = _f(
         0,
         "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.",
@@ -373,6 +380,7 @@ class ProtectConfig(*method_settings_classes(), RunSettings):
                 "adam_weight_decay",
                 "guidance_scale",
                 "late_weighting",
+                "conflict_weight",
                 "inner_max_grad_norm",
                 "lr_personalize_max",
                 "lora_lr_max",

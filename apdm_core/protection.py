@@ -63,7 +63,13 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
     else:
         settings.pop("subjects", None)  # (runs before multi-subject runs existed keep their identity)
     # (likewise runs before these settings existed keep their identity while they are off)
-    for name in ("reference_model", "anchor_unconditional", "inner_batch_sizes", "interleave_subjects"):
+    for name in (
+        "reference_model",
+        "anchor_unconditional",
+        "inner_batch_sizes",
+        "interleave_subjects",
+        "conflict_weight",
+    ):
         if not settings.get(name):
             settings.pop(name, None)
     if reference is not None:  # by content (a preloaded one has no path)

@@ -330,3 +330,49 @@ def test_an_attacker_on_fewer_layers_trains_and_accumulates_only_those(fast_conf
     assert moved and moved <= set(attention)
     theta_moved = {n for n, p in trainer.unet.named_parameters() if not torch.equal(p, theta0[n])}
     assert theta_moved and all(".attn2." in n for n in theta_moved)
+
+
+def test_the_conflict_term_is_the_gradient_of_the_cosine_of_two_attack_gradients(fast_config):
+    """conflict_weight w: after the attack steps, the accumulator gains w * grad cos(g1, g2), g1 and g2 the
+    attacker's own gradients (all of theta') on two independent batches, at theta' as the steps left it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    trainer = make_trainer(fast_config(loss="target", inner_steps=2, conflict_weight=0.5))
+    seen = {}
+    real = trainer.conflict_gradient
+
+    def spy(log):
+        seen.update(rng=trainer.generator.get_state(), before=[a.clone() for a in trainer.accum],
+                    unet=copy.deepcopy(trainer.unet_p))  # fmt: skip
+        real(log)
+        seen["after"] = [a.clone() for a in trainer.accum]
+
+    trainer.conflict_gradient = spy
+    entry = trainer.outer_step()
+    unet = seen["unet"]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    trainer.generator.set_state(seen["rng"])
+    with sdpa_kernel(SDPBackend.MATH):
+        g = [torch.cat([x.reshape(-1) for x in torch.autograd.grad(trainer.personalization_loss(unet), params,
+                                                                   create_graph=True)]) for _ in range(2)]  # fmt: skip
+        cos = torch.nn.functional.cosine_similarity(g[0], g[1], dim=0)
+        expected = torch.autograd.grad(0.5 * cos, params)
+    assert entry["conflict"] == pytest.approx(float(cos.detach()), rel=1e-4)
+    assert -1 < entry["conflict"] < 1
+    for b, a, e in zip(seen["before"], seen["after"], expected):
+        torch.testing.assert_close(a - b, e, rtol=1e-3, atol=1e-6)
+    assert any(float(e.abs().max()) > 0 for e in expected)
+
+
+def test_the_conflict_term_of_a_lora_episode_takes_the_adapters_gradients(fast_config, monkeypatch):
+    trainer = make_trainer(fast_config(loss="target", inner_steps=2, conflict_weight=0.5,
+                                       attacker_family=["lora"], lora_ranks=[2], lora_lr=1e-3, resync_every=2))  # fmt: skip
+    asked = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **k: asked.append(list(inputs))
+                        or real(out, inputs, **k))  # fmt: skip
+    entry = trainer.outer_step()
+    adapters = trainer.attacker.current.lora.params
+    assert len(asked) == 2 and all(len(a) == len(adapters) and all(x is y for x, y in zip(a, adapters))
+                                   for a in asked)  # fmt: skip
+    assert math.isfinite(entry["conflict"])

@@ -44,6 +44,10 @@ def check_parallel(config: ProtectConfig, parallel: Parallel) -> None:
             f"method={config.method!r} trains a term at theta on the compute device in one process "
             "(behaviour_weight > 0): turn offload_outer off and launch without accelerate."
         )
+    if config.conflict_weight > 0:
+        raise InputError(
+            "conflict_weight > 0 (a double backward) runs in one process only; launch without accelerate."
+        )
     if config.optimizer_in_backward:
         log.warning("optimizer_in_backward is ignored with several processes (the library syncs gradients).")
     if config.channels_last and parallel.kind == "fsdp":

@@ -21,6 +21,7 @@ import math
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ProtectConfig
 from ..errors import TrainingDiverged
@@ -169,6 +170,8 @@ class L2PTrainer:
                 self.protection_gradient(log, where_j, self.protect_weight(episode.h))
             if tracker is not None:
                 tracker.update(losses=log.losses(), outer=self.step + 1, inner=j + 1)
+        if cfg.conflict_weight > 0 and cfg.inner_steps:
+            self.conflict_gradient(log)
         with uninterrupted():  # theta's update and the step counter: one unit for the saver
             log.add(self.apply_outer_update(log.weight))
             self.step += 1
@@ -222,6 +225,22 @@ class L2PTrainer:
         log.weight += weight
         self.weights.accumulate(loss if weight == 1.0 else loss * weight)
         log.add(logged)
+
+    def conflict_gradient(self, log: StepLog) -> None:
+        """conflict_weight: add the gradient of the cosine between the attacker's own gradients on two
+        independent batches at theta' (what its optimizer trains: theta', or a LoRA episode's adapters).
+        Adam's step follows E[g] / sqrt(E[g^2]); gradients that disagree from batch to batch slow it.
+        Second order (a double backward; PyTorch's math attention, the only SDPA kernel that has one)."""
+        ep = self.attacker.current
+        params = ep.lora.params if ep.lora is not None else self.params_p
+        with sdpa_kernel(SDPBackend.MATH):
+            grads = [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+                for loss in (self.personalization_loss(self.run_p) for _ in range(2))
+            ]
+            cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+            self.weights.accumulate(self.cfg.conflict_weight * cos)
+        log.add({"conflict": float(cos.detach())})
 
     def protect_weight(self, h: int) -> float:
         """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
