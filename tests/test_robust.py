@@ -376,3 +376,13 @@ def test_the_conflict_term_of_a_lora_episode_takes_the_adapters_gradients(fast_c
     assert len(asked) == 2 and all(len(a) == len(adapters) and all(x is y for x, y in zip(a, adapters))
                                    for a in asked)  # fmt: skip
     assert math.isfinite(entry["conflict"])
+
+
+def test_the_conflict_term_runs_in_one_process_only(fast_config):
+    from types import SimpleNamespace
+
+    from apdm_core.l2p import check_parallel
+
+    with pytest.raises(InputError, match="conflict_weight"):
+        check_parallel(fast_config(conflict_weight=0.1), SimpleNamespace(active=True, kind="ddp"))
+    check_parallel(fast_config(conflict_weight=0.1), SimpleNamespace(active=False, kind="no"))
