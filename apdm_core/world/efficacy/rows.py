@@ -222,6 +222,11 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
         "demo preset, each attacker episode's batch drawn from 1, 2, 4",
         {"inner_batch_sizes": [1, 2, 4]},
     ),
+    # fifth round: slow the attacker (its gradients' signal-to-noise ratio) instead of pre-compensating its path
+    "conflict": (
+        "demo preset + the attacker's gradients on two batches made to disagree (conflict_weight 0.1)",
+        {"conflict_weight": 0.1},
+    ),
     "uncond": ("demo preset + the empty prompt in the anchor", {"anchor_unconditional": True}),
     "single_kind_uncond": (
         "demo preset, DreamBooth episodes only, the empty prompt in the anchor",
