@@ -272,8 +272,8 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
         samples=1, protect_settings=fast, attack_settings={"steps": 2, "num_class_images": 2}
     )
     subject = render.make_subject(8)
-    model, _, config = runner.protected(subject, 0, efficacy.make_row("multi2+attack").protect)
-    assert [s["instance_prompt"] for s in config.subjects] == [
+    model, _, multi_config = runner.protected(subject, 0, efficacy.make_row("multi2+attack").protect)
+    assert [s["instance_prompt"] for s in multi_config.subjects] == [
         "a photo of zwx " + efficacy.companions(1)[0].cls
     ]
     seq, _, seq_config = runner.protected(subject, 0, efficacy.make_row("seqreplay+attack").protect)
@@ -286,6 +286,11 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
         settings = {**efficacy.make_row(f"{row}+attack").protect, "outer_steps": 5}
         config = runner.protected(subject, 0, settings)[2]
         assert [s["class_prompt"] == config.class_prompt for s in config.subjects] == [same] * 4
+    # protect_seed: the protection's own stream (the config's seed), nothing else changes
+    replica = runner.protected(subject, 0, {**efficacy.make_row("multi2+attack").protect, "protect_seed": 7})[
+        2
+    ]
+    assert replica.seed == 7 and config.seed == 0 and replica.subjects == multi_config.subjects
     learned = runner.before_attack("learn_other", model, subject, 0)
     assert learned.unet is not model.unet
     cells = runner.run_curve("multi2+longitudinal", 8, 0, [0, 2])

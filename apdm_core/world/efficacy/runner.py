@@ -126,14 +126,18 @@ class Runner:
         more companions afterwards, starting from that model (a subject added to a protected model), with
         ``replay`` keeping the first run's subjects in the second and ``from_original`` giving the second
         round the world model as its reference (``reference_model``: anchor, targets, generated images);
-        ``companion_class`` 'same' / 'other' picks companions of the subject's class only / of the others only.
+        ``companion_class`` 'same' / 'other' picks companions of the subject's class only / of the others only;
+        ``protect_seed`` gives the protection its own random stream (default: ``seed``, which the attack, the
+        photos and the scoring keep): the same row, protected again with other draws.
         """
         from ...protection import protect
 
         key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
-            k, then_add, replay, original, kind = (settings.pop(n, d) for n, d in WORLD_SETTINGS.items())
+            k, then_add, replay, original, kind, pseed = (
+                settings.pop(n, d) for n, d in WORLD_SETTINGS.items()
+            )
             picked = companions(k + then_add, subject.seed, subject.cls if kind else "", kind == "same")
             comps = list(zip(picked, COMPANION_IDS))
             start, seconds, members = self.model, 0.0, [(subject, render.IDENTIFIER), *comps[:k]]
@@ -141,7 +145,7 @@ class Runner:
                 first = {n: v for n, v in overrides.items() if n not in SECOND_ROUND}
                 start, seconds, _ = self.protected(subject, seed, first)
                 members = [*comps[k:], *(members if replay else [])]
-            config, images, others = self.protect_config(members, seed, settings)
+            config, images, others = self.protect_config(members, seed if pseed is None else pseed, settings)
             reference = self.model if then_add and original else None
             result = protect(config, self.progress, self.should_stop, model=start, images=images, resume=True,
                              subject_images=others or None, reference=reference)  # fmt: skip
@@ -424,14 +428,15 @@ class Scorer:
                     psnr=self.psnr, ssim=self.ssim)  # fmt: skip
 
 
-# the pseudo-settings of the multi-subject rows (Runner.protected) with their defaults; SECOND_ROUND's
-# describe the second round, which the first round's settings leave out
+# the pseudo-settings of the multi-subject rows and of a replicated protection (Runner.protected) with their
+# defaults; SECOND_ROUND's describe the second round, which the first round's settings leave out
 WORLD_SETTINGS = {
     "companions": 0,
     "then_add": 0,
     "replay": False,
     "from_original": False,
     "companion_class": "",
+    "protect_seed": None,
 }
 SECOND_ROUND = ("then_add", "replay", "from_original")
 COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
