@@ -287,9 +287,8 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
         config = runner.protected(subject, 0, settings)[2]
         assert [s["class_prompt"] == config.class_prompt for s in config.subjects] == [same] * 4
     # protect_seed: the protection's own stream (the config's seed), nothing else changes
-    replica = runner.protected(subject, 0, {**efficacy.make_row("multi2+attack").protect, "protect_seed": 7})[
-        2
-    ]
+    replica_settings = {**efficacy.make_row("multi2+attack").protect, "protect_seed": 7}
+    _, _, replica = runner.protected(subject, 0, replica_settings)
     assert replica.seed == 7 and config.seed == 0 and replica.subjects == multi_config.subjects
     learned = runner.before_attack("learn_other", model, subject, 0)
     assert learned.unet is not model.unet

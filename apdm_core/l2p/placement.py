@@ -105,9 +105,8 @@ class Weights:
         self.params_p = [p for p in self.unet_p.parameters() if p.requires_grad]
         self.accum = [torch.zeros_like(p) for p in self.params_p]
         self.protected_params = protected_subset(self.unet, config.protect_layers)
-        index = {
-            id(p): k for k, p in enumerate(self.params)
-        }  # (theta's protected weights, theta' counterparts)
+        index = {id(p): k for k, p in enumerate(self.params)}
+        # (theta's protected weights, their theta' counterparts)
         self.protected_pairs = [
             (p, self.params_p[index[id(p)]]) for p in self.protected_params if id(p) in index
         ]
