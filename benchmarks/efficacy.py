@@ -212,7 +212,7 @@ def main() -> None:
                 if args.json:  # after every row: a stopped run keeps what it measured
                     write_json(args.json, args, variants, cells, None, time.perf_counter() - t0,
                                time.process_time() - c0)  # fmt: skip
-            runner.forget()  # one subject/seed at a time in memory
+        runner.forget()  # one subject at a time in memory (its protections serve every attack seed)
     summary = efficacy.summarize(cells, attack_settings, variants)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print()

@@ -290,6 +290,9 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
     replica_settings = {**efficacy.make_row("multi2+attack").protect, "protect_seed": 7}
     _, _, replica = runner.protected(subject, 0, replica_settings)
     assert replica.seed == 7 and config.seed == 0 and replica.subjects == multi_config.subjects
+    # one protection per stream: another attack seed with the same stream reuses the run
+    assert runner.protected(subject, 3, replica_settings)[2] is replica
+    assert runner.protected(subject, 7, {k: v for k, v in replica_settings.items() if k != "protect_seed"})[2] is replica
     learned = runner.before_attack("learn_other", model, subject, 0)
     assert learned.unet is not model.unet
     cells = runner.run_curve("multi2+longitudinal", 8, 0, [0, 2])

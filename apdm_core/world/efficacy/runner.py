@@ -114,7 +114,7 @@ class Runner:
         return make_row(name, self.variants)
 
     def forget(self) -> None:
-        """Drop the cached protected models (keep memory flat across subjects and seeds)."""
+        """Drop the cached protected models (keep memory flat across subjects)."""
         self._protected.clear()
 
     # --------------------------------------------------------------------------------------
@@ -132,7 +132,8 @@ class Runner:
         """
         from ...protection import protect
 
-        key = (subject.seed, seed, json.dumps(overrides, sort_keys=True))
+        pinned = {**overrides, "protect_seed": overrides.get("protect_seed", seed)}  # what the run depends on
+        key = (subject.seed, json.dumps(pinned, sort_keys=True))  # one run for every attack seed that shares it
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
             k, then_add, replay, original, kind, pseed = (
