@@ -292,8 +292,63 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
     assert replica.seed == 7 and config.seed == 0 and replica.subjects == multi_config.subjects
     # one protection per stream: another attack seed with the same stream reuses the run
     assert runner.protected(subject, 3, replica_settings)[2] is replica
-    assert runner.protected(subject, 7, {k: v for k, v in replica_settings.items() if k != "protect_seed"})[2] is replica
+    assert (
+        runner.protected(subject, 7, {k: v for k, v in replica_settings.items() if k != "protect_seed"})[2]
+        is replica
+    )
     learned = runner.before_attack("learn_other", model, subject, 0)
     assert learned.unet is not model.unet
     cells = runner.run_curve("multi2+longitudinal", 8, 0, [0, 2])
     assert [c.steps for c in cells] == [0, 2] and all(c.class_quality is not None for c in cells)
+
+
+def best_of_cells() -> list:
+    """Two candidate protections of subject 1 (a breaks the class), attack seeds 7 and 0."""
+    from apdm_core.world.efficacy import Cell
+
+    def cell(row, seed, steps, score, quality=None):
+        return Cell(row, 1, seed, score, 0.0, class_quality=quality, gated=score, steps=steps)
+
+    cells = []
+    for seed, (a, b) in ((7, ((0.3, 0.5), (0.6, 0.8))), (0, ((0.7, 0.9), (0.2, 0.3)))):
+        cells += [cell("base", seed, 0, 0.2, 0.9), cell("base+attack", seed, 0, 0.2)]
+        cells += [cell("base+attack", seed, 400, 0.8), cell("base+attack", seed, 800, 0.9)]
+        cells += [cell("scratch+attack", seed, 400, 0.2), cell("scratch+attack", seed, 800, 0.3)]
+        for name, (s1, s2), q in (("a+attack", a, 0.5), ("b+attack", b, 0.95)):
+            cells += [cell(name, seed, 400, s1, q), cell(name, seed, 800, s2, q)]
+    return cells
+
+
+def test_best_of_chooses_by_one_seed_and_reports_the_others():
+    """best_of sees only the selection seed's cells, keeps the class first, and reports the choice under
+    the other seeds beside the candidates' mean."""
+    cells = best_of_cells()
+    [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 7, 400)
+    assert (
+        pick["chosen"] == "b+attack" and pick["kept_class"] and pick["report_seeds"] == [0]
+    )  # a loses the class
+    assert pick["chosen_report"]["efficiency"] == pytest.approx((0.8 - 0.2) / 0.6)  # seed 0's cells, not 7's
+    assert pick["average"]["efficiency"] == pytest.approx(((0.8 - 0.7) / 0.6 + 1.0) / 2)
+    assert pick["oracle"] == "b+attack" and pick["chosen_report"]["class_quality"] == pytest.approx(0.95)
+    [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 7, 400, class_margin=0.5)
+    assert pick["chosen"] == "a+attack"  # the class kept by both: the larger gap at seed 7
+    [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 0, 400, class_margin=0.5)
+    assert pick["chosen"] == "b+attack" and pick["report_seeds"] == [7]
+
+
+def test_benchmark_merge_prints_best_of(tmp_path):
+    """benchmarks/efficacy.py --merge ... --best-of prints the choice per subject and the mean."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "cells.json"
+    path.write_text(json.dumps({"args": {}, "cells": efficacy.cells_to_dicts(best_of_cells())}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy.py"
+    out = subprocess.run([sys.executable, str(script), "--merge", str(path), "--best-of", "a+attack", "b+attack"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    line = next(t for t in out.splitlines() if t.startswith("| 1 | b+attack"))
+    assert (
+        "Best of 2 protection runs, chosen by attack seed 7" in out and "| 0 | 1.00 / 0.58 / 1.00 |" in line
+    )

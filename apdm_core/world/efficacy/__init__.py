@@ -51,11 +51,13 @@ from .runner import (
     view_prompt_map,
 )
 from .summary import (
+    best_of,
     break_even,
     curve_points,
     curve_summary,
     efficiency_at,
     frontier,
+    report_mean,
     row_of,
     standard_cells,
     summarize,
@@ -75,6 +77,8 @@ __all__ = [
     "companions",
     "WorldJudge",
     "method_success",
+    "best_of",
+    "report_mean",
     "break_even",
     "cells_from_dicts",
     "cells_to_dicts",
