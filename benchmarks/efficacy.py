@@ -122,13 +122,13 @@ def print_best_of(cells, candidates, select_seed: int, standard: int) -> None:
         print(f"| {p['subject']} | {p['chosen']}{'' if p['kept_class'] else ' (none kept the class)'} | "
               f"{f(sel['gap'])} / {f(sel['class_quality'])} ({f(p['base_class_quality'])}) | "
               f"{' '.join(map(str, p['report_seeds']))} | "
-              + " | ".join(f"{f(ch[k])} / {f(avg[k])} / {f(best[k])}" for k in ("efficiency", "efficiency_2x", "class_quality"))
+              + " | ".join(f"{f(ch[k])} / {f(avg[k])} / {f(best[k])}" for k in ("efficiency", "gap_2x", "class_quality"))
               + " |")  # fmt: skip
     print("| mean | | | | " + " | ".join(
         f"{f(efficacy.report_mean([p['chosen_report'][k] for p in picks]))} / "
         f"{f(efficacy.report_mean([p['average'][k] for p in picks]))} / "
         f"{f(efficacy.report_mean([p['candidates'][p['oracle']][k] for p in picks]))}"
-        for k in ("efficiency", "efficiency_2x", "class_quality")) + " |")  # fmt: skip
+        for k in ("efficiency", "gap_2x", "class_quality")) + " |")  # fmt: skip
 
 
 def main() -> None:

@@ -330,6 +330,7 @@ def test_best_of_chooses_by_one_seed_and_reports_the_others():
     assert pick["chosen_report"]["efficiency"] == pytest.approx((0.8 - 0.2) / 0.6)  # seed 0's cells, not 7's
     assert pick["average"]["efficiency"] == pytest.approx(((0.8 - 0.7) / 0.6 + 1.0) / 2)
     assert pick["oracle"] == "b+attack" and pick["chosen_report"]["class_quality"] == pytest.approx(0.95)
+    assert pick["chosen_report"]["gap_2x"] == pytest.approx(0.9 - 0.3)  # unprotected - protected at 2x
     [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 7, 400, class_margin=0.5)
     assert pick["chosen"] == "a+attack"  # the class kept by both: the larger gap at seed 7
     [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 0, 400, class_margin=0.5)
