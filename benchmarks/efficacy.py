@@ -109,7 +109,7 @@ def print_best_of(cells, candidates, select_seed: int, standard: int) -> None:
           "the unprotected model's, then the largest gap at 1x and 2x), reported under the other seeds "
           "(chosen / mean of the candidates / best candidate seen from the report seeds):\n")  # fmt: skip
     print(
-        "| subject | chosen | gap / class at the choice (base class) | report seeds | efficiency 1x | efficiency 2x | class quality |"
+        "| subject | chosen | gap / class at the choice (base class) | report seeds | efficiency 1x | gap 2x (unprotected - protected) | class quality |"
     )
     print("|---|---|---|---|---|---|---|")
     for p in picks:
