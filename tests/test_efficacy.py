@@ -322,6 +322,8 @@ def best_of_cells() -> list:
 def test_best_of_chooses_by_one_seed_and_reports_the_others():
     """best_of sees only the selection seed's cells, keeps the class first, and reports the choice under
     the other seeds beside the candidates' mean."""
+    import dataclasses
+
     cells = best_of_cells()
     [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 7, 400)
     assert (
@@ -333,6 +335,9 @@ def test_best_of_chooses_by_one_seed_and_reports_the_others():
     assert pick["chosen_report"]["gap_2x"] == pytest.approx(0.9 - 0.3)  # unprotected - protected at 2x
     [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 7, 400, class_margin=0.5)
     assert pick["chosen"] == "a+attack"  # the class kept by both: the larger gap at seed 7
+    tied = [dataclasses.replace(c, class_quality=0.5) if c.row == "b+attack" else c for c in cells]
+    [pick] = efficacy.best_of(tied, ["a+attack", "b+attack"], 7, 400)
+    assert pick["chosen"] == "a+attack" and not pick["kept_class"]  # none keeps it; a tie on class: the gap
     [pick] = efficacy.best_of(cells, ["a+attack", "b+attack"], 0, 400, class_margin=0.5)
     assert pick["chosen"] == "b+attack" and pick["report_seeds"] == [7]
 

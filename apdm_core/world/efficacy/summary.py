@@ -293,7 +293,7 @@ def best_of(
     (variants with their own ``protect_seed``). The choice sees only the cells of ``select_seed``: among
     the candidates whose class quality is within ``class_margin`` of the unprotected model's, the one whose
     attack learns the least, i.e. the largest mean gap (unprotected - protected gated similarity) at the
-    standard budget and at twice it; where none keeps the class, the one that keeps it best. The other
+    standard budget and at twice it; where none keeps the class, the one that keeps it best (ties: the gap). The other
     seeds report the choice (efficiency at the standard budget; at 2x, where a random UNet learns the subject
     too and the efficiency is ill-conditioned, the gap itself; class quality) beside the mean over all
     candidates, which is what one protection run gives on average, and the best candidate seen from those
@@ -335,7 +335,7 @@ def best_of(
             if floor is None or (quality(n, subject, select_seed) or 0.0) >= floor - class_margin
         ]
         chosen = (max(kept, key=lambda n: gap(n, subject, select_seed)) if kept
-                  else max(seen, key=lambda n: quality(n, subject, select_seed) or 0.0))  # fmt: skip
+                  else max(seen, key=lambda n: (quality(n, subject, select_seed) or 0.0, gap(n, subject, select_seed))))  # fmt: skip
         reports = {n: report(n, subject, others) for n in seen}
         average = {
             k: report_mean([r[k] for r in reports.values()])
