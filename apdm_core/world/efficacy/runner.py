@@ -132,11 +132,9 @@ class Runner:
         """
         from ...protection import protect
 
-        pinned = {**overrides, "protect_seed": overrides.get("protect_seed", seed)}  # what the run depends on
-        key = (
-            subject.seed,
-            json.dumps(pinned, sort_keys=True),
-        )  # one run for every attack seed that shares it
+        # what the run depends on: one run for every attack seed that shares its protection stream
+        pinned = {**overrides, "protect_seed": overrides.get("protect_seed", seed)}
+        key = (subject.seed, json.dumps(pinned, sort_keys=True))
         if key not in self._protected:
             settings = {**self.protect_settings, **overrides}
             k, then_add, replay, original, kind, pseed = (

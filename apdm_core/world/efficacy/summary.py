@@ -111,6 +111,12 @@ def summarize(cells: list[Cell], attack_settings: dict | None = None, variants=N
     return out
 
 
+def cell_at(cells: list[Cell], row: str | None, subject: int, seed: int, steps) -> Cell | None:
+    """The cell of ``row`` for (subject, seed) after ``steps`` attack steps (None where not measured)."""
+    return next((c for c in cells if c.row == row and c.subject == subject and c.seed == seed
+                 and c.steps == steps), None)  # fmt: skip
+
+
 def utility_ratios(cells: list[Cell], name: str, base_name: str) -> list[float]:
     """(after - before) of row ``name`` / (after - before) of ``base_name``, per (subject, seed).
 
@@ -118,18 +124,15 @@ def utility_ratios(cells: list[Cell], name: str, base_name: str) -> list[float]:
     budget 0 have none and give no ratio.
     """
 
-    def at(row: str, subject: int, seed: int, steps) -> Cell | None:
-        for c in cells:
-            if c.row == row and c.subject == subject and c.seed == seed and c.steps == steps:
-                return c
-        return None
-
     ratios = []
     for c in cells:
         if c.row != name or c.steps in (0, None):
             continue
-        before, b_after = at(name, c.subject, c.seed, 0), at(base_name, c.subject, c.seed, c.steps)
-        b_before = at(base_name, c.subject, c.seed, 0)
+        before, b_after = (
+            cell_at(cells, name, c.subject, c.seed, 0),
+            cell_at(cells, base_name, c.subject, c.seed, c.steps),
+        )
+        b_before = cell_at(cells, base_name, c.subject, c.seed, 0)
         if before and b_after and b_before and b_after.score - b_before.score > 0.02:
             ratios.append((c.score - before.score) / (b_after.score - b_before.score))
     return ratios
@@ -243,8 +246,8 @@ def efficiency_at(cells: list[Cell], name: str, subject: int, seed: int, steps: 
     gains less than LEARNS over the unattacked model) or about as well from scratch (margin <= MARGIN)."""
 
     def at(row: str | None, n: int) -> float | None:
-        return next((c.score for c in cells if c.row == row and c.subject == subject and c.seed == seed
-                     and c.steps == n), None)  # fmt: skip
+        c = cell_at(cells, row, subject, seed, n)
+        return None if c is None else c.score
 
     prot, base, scratch = at(name, steps), at(unprotected_twin(name), steps), at(twin(name, "scratch"), steps)
     before = at(unprotected_twin(name), 0)
@@ -300,12 +303,9 @@ def best_of(
     seeds (by efficiency).
     """
 
-    def at(row: str, subject: int, seed: int, steps: int) -> Cell | None:
-        return next((c for c in cells if c.row == row and c.subject == subject and c.seed == seed
-                     and c.steps == steps), None)  # fmt: skip
-
     def gap_at(name: str, subject: int, seed: int, steps: int) -> float | None:
-        base, prot = at(unprotected_twin(name), subject, seed, steps), at(name, subject, seed, steps)
+        base = cell_at(cells, unprotected_twin(name), subject, seed, steps)
+        prot = cell_at(cells, name, subject, seed, steps)
         return None if base is None or prot is None else base.score - prot.score
 
     def gap(name: str, subject: int, seed: int) -> float | None:
@@ -322,7 +322,9 @@ def best_of(
 
     out = []
     for subject in sorted({c.subject for c in cells if c.row in candidates}):
-        seen = [n for n in candidates if gap(n, subject, select_seed) is not None]
+        selection = {n: {"gap": gap(n, subject, select_seed), "class_quality": quality(n, subject, select_seed)}
+                     for n in candidates}  # fmt: skip
+        seen = [n for n in candidates if selection[n]["gap"] is not None]
         others = sorted(
             {c.seed for c in cells if c.subject == subject and c.row in candidates} - {select_seed}
         )
@@ -330,12 +332,10 @@ def best_of(
             continue
         floor = quality("base", subject, select_seed)
         kept = [
-            n
-            for n in seen
-            if floor is None or (quality(n, subject, select_seed) or 0.0) >= floor - class_margin
+            n for n in seen if floor is None or (selection[n]["class_quality"] or 0.0) >= floor - class_margin
         ]
-        chosen = (max(kept, key=lambda n: gap(n, subject, select_seed)) if kept
-                  else max(seen, key=lambda n: (quality(n, subject, select_seed) or 0.0, gap(n, subject, select_seed))))  # fmt: skip
+        chosen = (max(kept, key=lambda n: selection[n]["gap"]) if kept
+                  else max(seen, key=lambda n: (selection[n]["class_quality"] or 0.0, selection[n]["gap"])))  # fmt: skip
         reports = {n: report(n, subject, others) for n in seen}
         average = {
             k: report_mean([r[k] for r in reports.values()])
@@ -345,8 +345,7 @@ def best_of(
             seen, key=lambda n: reports[n]["efficiency"] if reports[n]["efficiency"] is not None else -np.inf
         )
         out.append({"subject": subject, "chosen": chosen, "kept_class": bool(kept), "report_seeds": others,
-                    "selection": {n: {"gap": gap(n, subject, select_seed), "class_quality": quality(n, subject, select_seed)}
-                                  for n in seen},
+                    "selection": {n: selection[n] for n in seen},
                     "base_class_quality": floor, "candidates": reports, "chosen_report": reports[chosen],
                     "average": average, "oracle": oracle})  # fmt: skip
     return out
