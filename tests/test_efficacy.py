@@ -302,6 +302,33 @@ def test_multi_subject_sequential_and_longitudinal_rows(monkeypatch):
     assert [c.steps for c in cells] == [0, 2] and all(c.class_quality is not None for c in cells)
 
 
+def test_reset_rows_take_only_their_parameters_from_the_random_unet(monkeypatch):
+    """reset_<part> rows: the world model with one parameter group from the scratch rows' random UNet
+    (the same seed), every other parameter and the given model untouched; the row is unprotected and
+    its quality is measured on the reset model, cached apart from the world model's."""
+    import torch
+
+    from apdm_core.world import load_world_model, render
+
+    model = load_world_model()
+    before = {n: p.clone() for n, p in model.unet.named_parameters()}
+    scratch = dict(efficacy.scratch_model(model, 1).unet.named_parameters())
+    for name, (_, chosen) in efficacy.RESETS.items():
+        row = efficacy.ROWS[f"{name}+attack"]
+        assert row.reset == name and row.protect is None and not row.scratch
+        reset = dict(efficacy.reset_model(model, 1, name).unet.named_parameters())
+        assert any(chosen(n) for n in reset) and any(not chosen(n) for n in reset)
+        for n, p in reset.items():
+            assert torch.equal(p, scratch[n] if chosen(n) else before[n]), (name, n)
+    assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
+    runner = efficacy.Runner(model, samples=1, attack_settings={"steps": 2, "num_class_images": 2})
+    seen = []
+    monkeypatch.setattr(runner, "quality", lambda m, key, cls, seed: seen.append((m, key)) or {})
+    got, _ = runner._model_and_scorer(efficacy.ROWS["reset_kv+attack"], 8, 1)
+    cls = render.make_subject(8).cls
+    assert got.info["reset"] == "reset_kv" and seen == [(got, ("reset", "reset_kv", cls, 1))]
+
+
 def best_of_cells() -> list:
     """Two candidate protections of subject 1 (a breaks the class), attack seeds 7 and 0."""
     from apdm_core.world.efficacy import Cell

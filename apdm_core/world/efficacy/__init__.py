@@ -15,6 +15,9 @@ The yardstick (README, Demo world):
 - ``scratch+<attack>``: the same attack on the world model whose UNet was replaced by a
   randomly initialised one (VAE and text encoder kept): what the attacker gets without our
   model. No model-level protection can be asked to do better than that;
+- ``reset_<part>+<attack>`` (``RESETS``): the world model with only some UNet parameters taken from
+  that random UNet: the ceiling of a protection confined to those parameters, if all it did was
+  remove what they knew;
 - ``efficiency`` of a protected row = (unprotected - protected) / (unprotected - scratch)
   gated similarity after the same attack, per subject and seed: 0 = no protection, 1 = the
   attacker gains nothing from the protected model over a random one;
@@ -27,12 +30,13 @@ Everything runs through the public engine: ``apdm_core.protection.protect``,
 ``apdm_core.attack.run_attack``, ``apdm_core.pairs.sample_images``. Protected models are
 shared between the rows that only change the attack.
 
-Layout: ``rows`` (the rows and their settings), ``runner`` (``Runner``, ``Cell``, the results cache),
+Layout: ``rows`` (the rows and their settings), ``baselines`` (the random UNet, partial resets), ``runner`` (``Runner``, ``Cell``, the results cache),
 ``summary`` (efficiency, curves, break-even, frontier), ``report`` (Markdown tables, figures).
 """
 
 from __future__ import annotations
 
+from .baselines import reset_model, scratch_model
 from .cells import Cell, ResultCache, cells_from_dicts, cells_to_dicts, evaluator_fingerprint
 from .report import markdown_comparison, markdown_table, markdown_worst_case, plot_curves, plot_frontier
 from .rows import *  # noqa: F403  (the rows and their settings: efficacy.PROTECT_SETTINGS, ...)
@@ -46,7 +50,6 @@ from .runner import (
     companions,
     method_success,
     score_samples,
-    scratch_model,
     unet_vector,
     view_prompt_map,
 )
@@ -94,6 +97,7 @@ __all__ = [
     "worst_case",
     "plot_curves",
     "plot_frontier",
+    "reset_model",
     "row_of",
     "scratch_model",
     "score_samples",

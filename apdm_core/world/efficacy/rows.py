@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ...config import PRESETS, ProtectConfig
 from ...configio import field_default
+from ...levers import PROTECT_LAYERS
 from .. import render
 
 PROTECTED_PHOTOS = 0  # 4 photos from here: what the owner protects and what the attacker has
@@ -106,6 +107,7 @@ class Row:
         ""  # what happened to the photos before the attack: one_clean or images.purify.TRANSFORMS
     )
     before: str = ""  # what happened to the model before the attack: RECOVERY rows, or a weight round trip
+    reset: str = ""  # RESETS: these UNet parameters taken from the random UNet of scratch rows, the rest kept
 
     @property
     def model_name(self) -> str:
@@ -312,6 +314,18 @@ MULTI_ROWS: dict[str, tuple[str, dict]] = {
 ABLATIONS.update(MULTI_ROWS)
 
 
+# The ceiling of a protection confined to some parameters: the world model with those parameters taken
+# from the from-scratch rows' random UNet (all it knew there removed, nothing else touched).
+# model name -> (what, parameter-name predicate)
+RESETS: dict[str, tuple[str, object]] = {
+    "reset_kv": ("cross-attention keys and values", PROTECT_LAYERS["cross_attention_kv"]),
+    "reset_xattn": ("cross-attention", PROTECT_LAYERS["cross_attention"]),
+    "reset_attn": ("self- and cross-attention", PROTECT_LAYERS["attention"]),
+    "reset_transformer": ("transformer blocks (attention, feed-forward)", lambda n: "attentions." in n),
+    "reset_resnets": ("ResNet blocks", lambda n: ".resnets." in n),
+}
+
+
 def target_class(cls: str) -> str:
     """The target backdoor's class for a subject of class ``cls`` in the world."""
     return render.CLASSES[(render.CLASSES.index(cls) + 1) % len(render.CLASSES)]
@@ -329,6 +343,9 @@ def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
         return Row(name, None, overrides, note=f"unprotected, {note}", **extras)
     if model == "scratch":
         return Row(name, None, overrides, note=f"random UNet, {note}", scratch=True, **extras)
+    if model in RESETS:
+        what = f"{RESETS[model][0]} re-initialised, {note}"
+        return Row(name, None, overrides, note=what, reset=model, **extras)
     if model == "apdm":
         return Row(name, {}, overrides, note=f"demo preset, {note}", **extras)
     if model in IMAGE_SETTINGS:
@@ -352,7 +369,7 @@ def make_row(name: str, variants: dict[str, dict] | None = None) -> Row:
 
 def _rows() -> dict[str, Row]:
     names = ["base"] + [f"{m}+{a}" for a in ATTACKS for m in ("scratch", "base", "apdm")]
-    names += [f"{m}+attack" for m in ABLATIONS]
+    names += [f"{m}+attack" for m in ABLATIONS] + [f"{m}+attack" for m in RESETS]
     return {n: make_row(n) for n in names}
 
 
@@ -397,6 +414,7 @@ __all__ = [
     "PROTECT_SETTINGS",
     "PUBLISHED_SETTINGS",
     "REFERENCE_PHOTOS",
+    "RESETS",
     "ROWS",
     "Row",
     "SAMPLING",

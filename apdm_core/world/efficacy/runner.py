@@ -15,6 +15,7 @@ import numpy as np
 
 from ...progress import ProgressCallback, StopCheck
 from .. import render
+from .baselines import reset_model, scratch_model
 from .cells import Cell, ResultCache, evaluator_fingerprint
 from .rows import (
     ATTACK_SETTINGS,
@@ -26,7 +27,6 @@ from .rows import (
     RECOVERY_STEPS,
     REFERENCE_PHOTOS,
     SAMPLING,
-    SCRATCH_SEED,
     Row,
     instance_prompt,
     make_row,
@@ -56,18 +56,6 @@ def class_quality(model, evaluator, cls: str, n: int, seed: int) -> dict:
         acc[c] = evaluator.class_recognition(images, c)["accuracy"]
     others = [acc[c] for c in render.CLASSES if c != cls]
     return {"class_quality": acc[cls], "unrelated_quality": float(np.mean(others))}
-
-
-def scratch_model(model, seed: int):
-    """``model`` with its UNet replaced by a randomly initialised one of the same config (seeded)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SCRATCH_SEED + seed)
-        unet = UNet2DConditionModel.from_config(model.unet.config)
-    unet = unet.to(model.device).requires_grad_(False).eval()
-    return dataclasses.replace(model, unet=unet, info={**model.info, "scratch": True}, _fingerprint=None)
 
 
 def unet_vector(unet):
@@ -317,6 +305,8 @@ class Runner:
                 parts += [row.images, row.transform]
             if row.before:
                 parts += ["before", row.before]
+            if row.reset:
+                parts += ["reset", row.reset]
             cache_key = ResultCache.key(*parts)
             cached = self.results.get(cache_key) or []
             # one attack run scores every budget on its way: a cached longer curve answers shorter ones
@@ -348,6 +338,8 @@ class Runner:
             _, metrics, protect_s = self.protected_photos(subject, seed, row.images)
             psnr = float(np.mean([m["psnr"] for m in metrics]))
             ssim = float(np.mean([m["ssim"] for m in metrics]))
+        if row.reset:
+            model, quality_key = reset_model(model, seed, row.reset), ("reset", row.reset, subject.cls, seed)
         quality = self.quality(model, quality_key, subject.cls, seed)  # the model before any attack
         if row.scratch:
             model = scratch_model(model, seed)
