@@ -114,18 +114,24 @@ def _generate_missing(
     progress: ProgressCallback | None,
     should_stop: StopCheck | None,
 ) -> None:
-    """Generate the (path, seed, metadata) jobs whose file is missing, saving batch by batch."""
-    todo = [j for j in jobs if not j[0].exists()]
+    """Generate the (path, seed, metadata) jobs whose file is missing, saving batch by batch.
+
+    The batches are the index-aligned blocks of ``batch_size`` jobs, and a block with a missing file is
+    generated whole (only the missing files are written): on a CPU the other images of a batch move a
+    sample by a pixel level, so an image must not depend on which others the cache already held.
+    """
+    blocks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    todo = [b for b in blocks if any(not path.exists() for path, _, _ in b)]
     if not todo:
         return
-    tracker = Tracker(stage, len(todo), progress, should_stop)
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
+    tracker = Tracker(stage, sum(len(b) for b in todo), progress, should_stop)
+    for chunk in todo:
         images = sample_images(
             model, prompt, [seed for _, seed, _ in chunk], size, steps, guidance, batch_size
         )
         for (path, _, meta), im in zip(chunk, images):
-            _save_png(path, im, meta)
+            if not path.exists():
+                _save_png(path, im, meta)
         tracker.update(len(chunk))
 
 
@@ -181,12 +187,14 @@ def ensure_class_images(
         return images
     key, spec = cache_key(model, class_prompt, size, steps, guidance, seed, "class")
     folder = Path(cache_dir or default_cache_dir()) / "class" / key
-    paths = [folder / f"{i:04d}.png" for i in range(missing)]
+    # whole batches (the last one padded with the next indices, kept for a later, larger count): image i
+    # is the same whichever counts were asked before (8 anchor images, then 50 class images of one prompt)
+    paths = [folder / f"{i:04d}.png" for i in range(-(-missing // batch_size) * batch_size)]
     jobs = [(p, name_seed(seed, f"class-{i}"), {**spec, "index": i}) for i, p in enumerate(paths)]
     _generate_missing(
         model, class_prompt, jobs, "class_images", size, steps, guidance, batch_size, progress, should_stop
     )
-    return images + [_load_png(p) for p in paths]
+    return images + [_load_png(p) for p in paths[:missing]]
 
 
 @dataclass

@@ -69,3 +69,31 @@ def test_errors_name_the_file_and_fix(tmp_path):
 def test_warns_under_three_images(subject_dir):
     with pytest.warns(UserWarning, match="Only 2"):
         load_subject_images([subject_dir / "img_0.png", subject_dir / "img_1.png"], 64)
+
+
+def test_class_images_do_not_depend_on_what_the_cache_held(tmp_path, monkeypatch):
+    """Generated class images come in index-aligned whole batches: image i is the same whether 3 or 6
+    were asked first (on a CPU a batch's other images move a sample), and a cached file is never
+    rewritten."""
+    from types import SimpleNamespace
+
+    from apdm_core import pairs
+
+    def fake_sample(model, prompt, seeds, size, steps, guidance, batch_size):
+        # the pixel depends on the image's seed and on the whole batch, as CPU kernels can
+        return [Image.new("RGB", (4, 4), (s % 251, hash(tuple(seeds)) % 251, len(seeds))) for s in seeds]
+
+    monkeypatch.setattr(pairs, "sample_images", fake_sample)
+    model = SimpleNamespace(fingerprint=lambda: "m", scheduler=object())
+
+    def ask(cache, count):
+        got = pairs.ensure_class_images(model, "a dog", count, size=4, batch_size=4, cache_dir=cache)
+        return [im.tobytes() for im in got]
+
+    first = ask(tmp_path / "a", 3)
+    folder = next((tmp_path / "a" / "class").iterdir())
+    assert len(list(folder.glob("*.png"))) == 4  # the last batch is whole (padded, kept)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert ask(tmp_path / "a", 6) == ask(tmp_path / "b", 6) and ask(tmp_path / "a", 6)[:3] == first
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in folder.glob("*.png") if p.name in stamps)
+    assert len(list(folder.glob("*.png"))) == 8

@@ -202,7 +202,8 @@ def test_pairs_are_cached(fast_config, monkeypatch):
     monkeypatch.setattr(pairs, "sample_images", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     protect(fast_config(outer_steps=1))
     first = sum(calls)
-    assert first == 4 + 2  # 4 positives + 2 class images
+    # 4 positives + 2 class images, generated as a whole batch (sample_batch_size 4: 2 more, kept)
+    assert first == 4 + fast_config().sample_batch_size
     protect(fast_config(outer_steps=1))
     assert sum(calls) == first  # the second run reuses them
     protect(fast_config(outer_steps=1, class_prompt="a photo of dog"))
