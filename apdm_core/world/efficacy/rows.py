@@ -323,6 +323,7 @@ RESETS: dict[str, tuple[str, object]] = {
     "reset_attn": ("self- and cross-attention", PROTECT_LAYERS["attention"]),
     "reset_transformer": ("transformer blocks (attention, feed-forward)", lambda n: "attentions." in n),
     "reset_resnets": ("ResNet blocks", lambda n: ".resnets." in n),
+    "reset_nonresnets": ("everything but the ResNet blocks", lambda n: ".resnets." not in n),
 }
 
 
