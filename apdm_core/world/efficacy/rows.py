@@ -324,6 +324,11 @@ RESETS: dict[str, tuple[str, object]] = {
     "reset_transformer": ("transformer blocks (attention, feed-forward)", lambda n: "attentions." in n),
     "reset_resnets": ("ResNet blocks", lambda n: ".resnets." in n),
     "reset_nonresnets": ("everything but the ResNet blocks", lambda n: ".resnets." not in n),
+    # the rest: conv_in / conv_out, the timestep embedding, the down- and upsamplers, the output norm
+    "reset_other": (
+        "input/output convolutions, timestep embedding, samplers",
+        lambda n: ".resnets." not in n and "attentions." not in n,
+    ),  # fmt: skip
 }
 
 
