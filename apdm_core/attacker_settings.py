@@ -10,7 +10,20 @@ from dataclasses import dataclass
 
 from .configio import ConfigIO, _f
 
-PROTECT_LAYERS = ("all", "attention", "cross_attention", "cross_attention_kv")
+LAYER_CHAIN = ("all", "attention", "cross_attention", "cross_attention_kv")  # each holds the next
+# + the cross-attention with the UNet's input/output convolutions, timestep embedding and samplers
+PROTECT_LAYERS = (*LAYER_CHAIN, "cross_attention_interface")
+
+
+def layers_within(inner: str, outer: str) -> bool:
+    """Whether every UNet parameter that ``inner`` selects is among those ``outer`` selects."""
+    if outer in ("all", inner):
+        return True
+    if "cross_attention_interface" in (inner, outer):
+        return outer == "cross_attention_interface" and inner in LAYER_CHAIN[2:]
+    return LAYER_CHAIN.index(inner) >= LAYER_CHAIN.index(outer)
+
+
 ATTACKER_KINDS = ("full", "lora")  # the simulated attacker's kinds (l2p/episode.py)
 
 
@@ -115,7 +128,9 @@ class AttackerSettings(ConfigIO):
         "all",
         "UNet layers the protection changes: all (the paper), attention (self + cross), cross_attention "
         "(IMMA's choice), cross_attention_kv (only the keys and values of the text: the weights null_space "
-        "controls); the simulated attacker trains the whole UNet, as the real one does (unless "
+        "controls), cross_attention_interface (the cross-attention plus the input/output convolutions, the "
+        "timestep embedding and the down/upsamplers: the weights without which the world model learns a "
+        "subject no faster than a random UNet); the simulated attacker trains the whole UNet, as the real one does (unless "
         "attacker_layers narrows it).",
         PROTECT_LAYERS,
         group="robust",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attacker_settings import ATTACKER_KINDS, PROTECT_LAYERS, AttackerSettings
+from .attacker_settings import ATTACKER_KINDS, AttackerSettings, layers_within
 from .configio import ConfigIO, _f
 from .errors import InputError
 from .methods import METHODS, method_settings_classes
@@ -342,7 +342,7 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
         for lever, setting, why in LEVER_CLASHES:
             if getattr(self, lever) and getattr(self, setting) > 0:
                 raise InputError(f"{setting} > 0 {why}; turn {lever} off.")
-        if PROTECT_LAYERS.index(self.protect_layers) < PROTECT_LAYERS.index(self.attacker_layers):
+        if not layers_within(self.protect_layers, self.attacker_layers):
             raise InputError(
                 f"ProtectConfig.protect_layers={self.protect_layers!r} changes layers the simulated attacker does not "
                 f"train (attacker_layers={self.attacker_layers!r}); the protection gradient only reaches trained "

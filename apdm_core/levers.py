@@ -40,6 +40,10 @@ PROTECT_LAYERS = {  # protect_layers -> which UNet parameters the protection cha
     "cross_attention": lambda name: ".attn2." in name,
     # the keys and values of the cross-attention: the only weights that read the text embeddings
     "cross_attention_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
+    # + conv_in / conv_out, the timestep embedding, the down/upsamplers, the output norm (README, seventh round)
+    "cross_attention_interface": lambda name: (
+        ".attn2." in name or (".resnets." not in name and "attentions." not in name)
+    ),
 }
 
 
