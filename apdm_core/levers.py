@@ -34,16 +34,19 @@ def make_adamw(config, params, lr: float, device: torch.device):
     return torch.optim.AdamW(params, **kw)
 
 
+def unet_interface(name: str) -> bool:
+    """conv_in / conv_out, the timestep embedding, the down/upsamplers, the output norm: every UNet parameter
+    outside the ResNet and transformer blocks (README, seventh round)."""
+    return ".resnets." not in name and "attentions." not in name
+
+
 PROTECT_LAYERS = {  # protect_layers -> which UNet parameters the protection changes (by name)
     "all": lambda name: True,
     "attention": lambda name: ".attn1." in name or ".attn2." in name,
     "cross_attention": lambda name: ".attn2." in name,
     # the keys and values of the cross-attention: the only weights that read the text embeddings
     "cross_attention_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name,
-    # + conv_in / conv_out, the timestep embedding, the down/upsamplers, the output norm (README, seventh round)
-    "cross_attention_interface": lambda name: (
-        ".attn2." in name or (".resnets." not in name and "attentions." not in name)
-    ),
+    "cross_attention_interface": lambda name: ".attn2." in name or unet_interface(name),
 }
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ...config import PRESETS, ProtectConfig
 from ...configio import field_default
-from ...levers import PROTECT_LAYERS
+from ...levers import PROTECT_LAYERS, unet_interface
 from .. import render
 
 PROTECTED_PHOTOS = 0  # 4 photos from here: what the owner protects and what the attacker has
@@ -324,11 +324,7 @@ RESETS: dict[str, tuple[str, object]] = {
     "reset_transformer": ("transformer blocks (attention, feed-forward)", lambda n: "attentions." in n),
     "reset_resnets": ("ResNet blocks", lambda n: ".resnets." in n),
     "reset_nonresnets": ("everything but the ResNet blocks", lambda n: ".resnets." not in n),
-    # the rest: conv_in / conv_out, the timestep embedding, the down- and upsamplers, the output norm
-    "reset_other": (
-        "input/output convolutions, timestep embedding, samplers",
-        lambda n: ".resnets." not in n and "attentions." not in n,
-    ),  # fmt: skip
+    "reset_other": ("input/output convolutions, timestep embedding, samplers", unet_interface),
 }
 
 
