@@ -57,6 +57,15 @@ class AttackerSettings(ConfigIO):
         "signal-to-noise ratio, so this aims to slow the attacker rather than pre-compensate its path (0 = off).",
         group="robust",
     )
+    trap_weight: float = _f(
+        0.0,
+        "Weight of a collapse trap at the attacked weights (CTRAP-style; needs the anchor's images): once per outer "
+        "step, the simulated attacker's model is pulled to predict the opposite of what the original predicts on "
+        "a batch of anchor images, weighted by how far the attacker has walked in its episode (h / episode "
+        "length), so that progress on the subject is coupled to losing every prompt while the anchor keeps theta "
+        "(0 = off).",
+        group="robust",
+    )
     inner_batch_size: int = _f(
         0,
         "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.",

@@ -256,6 +256,7 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 "guidance_scale",
                 "late_weighting",
                 "conflict_weight",
+                "trap_weight",
                 "inner_max_grad_norm",
                 "lr_personalize_max",
                 "lora_lr_max",
@@ -338,6 +339,11 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
             raise InputError(
                 f"ProtectConfig.inner_batch_sizes={self.inner_batch_sizes!r} must be whole numbers >= 1 "
                 "(or empty: every episode uses inner_batch_size)."
+            )
+        if self.trap_weight > 0 and not self.anchor_weight > 0:
+            raise InputError(
+                f"ProtectConfig.trap_weight={self.trap_weight} pulls the attacked model off the anchor's images, which "
+                "exist only with anchor_weight > 0: set anchor_weight (e.g. 3) or trap_weight 0."
             )
         for lever, setting, why in LEVER_CLASHES:
             if getattr(self, lever) and getattr(self, setting) > 0:

@@ -69,6 +69,7 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
         "inner_batch_sizes",
         "interleave_subjects",
         "conflict_weight",
+        "trap_weight",
     ):
         if not settings.get(name):
             settings.pop(name, None)

@@ -386,3 +386,39 @@ def test_the_conflict_term_runs_in_one_process_only(fast_config):
     with pytest.raises(InputError, match="conflict_weight"):
         check_parallel(fast_config(conflict_weight=0.1), SimpleNamespace(active=True, kind="ddp"))
     check_parallel(fast_config(conflict_weight=0.1), SimpleNamespace(active=False, kind="no"))
+
+
+def test_the_trap_pulls_the_attacked_model_off_the_original_more_the_further_it_walked(fast_config):
+    """trap_weight w: after the attack steps of an outer step, the accumulator gains w * h/H * grad of
+    ||eps_theta' + eps_ref||^2 on anchor images, h of H attack steps into the episode, at theta' as the steps
+    left it; it needs the anchor's images."""
+    cfg = fast_config(loss="target", inner_steps=2, resync_every=2, anchor_weight=1.0, num_anchor_images=2,
+                      trap_weight=0.5)  # fmt: skip
+    trainer = make_trainer(cfg)
+    seen = {}
+    real = trainer.trap_gradient
+
+    def spy(log, h):
+        seen.update(rng=trainer.generator.get_state(), before=[a.clone() for a in trainer.accum], h=h,
+                    unet=copy.deepcopy(trainer.unet_p))  # fmt: skip
+        real(log, h)
+        seen["after"] = [a.clone() for a in trainer.accum]
+
+    trainer.trap_gradient = spy
+    trainer.outer_step()
+    assert seen["h"] == 2  # 2 of the episode's 4 attack steps: half the weight
+    unet, d = seen["unet"], trainer.data
+    trainer.generator.set_state(seen["rng"])
+    z0, embeds = d.anchor.draw(16, trainer.generator)
+    batch = d.diffusion.noisy(z0, embeds, trainer.generator)
+    with torch.no_grad():
+        ref = trainer.forward_ref(trainer.run_ref, batch)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    loss = (trainer.forward(unet, batch).float() + ref.float()).pow(2).mean()
+    expected = torch.autograd.grad(0.5 * 0.5 * loss, params)
+    for b, a, e in zip(seen["before"], seen["after"], expected):
+        torch.testing.assert_close(a - b, e, rtol=1e-3, atol=1e-7)
+    assert any(float(e.abs().max()) > 0 for e in expected)
+    assert trainer.history[-1]["trap"] == pytest.approx(float(loss.detach()), rel=1e-4)
+    with pytest.raises(InputError, match="anchor_weight"):
+        fast_config(trap_weight=0.5).validate()

@@ -172,6 +172,8 @@ class L2PTrainer:
                 tracker.update(losses=log.losses(), outer=self.step + 1, inner=j + 1)
         if cfg.conflict_weight > 0 and cfg.inner_steps:
             self.conflict_gradient(log)
+        if cfg.trap_weight > 0 and cfg.inner_steps and self.data.anchor is not None:
+            self.trap_gradient(log, episode.h)
         with uninterrupted():  # theta's update and the step counter: one unit for the saver
             log.add(self.apply_outer_update(log.weight))
             self.step += 1
@@ -241,6 +243,22 @@ class L2PTrainer:
             cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
             self.weights.accumulate(self.cfg.conflict_weight * cos)
         log.add({"conflict": float(cos.detach())})
+
+    def trap_gradient(self, log: StepLog, h: int) -> None:
+        """trap_weight w: add w * h/H * ||eps_theta'(x_t, t, c) + eps_ref(x_t, t, c)||^2 on a batch of noised anchor
+        images with their prompts, h of H attack steps into the episode: the further the simulated attacker has
+        walked, the more its model is pulled to predict the opposite of the original's (a collapse trap, as
+        CTRAP's for language models), while the anchor keeps theta's predictions."""
+        ramp = h / (self.cfg.resync_every * self.cfg.inner_steps)
+        d, g = self.data, self.generator
+        z0, embeds = d.anchor.draw(16, g)
+        batch = d.diffusion.noisy(z0, embeds, g)
+        pred = self.forward(self.run_p, batch)
+        with torch.no_grad():
+            ref = self.forward_ref(self.run_ref, batch)
+        loss = noise_prediction_loss(pred, -ref)
+        self.weights.accumulate(self.cfg.trap_weight * ramp * loss)
+        log.add({"trap": float(loss.detach())})
 
     def protect_weight(self, h: int) -> float:
         """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
