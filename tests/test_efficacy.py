@@ -385,3 +385,39 @@ def test_benchmark_merge_prints_best_of(tmp_path):
     assert (
         "Best of 2 protection runs, chosen by attack seed 7" in out and "| 0 | 1.00 / 0.58 / 1.00 |" in line
     )
+
+
+def test_a_soup_variant_averages_the_unets_of_its_protection_streams(monkeypatch):
+    """A variant with soup [s1, s2]: the row protected once per protect_seed (the same runs as variants
+    pinned to those seeds, cached), then every float tensor of the UNet averaged; the runs are untouched."""
+    import types
+
+    import torch
+
+    from apdm_core import protection
+    from apdm_core.world import load_world_model, render
+
+    model = load_world_model()
+    seeds = []
+
+    def fake_protect(config, *_, model=None, **__):  # a different UNet per stream, fast
+        seeds.append(config.seed)
+        return types.SimpleNamespace(model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=1.0)
+
+    monkeypatch.setattr(protection, "protect", fake_protect)
+    runner = efficacy.Runner(model, samples=1)
+    subject = render.make_subject(8)
+    soup, seconds, _ = runner.protected(subject, 0, {"anchor_weight": 2.0, "soup": [3, 5]})
+    a = runner.protected(subject, 0, {"anchor_weight": 2.0, "protect_seed": 3})[0]
+    b = runner.protected(subject, 0, {"anchor_weight": 2.0, "protect_seed": 5})[0]
+    assert seeds == [3, 5] and seconds == 2.0 and soup.info["soup"] == 2  # the streams ran once each
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    changed = 0
+    for name, t in soup.unet.state_dict().items():
+        torch.testing.assert_close(t, (sa[name] + sb[name]) / 2)
+        changed += not torch.equal(sa[name], sb[name])
+    assert (
+        changed
+        and soup.unet is not a.unet
+        and not torch.equal(efficacy.unet_vector(a.unet), efficacy.unet_vector(soup.unet))
+    )

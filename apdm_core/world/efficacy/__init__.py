@@ -36,7 +36,7 @@ Layout: ``rows`` (the rows and their settings), ``baselines`` (the random UNet, 
 
 from __future__ import annotations
 
-from .baselines import reset_model, scratch_model
+from .baselines import reset_model, scratch_model, soup_model
 from .cells import Cell, ResultCache, cells_from_dicts, cells_to_dicts, evaluator_fingerprint
 from .report import markdown_comparison, markdown_table, markdown_worst_case, plot_curves, plot_frontier
 from .rows import *  # noqa: F403  (the rows and their settings: efficacy.PROTECT_SETTINGS, ...)
@@ -98,6 +98,7 @@ __all__ = [
     "plot_curves",
     "plot_frontier",
     "reset_model",
+    "soup_model",
     "row_of",
     "scratch_model",
     "score_samples",

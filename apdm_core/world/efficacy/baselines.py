@@ -1,5 +1,6 @@
 """The models the rows attack besides the world model and its protections: the from-scratch rows' random
-UNet, and the world model with one group of UNet parameters taken from it (the ``reset_<part>`` rows)."""
+UNet, the world model with one group of UNet parameters taken from it (the ``reset_<part>`` rows), and the
+weight average of several protected models (the ``soup`` setting of a variant)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def reset_model(model, seed: int, reset: str):
             if keep(name):
                 p.copy_(fresh[name])
     return dataclasses.replace(model, unet=unet, info={**model.info, "reset": reset}, _fingerprint=None)
+
+
+def soup_model(models: list):
+    """The first of ``models`` with every floating-point tensor of its UNet (parameters and buffers) the mean
+    of theirs: a weight average of protections of the same UNet; the given models are untouched."""
+    import torch
+
+    unet = copy.deepcopy(models[0].unet)
+    states = [m.unet.state_dict() for m in models]
+    with torch.no_grad():
+        for name, t in unet.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.stack([s[name].float() for s in states]).mean(0).to(t.dtype))
+    info = {**models[0].info, "soup": len(models)}
+    return dataclasses.replace(models[0], unet=unet, info=info, _fingerprint=None)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...progress import ProgressCallback, StopCheck
 from .. import render
-from .baselines import reset_model, scratch_model
+from .baselines import reset_model, scratch_model, soup_model
 from .cells import Cell, ResultCache, evaluator_fingerprint
 from .rows import (
     ATTACK_SETTINGS,
@@ -116,9 +116,13 @@ class Runner:
         round the world model as its reference (``reference_model``: anchor, targets, generated images);
         ``companion_class`` 'same' / 'other' picks companions of the subject's class only / of the others only;
         ``protect_seed`` gives the protection its own random stream (default: ``seed``, which the attack, the
-        photos and the scoring keep): the same row, protected again with other draws.
+        photos and the scoring keep): the same row, protected again with other draws; ``soup`` [s1, s2, ...]
+        protects once per protect_seed s and averages the UNets (a weight average of the streams).
         """
         from ...protection import protect
+
+        if overrides.get("soup"):
+            return self.soup(subject, seed, overrides)
 
         # what the run depends on: one run for every attack seed that shares its protection stream
         pinned = {**overrides, "protect_seed": overrides.get("protect_seed", seed)}
@@ -140,6 +144,20 @@ class Runner:
             result = protect(config, self.progress, self.should_stop, model=start, images=images, resume=True,
                              subject_images=others or None, reference=reference)  # fmt: skip
             self._protected[key] = (result.model, seconds + result.seconds, config)
+        return self._protected[key]
+
+    def soup(self, subject: render.Subject, seed: int, overrides: dict):
+        """(the weight average of the row protected once per protect_seed of ``soup``, their seconds, the first
+        run's ProtectConfig), cached like a protection."""
+        key = (subject.seed, json.dumps(overrides, sort_keys=True))
+        if key not in self._protected:
+            rest = {n: v for n, v in overrides.items() if n != "soup"}
+            runs = [self.protected(subject, seed, {**rest, "protect_seed": s}) for s in overrides["soup"]]
+            self._protected[key] = (
+                soup_model([m for m, _, _ in runs]),
+                sum(t for _, t, _ in runs),
+                runs[0][2],
+            )
         return self._protected[key]
 
     def protect_config(self, members: list, seed: int, settings: dict):
