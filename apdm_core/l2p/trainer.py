@@ -250,12 +250,7 @@ class L2PTrainer:
         walked, the more its model is pulled to predict the opposite of the original's (a collapse trap, as
         CTRAP's for language models), while the anchor keeps theta's predictions."""
         ramp = h / (self.cfg.resync_every * self.cfg.inner_steps)
-        d, g = self.data, self.generator
-        z0, embeds = d.anchor.draw(16, g)
-        batch = d.diffusion.noisy(z0, embeds, g)
-        pred = self.forward(self.run_p, batch)
-        with torch.no_grad():
-            ref = self.forward_ref(self.run_ref, batch)
+        pred, ref = self.anchor_predictions(self.run_p)
         loss = noise_prediction_loss(pred, -ref)
         self.weights.accumulate(self.cfg.trap_weight * ramp * loss)
         log.add({"trap": float(loss.detach())})
@@ -311,15 +306,19 @@ class L2PTrainer:
         """The method's protection loss at the current weights of ``unet`` (theta' after attack steps)."""
         return self.method.protection_loss(self, unet)
 
-    def anchor_loss(self) -> torch.Tensor:
-        """Distillation of theta to the frozen original on noised anchor images with their prompts."""
+    def anchor_predictions(self, unet) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``unet``'s prediction, the frozen original's) on 16 noised anchor images with their prompts."""
         d, g = self.data, self.generator
         z0, embeds = d.anchor.draw(16, g)
         batch = d.diffusion.noisy(z0, embeds, g)
-        pred = self.forward(self.unet, batch)
+        pred = self.forward(unet, batch)
         with torch.no_grad():
             ref = self.forward_ref(self.run_ref, batch)
-        return noise_prediction_loss(pred, ref)
+        return pred, ref
+
+    def anchor_loss(self) -> torch.Tensor:
+        """Distillation of theta to the frozen original on noised anchor images with their prompts."""
+        return noise_prediction_loss(*self.anchor_predictions(self.unet))
 
     def apply_outer_update(self, protect_weight: float = 1.0) -> dict[str, float]:
         """theta.grad <- the accumulated protection gradient (+ the anchor's and the method's terms at
