@@ -249,17 +249,22 @@ class L2PTrainer:
         images with their prompts, h of H attack steps into the episode: the further the simulated attacker has
         walked, the more its model is pulled to predict the opposite of the original's (a collapse trap, as
         CTRAP's for language models), while the anchor keeps theta's predictions."""
-        ramp = h / (self.cfg.resync_every * self.cfg.inner_steps)
+        ramp = h / self.episode_steps
         pred, ref = self.anchor_predictions(self.run_p)
         loss = noise_prediction_loss(pred, -ref)
         self.weights.accumulate(self.cfg.trap_weight * ramp * loss)
         log.add({"trap": float(loss.detach())})
 
+    @property
+    def episode_steps(self) -> int:
+        """H, the attack steps of one simulated attacker episode (resync_every outer x inner_steps)."""
+        return self.cfg.resync_every * self.cfg.inner_steps
+
     def protect_weight(self, h: int) -> float:
         """Weight of the protection gradient after attack step h of the episode (late_weighting)."""
         if not self.cfg.late_weighting:
             return 1.0
-        return math.exp(self.cfg.late_weighting * (h - self.cfg.resync_every * self.cfg.inner_steps))
+        return math.exp(self.cfg.late_weighting * (h - self.episode_steps))
 
     def record(self, log: StepLog, episode, seconds: float) -> dict:
         """The history entry of the step just taken."""
