@@ -66,6 +66,13 @@ class AttackerSettings(ConfigIO):
         "(0 = off).",
         group="robust",
     )
+    tail_average: int = _f(
+        0,
+        "Export the mean of theta over the run's last this many outer steps instead of theta after the last one "
+        "(tail averaging, as SWA): the final theta answers the last simulated attacker it met; the mean answers "
+        "the attackers of several episodes. Changes only the exported model, not the run (0 = off).",
+        group="robust",
+    )
     inner_batch_size: int = _f(
         0,
         "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.",

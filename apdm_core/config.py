@@ -248,6 +248,7 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 "save_every",
                 "seed",
                 "inner_batch_size",
+                "tail_average",
             ),
             positive=("lr_protect", "lr_personalize", "adam_epsilon", "lora_lr"),
             non_negative=(
@@ -339,6 +340,11 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
             raise InputError(
                 f"ProtectConfig.inner_batch_sizes={self.inner_batch_sizes!r} must be whole numbers >= 1 "
                 "(or empty: every episode uses inner_batch_size)."
+            )
+        if self.tail_average > self.outer_steps:
+            raise InputError(
+                f"ProtectConfig.tail_average={self.tail_average} averages more outer steps than the run has "
+                f"(outer_steps={self.outer_steps}): set it to at most {self.outer_steps}, or 0 (off)."
             )
         if self.trap_weight > 0 and not self.anchor_weight > 0:
             raise InputError(

@@ -70,6 +70,7 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
         "interleave_subjects",
         "conflict_weight",
         "trap_weight",
+        "tail_average",
     ):
         if not settings.get(name):
             settings.pop(name, None)

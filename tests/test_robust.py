@@ -422,3 +422,47 @@ def test_the_trap_pulls_the_attacked_model_off_the_original_more_the_further_it_
     assert trainer.history[-1]["trap"] == pytest.approx(float(loss.detach()), rel=1e-4)
     with pytest.raises(InputError, match="anchor_weight"):
         fast_config(trap_weight=0.5).validate()
+
+
+def test_tail_average_exports_the_mean_of_the_last_thetas_and_keeps_theta_in_the_state(fast_config, tmp_path):
+    """tail_average k: the exported UNet's protected weights are the mean of theta after each of the last k
+    outer steps (the others as they were); the run itself is unchanged and its state file keeps theta."""
+    settings = dict(outer_steps=4, inner_steps=1, resync_every=2, loss="target")
+    trainer = make_trainer(fast_config(tail_average=3, **settings))
+    plain = make_trainer(fast_config(**settings))
+    thetas = []
+    for _ in range(4):
+        trainer.outer_step()
+        plain.outer_step()
+        thetas.append(params_of(trainer.unet))
+    for a, b in zip(thetas[-1], plain.unet.parameters()):
+        assert torch.equal(a, b.detach())  # averaging does not change the run
+    assert trainer.tail_count == 3
+    theta = {k: v.clone() for k, v in trainer.state_dict()["unet"].items()}
+    exported = trainer.finish()
+    moved = 0
+    for (name, p), *after in zip(exported.named_parameters(), *thetas):
+        expected = (after[1] + after[2] + after[3]) / 3
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(after[1], after[3])
+        assert torch.equal(trainer.state_dict()["unet"][name], theta[name])  # theta, not the mean
+    assert moved  # the last thetas differ: the mean is not one of them
+
+
+def test_tail_average_resumes_exactly_and_refuses_a_moved_window(fast_config, tmp_path):
+    settings = dict(outer_steps=5, inner_steps=2, resync_every=2, loss="target", tail_average=3)
+    full = protect(fast_config(state_path=str(tmp_path / "a.pt"), **settings))
+    events = []
+    config = fast_config(state_path=str(tmp_path / "b.pt"), **settings)
+    in_protect = lambda: sum(e.stage == "protect" for e in events)  # noqa: E731
+    stopped = protect(config, progress=events.append, should_stop=lambda: in_protect() >= 9)  # in step 5
+    assert stopped.cancelled and stopped.steps_done == 4  # 2 of the tail's 3 thetas summed
+    resumed = protect(config, resume=True)
+    for a, b in zip(full.model.unet.state_dict().values(), resumed.model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    stopped = protect(config, progress=events.append, should_stop=lambda: in_protect() >= 18, restart=True)
+    assert stopped.steps_done == 4
+    with pytest.raises(InputError, match="outer_steps"):  # the window would start at step 3, already passed
+        protect(fast_config(state_path=str(tmp_path / "b.pt"), **{**settings, "outer_steps": 6}), resume=True)
+    with pytest.raises(InputError, match="tail_average"):
+        fast_config(tail_average=6, outer_steps=5).validate()

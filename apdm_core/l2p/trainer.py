@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ProtectConfig
-from ..errors import TrainingDiverged
+from ..errors import InputError, TrainingDiverged
 from ..interrupts import uninterrupted
 from ..levers import require_bitsandbytes
 from ..losses import noise_prediction_loss
@@ -103,6 +103,10 @@ class L2PTrainer:
         self.history: list[dict] = []
         self._rng_at_step_start = self.generator.get_state()
         self._attacker_at_step_start: dict | None = None  # a persistent attacker's state at this step's start
+        # tail_average: the sum of theta's protected weights after each of the run's last tail_average steps
+        self.tail_sum: list[torch.Tensor] | None = None
+        self.tail_count = 0
+        self._final_theta: list[torch.Tensor] | None = None  # theta itself, once finish() exported the mean
 
     # --- what the methods read -------------------------------------------------------------------
     unet = property(lambda self: self.weights.unet)  # theta
@@ -177,6 +181,7 @@ class L2PTrainer:
         with uninterrupted():  # theta's update and the step counter: one unit for the saver
             log.add(self.apply_outer_update(log.weight))
             self.step += 1
+            self.add_to_tail()
             self._rng_at_step_start = self.generator.get_state()  # now the start of the next step
             self._attacker_at_step_start = self._parked_at_step_start = None
         if not self.persistent:
@@ -364,8 +369,35 @@ class L2PTrainer:
     def check_accumulation(self) -> None:
         self.weights.check_accumulation()
 
+    # --- tail averaging ----------------------------------------------------------------------------
+    @property
+    def tail_start(self) -> int:
+        """The outer step after which theta enters the tail average (tail_average)."""
+        return self.cfg.outer_steps - self.cfg.tail_average
+
+    def add_to_tail(self) -> None:
+        """tail_average: add theta's protected weights after this step to the tail's sum (in float32)."""
+        if not self.cfg.tail_average or self.step <= self.tail_start:
+            return
+        with torch.no_grad():
+            if self.tail_sum is None:
+                self.tail_sum = [
+                    torch.zeros_like(p, dtype=torch.float32) for p in self.weights.protected_params
+                ]
+            for s, p in zip(self.tail_sum, self.weights.protected_params):
+                s.add_(p.detach().float())
+        self.tail_count += 1
+
     def finish(self):
-        """The protected UNet as a plain module on the compute device; the base model back where it was."""
+        """The protected UNet as a plain module on the compute device; the base model back where it was.
+        With tail_average, once the run is complete, its protected weights are the tail's mean (theta itself
+        stays in the state file)."""
+        if self.tail_sum is not None and self.step >= self.cfg.outer_steps and self._final_theta is None:
+            params = self.weights.protected_params
+            self._final_theta = [p.detach().cpu().clone() for p in params]
+            with torch.no_grad():
+                for p, s in zip(params, self.tail_sum):
+                    p.copy_(s / self.tail_count)
         return self.weights.finish()
 
     # --- state -----------------------------------------------------------------------------------
@@ -373,11 +405,14 @@ class L2PTrainer:
         state = {
             "version": STATE_VERSION,
             "step": self.step,
-            "unet": {k: v.detach().cpu() for k, v in self.unet.state_dict().items()},
+            "unet": self.theta_state(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self._rng_at_step_start if at_step_start else self.generator.get_state(),
             "history": self.history,
         }
+        if self.tail_sum is not None:
+            state["tail"] = {"from": self.tail_start, "count": self.tail_count,
+                             "sum": [t.detach().cpu() for t in self.tail_sum]}  # fmt: skip
         if self.interleave:  # every subject's attacker, parked
             state["parked"] = self.parked_state(at_step_start)
         elif self.persistent and self.attacker.current is not None:  # the attacker lives on between steps
@@ -392,6 +427,7 @@ class L2PTrainer:
         self._rng_at_step_start = self.generator.get_state()
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.load_tail(state.get("tail"))
         if self.interleave:
             device = self.weights.protected_params[0].device
             self.parked = {
@@ -400,6 +436,34 @@ class L2PTrainer:
             self.attacker.end()
         elif state.get("attacker") is not None and self.step % self.cfg.resync_every:
             self.attacker.load_state_dict(state["attacker"])
+
+    def theta_state(self) -> dict[str, torch.Tensor]:
+        """theta's weights on the CPU (theta itself, also after finish() put the tail's mean in its place)."""
+        state = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
+        if self._final_theta is not None:
+            names = {id(p): n for n, p in self.unet.named_parameters()}
+            for p, t in zip(self.weights.protected_params, self._final_theta):
+                state[names[id(p)]] = t
+        return state
+
+    def load_tail(self, tail: dict | None) -> None:
+        """The tail average of a resumed run; its window must be the one this run's outer_steps gives."""
+        if (
+            self.cfg.tail_average
+            and self.step > self.tail_start
+            and (tail is None or tail["from"] != self.tail_start)
+        ):
+            was = "no tail" if tail is None else f"the tail from outer step {tail['from']}"
+            raise InputError(
+                f"The state file is at outer step {self.step} and holds {was}, but tail_average="
+                f"{self.cfg.tail_average} with outer_steps={self.cfg.outer_steps} averages from step {self.tail_start}, "
+                "which has passed: resume with the outer_steps the run was started with, or restart."
+            )
+        if tail is None or not self.cfg.tail_average or tail["from"] != self.tail_start:
+            self.tail_sum, self.tail_count = None, 0
+            return
+        device = self.weights.protected_params[0].device
+        self.tail_sum, self.tail_count = [t.to(device) for t in tail["sum"]], int(tail["count"])
 
     def parked_state(self, at_step_start: bool) -> dict:
         """interleave_subjects: the parked attackers (with the one in play, when not at a step's start)."""
