@@ -421,3 +421,37 @@ def test_a_soup_variant_averages_the_unets_of_its_protection_streams(monkeypatch
         and soup.unet is not a.unet
         and not torch.equal(efficacy.unet_vector(a.unet), efficacy.unet_vector(soup.unet))
     )
+
+
+def test_a_delta_scale_variant_scales_what_the_protection_changed(monkeypatch):
+    """delta_scale s: world model + s x (protected - world model), from the same (cached) protection as the
+    row without it; s = 0 gives the world model back, s = 1 the protected one."""
+    import types
+
+    import torch
+
+    from apdm_core import protection
+    from apdm_core.world import load_world_model, render
+
+    model = load_world_model()
+    runs = []
+
+    def fake_protect(config, *_, model=None, **__):
+        runs.append(config.seed)
+        return types.SimpleNamespace(model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=1.0)
+
+    monkeypatch.setattr(protection, "protect", fake_protect)
+    runner = efficacy.Runner(model, samples=1)
+    subject = render.make_subject(8)
+    plain = runner.protected(subject, 0, {"protect_seed": 3})[0]
+    scaled, seconds, _ = runner.protected(subject, 0, {"protect_seed": 3, "delta_scale": 1.5})
+    back = runner.protected(subject, 0, {"protect_seed": 3, "delta_scale": 0.0})[0]
+    assert runs == [3] and seconds == 1.0  # one protection serves them all
+    base, prot = model.unet.state_dict(), plain.unet.state_dict()
+    moved = 0
+    for name, t in scaled.unet.state_dict().items():
+        if t.is_floating_point():
+            torch.testing.assert_close(t, base[name] + 1.5 * (prot[name] - base[name]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(back.unet.state_dict()[name], base[name])
+            moved += not torch.equal(prot[name], base[name])
+    assert moved and scaled.unet is not plain.unet and scaled.info["soup"] == [-0.5, 1.5]

@@ -1,6 +1,7 @@
 """The models the rows attack besides the world model and its protections: the from-scratch rows' random
 UNet, the world model with one group of UNet parameters taken from it (the ``reset_<part>`` rows), and the
-weight average of several protected models (the ``soup`` setting of a variant)."""
+weight average of several protected models (the ``soup`` setting of a variant) and the protection's change scaled
+(``delta_scale``: a weighted combination of the world model and a protected one)."""
 
 from __future__ import annotations
 
@@ -36,16 +37,20 @@ def reset_model(model, seed: int, reset: str):
     return dataclasses.replace(model, unet=unet, info={**model.info, "reset": reset}, _fingerprint=None)
 
 
-def soup_model(models: list):
+def soup_model(models: list, weights: list[float] | None = None):
     """The first of ``models`` with every floating-point tensor of its UNet (parameters and buffers) the mean
-    of theirs: a weight average of protections of the same UNet; the given models are untouched."""
+    of theirs (or their sum weighted by ``weights``): a weight average of protections of the same UNet, or, with
+    the world model and a protected one weighted 1 - s and s, the protection's change scaled by s; the given
+    models are untouched."""
     import torch
 
-    unet = copy.deepcopy(models[0].unet)
+    unet = copy.deepcopy(models[-1].unet)
     states = [m.unet.state_dict() for m in models]
+    w = torch.tensor(weights if weights is not None else [1 / len(models)] * len(models), dtype=torch.float64)
     with torch.no_grad():
         for name, t in unet.state_dict().items():
             if t.is_floating_point():
-                t.copy_(torch.stack([s[name].float() for s in states]).mean(0).to(t.dtype))
-    info = {**models[0].info, "soup": len(models)}
-    return dataclasses.replace(models[0], unet=unet, info=info, _fingerprint=None)
+                stacked = torch.stack([s[name].double() for s in states])
+                t.copy_(torch.tensordot(w, stacked, dims=1).to(t.dtype))
+    info = {**models[-1].info, "soup": len(models) if weights is None else list(weights)}
+    return dataclasses.replace(models[-1], unet=unet, info=info, _fingerprint=None)

@@ -117,10 +117,13 @@ class Runner:
         ``companion_class`` 'same' / 'other' picks companions of the subject's class only / of the others only;
         ``protect_seed`` gives the protection its own random stream (default: ``seed``, which the attack, the
         photos and the scoring keep): the same row, protected again with other draws; ``soup`` [s1, s2, ...]
-        protects once per protect_seed s and averages the UNets (a weight average of the streams).
+        protects once per protect_seed s and averages the UNets (a weight average of the streams); ``delta_scale`` s
+        takes the row without it and scales what the protection changed: world model + s x (protected - world).
         """
         from ...protection import protect
 
+        if overrides.get("delta_scale") is not None:
+            return self.delta_scaled(subject, seed, overrides)
         if overrides.get("soup"):
             return self.soup(subject, seed, overrides)
 
@@ -159,6 +162,15 @@ class Runner:
                 runs[0][2],
             )
         return self._protected[key]
+
+    def delta_scaled(self, subject: render.Subject, seed: int, overrides: dict):
+        """(the world model + delta_scale x (the row without delta_scale - the world model), that row's seconds
+        and ProtectConfig): the protection's change scaled, sharing the protection with the unscaled row."""
+        s = float(overrides["delta_scale"])
+        model, seconds, config = self.protected(
+            subject, seed, {n: v for n, v in overrides.items() if n != "delta_scale"}
+        )
+        return soup_model([self.model, model], [1 - s, s]), seconds, config
 
     def protect_config(self, members: list, seed: int, settings: dict):
         """(ProtectConfig, photos, the other members' photos) protecting ``members`` ((subject, identifier)
