@@ -454,4 +454,4 @@ def test_a_delta_scale_variant_scales_what_the_protection_changed(monkeypatch):
             torch.testing.assert_close(t, base[name] + 1.5 * (prot[name] - base[name]), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(back.unet.state_dict()[name], base[name])
             moved += not torch.equal(prot[name], base[name])
-    assert moved and scaled.unet is not plain.unet and scaled.info["soup"] == [-0.5, 1.5]
+    assert moved and scaled.unet is not plain.unet and scaled.info["soup"] == [1.5, -0.5]

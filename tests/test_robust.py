@@ -466,3 +466,10 @@ def test_tail_average_resumes_exactly_and_refuses_a_moved_window(fast_config, tm
         protect(fast_config(state_path=str(tmp_path / "b.pt"), **{**settings, "outer_steps": 6}), resume=True)
     with pytest.raises(InputError, match="tail_average"):
         fast_config(tail_average=6, outer_steps=5).validate()
+    from types import SimpleNamespace
+
+    from apdm_core.l2p.placement import check_parallel
+
+    with pytest.raises(InputError, match="fsdp"):  # shards: no whole weights to average
+        check_parallel(fast_config(tail_average=2), SimpleNamespace(active=True, kind="fsdp"))
+    check_parallel(fast_config(tail_average=2), SimpleNamespace(active=True, kind="ddp"))

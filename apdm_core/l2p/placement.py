@@ -48,6 +48,11 @@ def check_parallel(config: ProtectConfig, parallel: Parallel) -> None:
         raise InputError(
             "conflict_weight > 0 (a double backward) runs in one process only; launch without accelerate."
         )
+    if config.tail_average and parallel.kind == "fsdp":
+        raise InputError(
+            "tail_average > 0 averages whole weights, which distributed='fsdp' shards; use distributed='ddp' "
+            "or one process."
+        )
     if config.optimizer_in_backward:
         log.warning("optimizer_in_backward is ignored with several processes (the library syncs gradients).")
     if config.channels_last and parallel.kind == "fsdp":

@@ -44,13 +44,19 @@ def soup_model(models: list, weights: list[float] | None = None):
     models are untouched."""
     import torch
 
-    unet = copy.deepcopy(models[-1].unet)
+    unet = copy.deepcopy(models[0].unet)
     states = [m.unet.state_dict() for m in models]
-    w = torch.tensor(weights if weights is not None else [1 / len(models)] * len(models), dtype=torch.float64)
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float64)
     with torch.no_grad():
         for name, t in unet.state_dict().items():
             if t.is_floating_point():
-                stacked = torch.stack([s[name].double() for s in states])
-                t.copy_(torch.tensordot(w, stacked, dims=1).to(t.dtype))
-    info = {**models[-1].info, "soup": len(models) if weights is None else list(weights)}
-    return dataclasses.replace(models[-1], unet=unet, info=info, _fingerprint=None)
+                if w is None:  # the plain mean (as the ninth round measured it)
+                    t.copy_(torch.stack([s[name].float() for s in states]).mean(0).to(t.dtype))
+                else:
+                    t.copy_(
+                        torch.tensordot(w, torch.stack([s[name].double() for s in states]), dims=1).to(
+                            t.dtype
+                        )
+                    )
+    info = {**models[0].info, "soup": len(models) if weights is None else list(weights)}
+    return dataclasses.replace(models[0], unet=unet, info=info, _fingerprint=None)

@@ -170,7 +170,7 @@ class Runner:
         model, seconds, config = self.protected(
             subject, seed, {n: v for n, v in overrides.items() if n != "delta_scale"}
         )
-        return soup_model([self.model, model], [1 - s, s]), seconds, config
+        return soup_model([model, self.model], [s, 1 - s]), seconds, config
 
     def protect_config(self, members: list, seed: int, settings: dict):
         """(ProtectConfig, photos, the other members' photos) protecting ``members`` ((subject, identifier)
