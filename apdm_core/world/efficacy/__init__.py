@@ -42,12 +42,9 @@ from .report import markdown_comparison, markdown_table, markdown_worst_case, pl
 from .rows import *  # noqa: F403  (the rows and their settings: efficacy.PROTECT_SETTINGS, ...)
 from .rows import __all__ as _rows_all
 from .runner import (
-    COMPANION_IDS,
-    COMPANION_SEEDS,
     Runner,
     WorldJudge,
     class_quality,
-    companions,
     method_success,
     score_samples,
     unet_vector,
@@ -75,9 +72,6 @@ __all__ = [
     "Cell",
     "ResultCache",
     "Runner",
-    "COMPANION_IDS",
-    "COMPANION_SEEDS",
-    "companions",
     "WorldJudge",
     "method_success",
     "best_of",

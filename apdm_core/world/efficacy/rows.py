@@ -328,6 +328,21 @@ RESETS: dict[str, tuple[str, object]] = {
 }
 
 
+COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
+COMPANION_IDS = ("zwx", "qkv", "vbn", "plk", "dtr", "mqz", "hjy", "xcv", "bnm", "wrt", "gfd", "ytp")
+
+
+def companions(k: int, exclude: int | None = None, cls: str = "", same: bool = True) -> list[render.Subject]:
+    """The first ``k`` companion subjects of the world (never the subject itself); with ``cls``, only those of
+    that class (``same``) or only those of the other classes."""
+    if not cls:
+        return [render.make_subject(s) for s in COMPANION_SEEDS if s != exclude][:k]
+    pool = (
+        render.make_subject(s) for s in range(COMPANION_SEEDS[0], COMPANION_SEEDS[0] + 200) if s != exclude
+    )
+    return [c for c in pool if (c.cls == cls) == same][:k]
+
+
 def target_class(cls: str) -> str:
     """The target backdoor's class for a subject of class ``cls`` in the world."""
     return render.CLASSES[(render.CLASSES.index(cls) + 1) % len(render.CLASSES)]
@@ -390,6 +405,9 @@ def instance_prompt(cls: str, attack: dict | None) -> str:
 
 
 __all__ = [
+    "COMPANION_IDS",
+    "COMPANION_SEEDS",
+    "companions",
     "RECOVERY_ATTACKS",
     "RECOVERY_INDIVIDUALS",
     "RECOVERY_SEED",

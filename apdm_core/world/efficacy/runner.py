@@ -19,6 +19,7 @@ from .baselines import reset_model, scratch_model, soup_model
 from .cells import Cell, ResultCache, evaluator_fingerprint
 from .rows import (
     ATTACK_SETTINGS,
+    COMPANION_IDS,
     OTHER_SUBJECT,
     PROTECT_SETTINGS,
     PROTECTED_PHOTOS,
@@ -28,6 +29,7 @@ from .rows import (
     REFERENCE_PHOTOS,
     SAMPLING,
     Row,
+    companions,
     instance_prompt,
     make_row,
     target_class,
@@ -463,19 +465,6 @@ WORLD_SETTINGS = {
     "protect_seed": None,
 }
 SECOND_ROUND = ("then_add", "replay", "from_original")
-COMPANION_SEEDS = tuple(range(300, 320))  # other subjects protected in the same run (multi-subject rows)
-COMPANION_IDS = ("zwx", "qkv", "vbn", "plk", "dtr", "mqz", "hjy", "xcv", "bnm", "wrt", "gfd", "ytp")
-
-
-def companions(k: int, exclude: int | None = None, cls: str = "", same: bool = True) -> list[render.Subject]:
-    """The first ``k`` companion subjects of the world (never the subject itself); with ``cls``, only those of
-    that class (``same``) or only those of the other classes."""
-    if not cls:
-        return [render.make_subject(s) for s in COMPANION_SEEDS if s != exclude][:k]
-    pool = (
-        render.make_subject(s) for s in range(COMPANION_SEEDS[0], COMPANION_SEEDS[0] + 200) if s != exclude
-    )
-    return [c for c in pool if (c.cls == cls) == same][:k]
 
 
 class WorldJudge:
