@@ -447,6 +447,7 @@ def test_a_delta_scale_variant_scales_what_the_protection_changed(monkeypatch):
     scaled, seconds, _ = runner.protected(subject, 0, {"protect_seed": 3, "delta_scale": 1.5})
     back = runner.protected(subject, 0, {"protect_seed": 3, "delta_scale": 0.0})[0]
     assert runs == [3] and seconds == 1.0  # one protection serves them all
+    assert runner.protected(subject, 0, {"protect_seed": 3, "delta_scale": 1.5})[0] is scaled  # cached
     base, prot = model.unet.state_dict(), plain.unet.state_dict()
     moved = 0
     for name, t in scaled.unet.state_dict().items():

@@ -106,7 +106,9 @@ class L2PTrainer:
         # tail_average: the sum of theta's protected weights after each of the run's last tail_average steps
         self.tail_sum: list[torch.Tensor] | None = None
         self.tail_count = 0
-        self._final_theta: list[torch.Tensor] | None = None  # theta itself, once finish() exported the mean
+        self._final_theta: dict[
+            str, torch.Tensor
+        ] = {}  # theta's protected weights, once finish() exported the mean
 
     # --- what the methods read -------------------------------------------------------------------
     unet = property(lambda self: self.weights.unet)  # theta
@@ -392,9 +394,12 @@ class L2PTrainer:
         """The protected UNet as a plain module on the compute device; the base model back where it was.
         With tail_average, once the run is complete, its protected weights are the tail's mean (theta itself
         stays in the state file)."""
-        if self.tail_sum is not None and self.step >= self.cfg.outer_steps and self._final_theta is None:
+        if self.tail_sum is not None and self.step >= self.cfg.outer_steps and not self._final_theta:
             params = self.weights.protected_params
-            self._final_theta = [p.detach().cpu().clone() for p in params]
+            protected = {id(p) for p in params}
+            self._final_theta = {
+                n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if id(p) in protected
+            }
             with torch.no_grad():
                 for p, s in zip(params, self.tail_sum):
                     p.copy_(s / self.tail_count)
@@ -439,27 +444,19 @@ class L2PTrainer:
 
     def theta_state(self) -> dict[str, torch.Tensor]:
         """theta's weights on the CPU (theta itself, also after finish() put the tail's mean in its place)."""
-        state = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
-        if self._final_theta is not None:
-            names = {id(p): n for n, p in self.unet.named_parameters()}
-            for p, t in zip(self.weights.protected_params, self._final_theta):
-                state[names[id(p)]] = t
-        return state
+        return {**{k: v.detach().cpu() for k, v in self.unet.state_dict().items()}, **self._final_theta}
 
     def load_tail(self, tail: dict | None) -> None:
         """The tail average of a resumed run; its window must be the one this run's outer_steps gives."""
-        if (
-            self.cfg.tail_average
-            and self.step > self.tail_start
-            and (tail is None or tail["from"] != self.tail_start)
-        ):
+        same_window = tail is not None and tail["from"] == self.tail_start
+        if self.cfg.tail_average and self.step > self.tail_start and not same_window:
             was = "no tail" if tail is None else f"the tail from outer step {tail['from']}"
             raise InputError(
                 f"The state file is at outer step {self.step} and holds {was}, but tail_average="
                 f"{self.cfg.tail_average} with outer_steps={self.cfg.outer_steps} averages from step {self.tail_start}, "
                 "which has passed: resume with the outer_steps the run was started with, or restart."
             )
-        if tail is None or not self.cfg.tail_average or tail["from"] != self.tail_start:
+        if not (self.cfg.tail_average and same_window):
             self.tail_sum, self.tail_count = None, 0
             return
         device = self.weights.protected_params[0].device

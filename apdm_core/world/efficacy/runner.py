@@ -167,12 +167,15 @@ class Runner:
 
     def delta_scaled(self, subject: render.Subject, seed: int, overrides: dict):
         """(the world model + delta_scale x (the row without delta_scale - the world model), that row's seconds
-        and ProtectConfig): the protection's change scaled, sharing the protection with the unscaled row."""
-        s = float(overrides["delta_scale"])
-        model, seconds, config = self.protected(
-            subject, seed, {n: v for n, v in overrides.items() if n != "delta_scale"}
-        )
-        return soup_model([model, self.model], [s, 1 - s]), seconds, config
+        and ProtectConfig): the protection's change scaled, sharing the protection with the unscaled row; cached
+        like a protection."""
+        key = (subject.seed, json.dumps({"protect_seed": seed, **overrides}, sort_keys=True))
+        if key not in self._protected:
+            s = float(overrides["delta_scale"])
+            rest = {n: v for n, v in overrides.items() if n != "delta_scale"}
+            model, seconds, config = self.protected(subject, seed, rest)
+            self._protected[key] = (soup_model([model, self.model], [s, 1 - s]), seconds, config)
+        return self._protected[key]
 
     def protect_config(self, members: list, seed: int, settings: dict):
         """(ProtectConfig, photos, the other members' photos) protecting ``members`` ((subject, identifier)
