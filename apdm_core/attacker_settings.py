@@ -73,6 +73,14 @@ class AttackerSettings(ConfigIO):
         "the attackers of several episodes. Changes only the exported model, not the run (0 = off).",
         group="robust",
     )
+    hypergradient: bool = _f(
+        False,
+        "Differentiate the protection losses through the simulated DreamBooth steps of each outer step (an "
+        "unrolled, second-order hypergradient with respect to theta' at the step's start) instead of taking the "
+        "gradient at the attacked weights (first order). The graph keeps every unrolled step: for small models "
+        "(the demo world); LoRA episodes stay first order; one process, PyTorch attention.",
+        group="robust",
+    )
     inner_batch_size: int = _f(
         0,
         "Subject images per simulated attack step (0 = batch_size); the world's attacker uses 2.",

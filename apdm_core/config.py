@@ -346,6 +346,13 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 f"ProtectConfig.tail_average={self.tail_average} averages more outer steps than the run has "
                 f"(outer_steps={self.outer_steps}): set it to at most {self.outer_steps}, or 0 (off)."
             )
+        if self.hypergradient and (self.optimizer_in_backward or self.optimizer != "adamw" or self.attention != "sdpa"
+                                   or self.accumulation != "protect" or not self.inner_steps):  # fmt: skip
+            raise InputError(
+                "ProtectConfig.hypergradient unrolls the simulated attacker's AdamW steps with PyTorch attention: it "
+                "needs inner_steps >= 1, accumulation='protect', optimizer='adamw', attention='sdpa' and "
+                "optimizer_in_backward off."
+            )
         if self.trap_weight > 0 and not self.anchor_weight > 0:
             raise InputError(
                 f"ProtectConfig.trap_weight={self.trap_weight} pulls the attacked model off the anchor's images, which "

@@ -71,6 +71,7 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
         "conflict_weight",
         "trap_weight",
         "tail_average",
+        "hypergradient",
     ):
         if not settings.get(name):
             settings.pop(name, None)

@@ -48,6 +48,10 @@ def check_parallel(config: ProtectConfig, parallel: Parallel) -> None:
         raise InputError(
             "conflict_weight > 0 (a double backward) runs in one process only; launch without accelerate."
         )
+    if config.hypergradient:
+        raise InputError(
+            "hypergradient (an unrolled double backward) runs in one process only; launch without accelerate."
+        )
     if config.tail_average and parallel.kind == "fsdp":
         raise InputError(
             "tail_average > 0 averages whole weights, which distributed='fsdp' shards; use distributed='ddp' "

@@ -37,6 +37,7 @@ from .data import ProtectionData, identifier_prompts
 from .episode import Attacker
 from .nullspace import NullSpace
 from .placement import Weights
+from .unrolled import unrolled_attack_steps
 
 STATE_VERSION = 1
 
@@ -162,6 +163,28 @@ class L2PTrainer:
             self.protection_gradient(log, where)
             if tracker is not None:
                 tracker.update(losses={"protect": log.protect[-1]}, outer=self.step + 1, inner=0)
+        if cfg.hypergradient and episode.lora is None and cfg.inner_steps:
+            unrolled_attack_steps(self, log, episode, tracker, where)  # second order, through the steps
+        else:
+            self.attack_steps(log, episode, tracker, where)
+        if cfg.conflict_weight > 0 and cfg.inner_steps:
+            self.conflict_gradient(log)
+        if cfg.trap_weight > 0 and cfg.inner_steps and self.data.anchor is not None:
+            self.trap_gradient(log, episode.h)
+        with uninterrupted():  # theta's update and the step counter: one unit for the saver
+            log.add(self.apply_outer_update(log.weight))
+            self.step += 1
+            self.add_to_tail()
+            self._rng_at_step_start = self.generator.get_state()  # now the start of the next step
+            self._attacker_at_step_start = self._parked_at_step_start = None
+        if not self.persistent:
+            self.attacker.end()
+        return self.record(log, episode, time.perf_counter() - t0)
+
+    def attack_steps(self, log: StepLog, episode, tracker: Tracker | None, where: str) -> None:
+        """The outer step's inner_steps attack steps on theta', each protect_every-th followed by the
+        protection gradient at theta' as the step left it (first order)."""
+        cfg = self.cfg
         for j in range(cfg.inner_steps):
             where_j = f"{where}, inner step {j + 1}"
             self.weights.clear_prime_grads()
@@ -176,19 +199,6 @@ class L2PTrainer:
                 self.protection_gradient(log, where_j, self.protect_weight(episode.h))
             if tracker is not None:
                 tracker.update(losses=log.losses(), outer=self.step + 1, inner=j + 1)
-        if cfg.conflict_weight > 0 and cfg.inner_steps:
-            self.conflict_gradient(log)
-        if cfg.trap_weight > 0 and cfg.inner_steps and self.data.anchor is not None:
-            self.trap_gradient(log, episode.h)
-        with uninterrupted():  # theta's update and the step counter: one unit for the saver
-            log.add(self.apply_outer_update(log.weight))
-            self.step += 1
-            self.add_to_tail()
-            self._rng_at_step_start = self.generator.get_state()  # now the start of the next step
-            self._attacker_at_step_start = self._parked_at_step_start = None
-        if not self.persistent:
-            self.attacker.end()
-        return self.record(log, episode, time.perf_counter() - t0)
 
     def episode_for_this_step(self):
         """A new episode (theta' <- theta) every resync_every outer steps; else the accumulator restarts."""
