@@ -99,3 +99,21 @@ def test_what_hypergradient_cannot_run_with_is_refused_before_any_work(fast_conf
     with pytest.raises(InputError, match="hypergradient"):
         check_parallel(fast_config(hypergradient=True), SimpleNamespace(active=True, kind="ddp"))
     check_parallel(fast_config(hypergradient=True), SimpleNamespace(active=False, kind="no"))
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [
+        dict(mixed_precision="bf16"),
+        dict(gradient_checkpointing=True),
+        dict(channels_last=True),
+        dict(offload_outer=True),
+    ],
+)
+def test_the_hypergradient_runs_with_the_performance_levers(fast_config, lever):
+    """bf16 rounds small gradients to exactly 0, where sqrt's derivative is infinite: the unrolled AdamW's must
+    stay finite (it gave NaN before safe_sqrt)."""
+    trainer = make_trainer(fast_config(loss="target", hypergradient=True, resync_every=2, **lever))
+    trainer.outer_step()
+    g = flat(trainer.accum)
+    assert torch.isfinite(g).all() and float(g.norm()) > 0

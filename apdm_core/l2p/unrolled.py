@@ -58,7 +58,7 @@ def unrolled_attack_steps(trainer, log, episode, tracker, where: str) -> None:
             log.per.append(
                 trainer._check(float(loss.detach()), "personalization", f"{where}, inner step {j + 1}")
             )
-            grads = torch.autograd.grad(loss, theta, create_graph=True)
+            grads = torch.autograd.grad(loss, theta, create_graph=True, materialize_grads=True)
             if cfg.inner_max_grad_norm > 0:  # clip_grad_norm_'s rule
                 norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
                 grads = [g * torch.clamp(cfg.inner_max_grad_norm / (norm + 1e-6), max=1.0) for g in grads]
@@ -66,7 +66,9 @@ def unrolled_attack_steps(trainer, log, episode, tracker, where: str) -> None:
             m = [b1 * a + (1 - b1) * g for a, g in zip(m, grads)]
             v = [b2 * a + (1 - b2) * g * g for a, g in zip(v, grads)]
             step, root = lr / (1 - b1**k), math.sqrt(1 - b2**k)
-            theta = [t * (1 - lr * wd) - step * a / (s.sqrt() / root + eps) for t, a, s in zip(theta, m, v)]
+            theta = [
+                t * (1 - lr * wd) - step * a / (safe_sqrt(s) / root + eps) for t, a, s in zip(theta, m, v)
+            ]
             episode.h += 1
             if episode.h % cfg.protect_every == 0:
                 weight = trainer.protect_weight(episode.h)
@@ -87,6 +89,14 @@ def unrolled_attack_steps(trainer, log, episode, tracker, where: str) -> None:
                     if g is not None:
                         a.add_(g.to(a.dtype))
     continue_from(episode, params, theta, m, v, k0 + cfg.inner_steps)
+
+
+def safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """sqrt(s) with the derivative 0 where s = 0 (a coordinate whose gradients were all 0 so far): sqrt's own is
+    infinite there and would turn the whole hypergradient into NaN, while the step's true derivative is finite
+    (m = 0 there too)."""
+    positive = s > 0
+    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
 
 
 def continue_from(episode, params, theta, m, v, steps: int) -> None:
