@@ -73,6 +73,13 @@ class AttackerSettings(ConfigIO):
         "the attackers of several episodes. Changes only the exported model, not the run (0 = off).",
         group="robust",
     )
+    protect_beta1: float = _f(
+        0.0,
+        "beta1 (momentum) of the protection's own AdamW, the outer optimizer of theta (0 = adam_beta1, which the "
+        "simulated attacker keeps). The protection gradient's signs agree from one simulated attacker to the next on "
+        "only about 70% of the weights; a longer momentum averages more outer steps before Adam's sign-like step.",
+        group="robust",
+    )
     hypergradient: bool = _f(
         False,
         "Differentiate the protection losses through the simulated DreamBooth steps of each outer step (an "

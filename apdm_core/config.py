@@ -263,7 +263,7 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 "lora_lr_max",
                 "anchor_weight",
             ),
-            unit_interval=("adam_beta1", "adam_beta2", "null_space"),
+            unit_interval=("adam_beta1", "adam_beta2", "null_space", "protect_beta1"),
         )
         if self.model_type not in MODEL_TYPES and not Path(self.model_type).is_dir():
             raise InputError(

@@ -12,12 +12,13 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 
-def make_adamw(config, params, lr: float, device: torch.device):
-    """The optimizer of ``config.optimizer`` for ``params``, with the kernel of ``adamw_impl``."""
+def make_adamw(config, params, lr: float, device: torch.device, beta1: float = 0.0):
+    """The optimizer of ``config.optimizer`` for ``params``, with the kernel of ``adamw_impl`` (``beta1`` > 0 in
+    place of adam_beta1)."""
     c = config
     kw = {
         "lr": lr,
-        "betas": (c.adam_beta1, c.adam_beta2),
+        "betas": (beta1 or c.adam_beta1, c.adam_beta2),
         "weight_decay": c.adam_weight_decay,
         "eps": c.adam_epsilon,
     }

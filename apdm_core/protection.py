@@ -72,6 +72,7 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
         "trap_weight",
         "tail_average",
         "hypergradient",
+        "protect_beta1",
     ):
         if not settings.get(name):
             settings.pop(name, None)

@@ -473,3 +473,26 @@ def test_tail_average_resumes_exactly_and_refuses_a_moved_window(fast_config, tm
     with pytest.raises(InputError, match="fsdp"):  # shards: no whole weights to average
         check_parallel(fast_config(tail_average=2), SimpleNamespace(active=True, kind="fsdp"))
     check_parallel(fast_config(tail_average=2), SimpleNamespace(active=True, kind="ddp"))
+
+
+def test_protect_beta1_sets_the_outer_momentum_only(fast_config):
+    """protect_beta1: the protection's AdamW takes it as beta1; the simulated attacker keeps adam_beta1; 0 = as before."""
+    trainer = make_trainer(fast_config(loss="target", protect_beta1=0.99, resync_every=2))
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.99, trainer.cfg.adam_beta2)
+    trainer.outer_step()
+    assert trainer.attacker.current.opt.param_groups[0]["betas"][0] == trainer.cfg.adam_beta1 != 0.99
+    plain = make_trainer(fast_config(loss="target", resync_every=2))
+    assert plain.optimizer.param_groups[0]["betas"] == (plain.cfg.adam_beta1, plain.cfg.adam_beta2)
+    plain.outer_step()
+    assert all(torch.equal(a, b) for a, b in zip(trainer.accum, plain.accum))  # the same first gradient
+    trainer.outer_step()  # (Adam's bias-corrected first step does not depend on beta1; the second does)
+    plain.outer_step()
+    moved = max(
+        float((a - b).abs().max()) for a, b in zip(trainer.unet.parameters(), plain.unet.parameters())
+    )
+    assert (
+        moved > 1e-6
+    )  # well above float32 rounding of these weights (< 1e-7); the steps differ by ~5% of lr
+    for bad in (1.0, -0.1):
+        with pytest.raises(InputError, match="protect_beta1"):
+            fast_config(protect_beta1=bad).validate()

@@ -154,8 +154,8 @@ class Weights:
             unet.requires_grad_(False).eval()
         return unet
 
-    def adamw(self, params, lr: float):
-        return make_adamw(self.cfg, params, lr, self.device)
+    def adamw(self, params, lr: float, beta1: float = 0.0):
+        return make_adamw(self.cfg, params, lr, self.device, beta1)
 
     # --- theta' and the accumulator -------------------------------------------------------------
     def refill_prime(self) -> None:

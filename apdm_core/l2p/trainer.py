@@ -84,7 +84,9 @@ class L2PTrainer:
         if config.optimizer == "adamw8bit":
             require_bitsandbytes(device)
         self.weights = Weights(config, model, device, self.parallel, reference=reference)
-        self.optimizer = self.weights.adamw(self.weights.protected_params, config.lr_protect)
+        self.optimizer = self.weights.adamw(
+            self.weights.protected_params, config.lr_protect, config.protect_beta1
+        )
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.attacker = Attacker(config, self.weights, self.generator)
         self.null_space = None  # the class (and anchor) prompts' keys and values kept as they were
