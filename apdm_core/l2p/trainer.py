@@ -109,9 +109,8 @@ class L2PTrainer:
         # tail_average: the sum of theta's protected weights after each of the run's last tail_average steps
         self.tail_sum: list[torch.Tensor] | None = None
         self.tail_count = 0
-        self._final_theta: dict[
-            str, torch.Tensor
-        ] = {}  # theta's protected weights, once finish() exported the mean
+        # theta's protected weights, once finish() exported the mean
+        self._final_theta: dict[str, torch.Tensor] = {}
 
     # --- what the methods read -------------------------------------------------------------------
     unet = property(lambda self: self.weights.unet)  # theta
@@ -165,7 +164,7 @@ class L2PTrainer:
             self.protection_gradient(log, where)
             if tracker is not None:
                 tracker.update(losses={"protect": log.protect[-1]}, outer=self.step + 1, inner=0)
-        if cfg.hypergradient and episode.lora is None and cfg.inner_steps:
+        if cfg.hypergradient and episode.lora is None:  # (validate: hypergradient needs inner_steps >= 1)
             unrolled_attack_steps(self, log, episode, tracker, where)  # second order, through the steps
         else:
             self.attack_steps(log, episode, tracker, where)
@@ -240,12 +239,17 @@ class L2PTrainer:
 
     def protection_gradient(self, log: StepLog, where: str, weight: float = 1.0) -> None:
         """Add ``weight`` x grad of the method's protection loss at theta' to the accumulator."""
-        loss, stats = self.protection_loss(self.run_p)
+        self.weights.accumulate(self.protection_term(self.run_p, log, where, weight))
+
+    def protection_term(self, unet, log: StepLog, where: str, weight: float = 1.0) -> torch.Tensor:
+        """``weight`` x the method's protection loss at the weights of ``unet``, checked and logged (its value,
+        its terms, the weight) in ``log``."""
+        loss, stats = self.protection_loss(unet)
         logged = self.parallel.mean({"protect": float(loss.detach()), **stats})
         log.protect.append(self._check(logged.pop("protect"), "protection", where))
         log.weight += weight
-        self.weights.accumulate(loss if weight == 1.0 else loss * weight)
         log.add(logged)
+        return loss if weight == 1.0 else loss * weight
 
     def conflict_gradient(self, log: StepLog) -> None:
         """conflict_weight: add the gradient of the cosine between the attacker's own gradients on two

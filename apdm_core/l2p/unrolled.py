@@ -75,15 +75,9 @@ def unrolled_attack_steps(trainer, log, episode, tracker, where: str) -> None:
             ]
             episode.h += 1
             if episode.h % cfg.protect_every == 0:
-                weight = trainer.protect_weight(episode.h)
-                ploss, stats = trainer.protection_loss(AtWeights(w.unet_p, names, theta))
-                logged = trainer.parallel.mean({"protect": float(ploss.detach()), **stats})
-                log.protect.append(
-                    trainer._check(logged.pop("protect"), "protection", f"{where}, inner step {j + 1}")
-                )
-                log.weight += weight
-                log.add(logged)
-                total = ploss * weight if total is None else total + ploss * weight
+                term = trainer.protection_term(AtWeights(w.unet_p, names, theta), log, f"{where}, inner step {j + 1}",
+                                               trainer.protect_weight(episode.h))  # fmt: skip
+                total = term if total is None else total + term
             if tracker is not None:
                 tracker.update(losses=log.losses(), outer=trainer.step + 1, inner=j + 1)
         if total is not None:
