@@ -47,7 +47,10 @@ class ProtectResult:
     history: list[dict] = field(default_factory=list)
     state_path: Path | None = None
     output: Path | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock
+    cpu_seconds: float = (
+        0.0  # this process's CPU time (all its threads; not the GPU's): load-independent on a CPU
+    )
     processes: int = 1  # > 1 under accelerate launch / torchrun
     distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
 
@@ -172,7 +175,7 @@ def _protect(
     """protect() without the care for a preloaded model's state."""
     config.validate()
     check_flags(resume, restart)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     inputs = input_paths(config, images, model)
     check_run_files(config.output, config.state_path, config.cache_dir, inputs)
     device = resolve_device(config.device)
@@ -205,7 +208,8 @@ def _protect(
             with parallel.main_first():  # the main process fills the pair cache, the others read it
                 data = prepare_subjects(config, reference or model, subject_sets, size, progress, should_stop)
         except Cancelled:
-            return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start)
+            return ProtectResult(model, config, 0, cancelled=True, seconds=time.perf_counter() - t_start,
+                                 cpu_seconds=time.process_time() - cpu_start)  # fmt: skip
         if device.type == "cuda":  # the frozen encoders are done: free their memory
             for m in {m for r in (model, reference) if r is not None for m in (r.vae, *r.text_encoders)}:
                 m.to("cpu")
@@ -229,7 +233,7 @@ def _protect(
         result.state_path = run.state_path if keep_state else None
     parallel.wait()
     result.processes, result.distributed = parallel.world_size, parallel.kind
-    result.seconds = time.perf_counter() - t_start
+    result.seconds, result.cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
     return result
 
 

@@ -402,7 +402,9 @@ def test_a_soup_variant_averages_the_unets_of_its_protection_streams(monkeypatch
 
     def fake_protect(config, *_, model=None, **__):  # a different UNet per stream, fast
         seeds.append(config.seed)
-        return types.SimpleNamespace(model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=1.0)
+        return types.SimpleNamespace(
+            model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=2.0, cpu_seconds=1.0
+        )
 
     monkeypatch.setattr(protection, "protect", fake_protect)
     runner = efficacy.Runner(model, samples=1)
@@ -438,7 +440,9 @@ def test_a_delta_scale_variant_scales_what_the_protection_changed(monkeypatch):
 
     def fake_protect(config, *_, model=None, **__):
         runs.append(config.seed)
-        return types.SimpleNamespace(model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=1.0)
+        return types.SimpleNamespace(
+            model=efficacy.reset_model(model, config.seed, "reset_kv"), seconds=2.0, cpu_seconds=1.0
+        )
 
     monkeypatch.setattr(protection, "protect", fake_protect)
     runner = efficacy.Runner(model, samples=1)

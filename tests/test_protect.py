@@ -136,6 +136,19 @@ def test_cancel_stops_within_one_inner_step(fast_config):
     assert protect_events[-1].eta_s is not None and protect_events[-1].total == 200
 
 
+def test_cpu_seconds_count_the_process_not_the_wall_clock(fast_config):
+    """The cost the benchmarks report is the process's CPU time: time spent waiting (here a host callback that
+    sleeps, on a loaded machine another process's turn) counts in the wall-clock seconds only."""
+    import time
+
+    events = []
+    result = protect(
+        fast_config(outer_steps=2, inner_steps=1), progress=lambda e: (events.append(e), time.sleep(0.05))
+    )
+    assert 0 < result.cpu_seconds and len(events) >= 2
+    assert result.seconds - result.cpu_seconds > 0.8 * 0.05 * len(events)  # the sleeps: wall-clock only
+
+
 def test_host_interrupt_saves_state_and_propagates(fast_config, tmp_path):
     class HostInterrupt(Exception):
         pass

@@ -109,7 +109,7 @@ class Runner:
 
     # --------------------------------------------------------------------------------------
     def protected(self, subject: render.Subject, seed: int, overrides: dict):
-        """(protected model, seconds, its ProtectConfig) for this subject, seed and protection variant (cached).
+        """(protected model, its CPU-seconds, its ProtectConfig) for this subject, seed and protection variant (cached).
 
         Pseudo-settings of the world (multi-subject rows): ``companions`` k protects k other subjects of the
         world in the same run (COMPANION_SEEDS, each with its own identifier); ``then_add`` m protects m
@@ -148,7 +148,7 @@ class Runner:
             reference = self.model if then_add and original else None
             result = protect(config, self.progress, self.should_stop, model=start, images=images, resume=True,
                              subject_images=others or None, reference=reference)  # fmt: skip
-            self._protected[key] = (result.model, seconds + result.seconds, config)
+            self._protected[key] = (result.model, seconds + result.cpu_seconds, config)
         return self._protected[key]
 
     def soup(self, subject: render.Subject, seed: int, overrides: dict):
@@ -208,7 +208,7 @@ class Runner:
         return list(photos)
 
     def protected_photos(self, subject: render.Subject, seed: int, settings: dict):
-        """(protected photos, per-photo metrics, seconds) of an image-level protection (cached)."""
+        """(protected photos, per-photo metrics, CPU-seconds) of an image-level protection (cached)."""
         from ...images import ImageProtectConfig, protect_images
 
         key = ("images", subject.seed, seed, json.dumps(settings, sort_keys=True))
@@ -229,7 +229,7 @@ class Runner:
             result = protect_images(
                 config, self.progress, self.should_stop, model=self.model, images=images, restart=True
             )
-            self._protected[key] = (result.images, result.metrics, result.seconds)
+            self._protected[key] = (result.images, result.metrics, result.cpu_seconds)
         return self._protected[key]
 
     def persguard_settings(self, settings: dict, subject: render.Subject) -> dict:
