@@ -460,3 +460,26 @@ def test_a_delta_scale_variant_scales_what_the_protection_changed(monkeypatch):
             torch.testing.assert_close(back.unet.state_dict()[name], base[name])
             moved += not torch.equal(prot[name], base[name])
     assert moved and scaled.unet is not plain.unet and scaled.info["soup"] == [1.5, -0.5]
+
+
+def test_the_results_cache_keeps_what_other_processes_wrote(tmp_path):
+    """Two benchmark processes share one results file: a process's copy from its start must not put back
+    (or drop) the cells another wrote since, and a shorter curve keeps the longer one's other budgets."""
+    from apdm_core.world.efficacy.cells import Cell, ResultCache
+
+    def cells(*steps, gated=0.5):
+        return [Cell("base+attack", 1, 0, 0.5, 0.5, gated=gated, steps=s) for s in steps]
+
+    path = tmp_path / "cache.json"
+    a, b = ResultCache(path), ResultCache(path)  # both read the (empty) file at their start
+    a.put("k1", cells(0, 400, 800, 1600))
+    b.put("k2", cells(0, 400))  # b's copy does not hold k1
+    b.put("k1", cells(0, 400, gated=0.7))  # the same attack run, fewer budgets
+    fresh = ResultCache(path)
+    assert [c.steps for c in fresh.get("k2")] == [0, 400]
+    assert [(c.steps, c.gated) for c in fresh.get("k1")] == [(0, 0.7), (400, 0.7), (800, 0.5), (1600, 0.5)]
+    assert [c.steps for c in a.get("k2")] == [0, 400]  # a sees b's cells without a restart
+    stale = ResultCache(path)  # holds k1 as it is now
+    a.put("k1", cells(0, 400, gated=0.9))
+    stale.put("k3", cells(0))  # must not put its older k1 back
+    assert ResultCache(path).get("k1")[0].gated == 0.9

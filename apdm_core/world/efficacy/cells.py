@@ -3,6 +3,7 @@ unprotected rows' cells across benchmark runs, keyed by everything they depend o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,18 +56,43 @@ class ResultCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> list[Cell] | None:
+        if self.path is not None and self.path.exists():  # what other processes added since
+            self.data = {**self.data, **json.loads(self.path.read_text())}
         items = self.data.get(key)
         return cells_from_dicts(items) if items is not None else None
 
     def put(self, key: str, cells: list[Cell]) -> None:
+        """Add ``cells`` under ``key`` to the file. Other benchmark processes write the same file: what it holds
+        now wins over this process's copy from earlier (which would put back the cells they replaced), and a
+        curve keeps the budgets of the cells it had (one attack run's cells at other budgets)."""
         if self.path is None:
             return
         from ...fileio import atomic_write_text
 
-        if self.path.exists():  # another benchmark process may have added cells meanwhile
-            self.data = {**json.loads(self.path.read_text()), **self.data}
-        self.data[key] = cells_to_dicts(cells)
-        atomic_write_text(self.path, json.dumps(self.data))
+        with _locked(self.path):
+            if self.path.exists():
+                self.data = {**self.data, **json.loads(self.path.read_text())}
+            new = cells_to_dicts(cells)
+            steps = {c["steps"] for c in new}
+            kept = [c for c in self.data.get(key, []) if c["steps"] not in steps]
+            self.data[key] = sorted(kept + new, key=lambda c: c["steps"])
+            atomic_write_text(self.path, json.dumps(self.data))
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``.lock for a read-modify-write of ``path`` (where the OS has flock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; two processes writing at the same moment may lose one's cells
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def evaluator_fingerprint(evaluator) -> str:
