@@ -48,9 +48,7 @@ class ProtectResult:
     state_path: Path | None = None
     output: Path | None = None
     seconds: float = 0.0  # wall-clock
-    cpu_seconds: float = (
-        0.0  # this process's CPU time (all its threads; not the GPU's): load-independent on a CPU
-    )
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads, not a GPU's): load-independent
     processes: int = 1  # > 1 under accelerate launch / torchrun
     distributed: str = "no"  # how those processes shared the work: 'ddp' or 'fsdp'
 

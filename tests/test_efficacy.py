@@ -483,3 +483,6 @@ def test_the_results_cache_keeps_what_other_processes_wrote(tmp_path):
     a.put("k1", cells(0, 400, gated=0.9))
     stale.put("k3", cells(0))  # must not put its older k1 back
     assert ResultCache(path).get("k1")[0].gated == 0.9
+    stale.put("k4", cells(None))  # a cell of a table before steps were recorded beside a curve
+    stale.put("k4", cells(0, 400))
+    assert [c.steps for c in ResultCache(path).get("k4")] == [0, 400, None]

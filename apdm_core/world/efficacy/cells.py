@@ -75,7 +75,7 @@ class ResultCache:
             new = cells_to_dicts(cells)
             steps = {c["steps"] for c in new}
             kept = [c for c in self.data.get(key, []) if c["steps"] not in steps]
-            self.data[key] = sorted(kept + new, key=lambda c: c["steps"])
+            self.data[key] = sorted(kept + new, key=lambda c: (c["steps"] is None, c["steps"] or 0))
             atomic_write_text(self.path, json.dumps(self.data))
 
 
