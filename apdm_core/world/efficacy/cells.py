@@ -48,30 +48,32 @@ class ResultCache:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         self.data: dict[str, list[dict]] = {}
-        if self.path and self.path.exists():
-            self.data = json.loads(self.path.read_text())
+        self._reload()
+
+    def _reload(self) -> None:
+        """Take in what the file holds now (other benchmark processes write it too); the file wins over this
+        process's copy, which would otherwise put back cells they replaced."""
+        if self.path is not None and self.path.exists():
+            self.data = {**self.data, **json.loads(self.path.read_text())}
 
     @staticmethod
     def key(*parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> list[Cell] | None:
-        if self.path is not None and self.path.exists():  # what other processes added since
-            self.data = {**self.data, **json.loads(self.path.read_text())}
+        self._reload()  # what other processes added since
         items = self.data.get(key)
         return cells_from_dicts(items) if items is not None else None
 
     def put(self, key: str, cells: list[Cell]) -> None:
-        """Add ``cells`` under ``key`` to the file. Other benchmark processes write the same file: what it holds
-        now wins over this process's copy from earlier (which would put back the cells they replaced), and a
-        curve keeps the budgets of the cells it had (one attack run's cells at other budgets)."""
+        """Add ``cells`` under ``key`` to the file (under a lock, after taking in what it holds now); a curve keeps
+        the budgets of the cells it had (one attack run's cells at other budgets)."""
         if self.path is None:
             return
         from ...fileio import atomic_write_text
 
         with _locked(self.path):
-            if self.path.exists():
-                self.data = {**self.data, **json.loads(self.path.read_text())}
+            self._reload()
             new = cells_to_dicts(cells)
             steps = {c["steps"] for c in new}
             kept = [c for c in self.data.get(key, []) if c["steps"] not in steps]
