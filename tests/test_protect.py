@@ -146,12 +146,15 @@ def test_cpu_seconds_count_the_process_not_the_wall_clock(fast_config):
     plain = protect(fast_config(outer_steps=2, inner_steps=1), progress=lambda e: None)
     events = []
     slept = protect(
-        fast_config(outer_steps=2, inner_steps=1), progress=lambda e: (events.append(e), time.sleep(0.3))
+        fast_config(outer_steps=2, inner_steps=1), progress=lambda e: (events.append(e), time.sleep(0.5))
     )
-    total = 0.3 * len(events)
+    total = 0.5 * len(events)
     assert 0 < plain.cpu_seconds and len(events) >= 2
-    assert slept.seconds - plain.seconds > 0.8 * total  # the sleeps are in the wall clock
-    assert slept.cpu_seconds - plain.cpu_seconds < 0.5 * total  # and not in the CPU time
+    # The sleeps are in the wall clock (a bound that holds whatever the machine's load: comparing with the plain
+    # run's wall clock failed in CI when the plain run happened to be the slower one) ...
+    assert slept.seconds >= 0.95 * total
+    # ... and not in the CPU time, which stays about that of the same run without them.
+    assert slept.cpu_seconds - plain.cpu_seconds < 0.5 * total
 
 
 def test_host_interrupt_saves_state_and_propagates(fast_config, tmp_path):
