@@ -80,6 +80,14 @@ class AttackerSettings(ConfigIO):
         "only about 70% of the weights; a longer momentum averages more outer steps before Adam's sign-like step.",
         group="robust",
     )
+    sam_radius: float = _f(
+        0.0,
+        "Sharpness-aware protection (SAM on the protection loss, as 2502.05374 for unlearning against relearning): "
+        "each protection gradient is taken at theta' moved by this fraction of its norm toward where the protection "
+        "loss rises fastest (same batch; theta' restored), so the protection holds in a neighbourhood of the attacked "
+        "weights, not at one point. 0 = off; costs one more forward and backward per protection gradient.",
+        group="robust",
+    )
     hypergradient: bool = _f(
         False,
         "Differentiate the protection losses through the simulated DreamBooth steps of each outer step (an "

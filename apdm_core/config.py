@@ -262,6 +262,7 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 "lr_personalize_max",
                 "lora_lr_max",
                 "anchor_weight",
+                "sam_radius",
             ),
             unit_interval=("adam_beta1", "adam_beta2", "null_space", "protect_beta1"),
         )

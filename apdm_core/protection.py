@@ -74,6 +74,7 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
         "tail_average",
         "hypergradient",
         "protect_beta1",
+        "sam_radius",
     ):
         if not settings.get(name):
             settings.pop(name, None)

@@ -495,3 +495,43 @@ def test_protect_beta1_sets_the_outer_momentum_only(fast_config):
     for bad in (1.0, -0.1):
         with pytest.raises(InputError, match="protect_beta1"):
             fast_config(protect_beta1=bad).validate()
+
+
+def test_sam_radius_takes_the_protection_gradient_at_the_ascent_point_and_restores_theta_prime(fast_config):
+    """sam_radius rho: the accumulator gains grad L_protect at theta' + rho ||theta'|| g / ||g|| (g the gradient at
+    theta', the same noise and timesteps), computed here on a copy; theta' itself is left as it was."""
+    trainer = make_trainer(fast_config(loss="target", inner_steps=2, protect_every=2, sam_radius=0.01))
+    seen = {}
+    real = trainer.protection_gradient
+
+    def spy(log, where, weight=1.0):
+        seen.update(rng=trainer.generator.get_state(), before=[a.clone() for a in trainer.accum],
+                    unet=copy.deepcopy(trainer.unet_p), prime=params_of(trainer.unet_p))  # fmt: skip
+        real(log, where, weight)
+        seen.update(after=[a.clone() for a in trainer.accum], prime_after=params_of(trainer.unet_p))
+
+    trainer.protection_gradient = spy
+    trainer.outer_step()
+    assert all(torch.equal(a, b) for a, b in zip(seen["prime"], seen["prime_after"]))  # theta' restored
+    unet = seen["unet"]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    trainer.generator.set_state(seen["rng"])
+    g = torch.autograd.grad(trainer.protection_loss(unet)[0], params, allow_unused=True)
+    pairs = [(p, d) for p, d in zip(params, g) if d is not None]
+    g_norm = math.sqrt(sum(float(d.square().sum()) for _, d in pairs))
+    p_norm = math.sqrt(sum(float(p.detach().square().sum()) for p, _ in pairs))
+    with torch.no_grad():
+        for p, d in pairs:
+            p.add_(d, alpha=0.01 * p_norm / g_norm)
+    trainer.generator.set_state(seen["rng"])
+    expected = torch.autograd.grad(trainer.protection_loss(unet)[0], params, allow_unused=True)
+    differs = 0.0
+    for b, a, e, f in zip(seen["before"], seen["after"], expected, g):
+        if e is None:
+            continue
+        torch.testing.assert_close(a - b, e, rtol=1e-3, atol=1e-7)
+        differs = max(differs, float((e - f).abs().max()))
+    assert differs > 0  # (sanity of the check: the ascent point's gradient is not theta''s)
+    assert trainer.history[-1]["sam_step"] == pytest.approx(0.01 * p_norm, rel=1e-3)
+    with pytest.raises(InputError, match="sam_radius"):
+        fast_config(sam_radius=-0.1).validate()

@@ -37,6 +37,7 @@ from .data import ProtectionData, identifier_prompts
 from .episode import Attacker
 from .nullspace import NullSpace
 from .placement import Weights
+from .sharpness import flat_protection_gradient
 from .unrolled import unrolled_attack_steps
 
 STATE_VERSION = 1
@@ -239,6 +240,8 @@ class L2PTrainer:
 
     def protection_gradient(self, log: StepLog, where: str, weight: float = 1.0) -> None:
         """Add ``weight`` x grad of the method's protection loss at theta' to the accumulator."""
+        if self.cfg.sam_radius > 0:  # at theta' moved toward where the protection is weakest
+            return flat_protection_gradient(self, log, where, weight)
         self.weights.accumulate(self.protection_term(self.run_p, log, where, weight))
 
     def protection_term(self, unet, log: StepLog, where: str, weight: float = 1.0) -> torch.Tensor:
