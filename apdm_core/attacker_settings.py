@@ -88,6 +88,13 @@ class AttackerSettings(ConfigIO):
         "weights, not at one point. 0 = off; costs one more forward and backward per protection gradient.",
         group="robust",
     )
+    sam_weights: str = _f(
+        "all",
+        "Which weights of theta' sam_radius moves: all (SAM) or others (only those outside protect_layers: the "
+        "attacker's weights that cancel a protection step, README eleventh round).",
+        group="robust",
+        choices=("all", "others"),
+    )
     hypergradient: bool = _f(
         False,
         "Differentiate the protection losses through the simulated DreamBooth steps of each outer step (an "

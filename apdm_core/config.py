@@ -354,6 +354,11 @@ class ProtectConfig(*method_settings_classes(), AttackerSettings, RunSettings):
                 "needs inner_steps >= 1, accumulation='protect', optimizer='adamw', attention='sdpa' and "
                 "optimizer_in_backward off."
             )
+        if self.sam_radius > 0 and self.sam_weights == "others" and self.protect_layers == "all":
+            raise InputError(
+                "ProtectConfig.sam_weights='others' moves the weights outside protect_layers, and protect_layers='all' "
+                "leaves none: choose protect_layers (e.g. cross_attention) or sam_weights='all'."
+            )
         if self.trap_weight > 0 and not self.anchor_weight > 0:
             raise InputError(
                 f"ProtectConfig.trap_weight={self.trap_weight} pulls the attacked model off the anchor's images, which "

@@ -78,6 +78,8 @@ def identity_settings(config: ProtectConfig, reference: SDModel | None = None) -
     ):
         if not settings.get(name):
             settings.pop(name, None)
+    if settings.get("sam_weights") == "all":  # its default, or sam_radius off
+        settings.pop("sam_weights")
     if reference is not None:  # by content (a preloaded one has no path)
         settings["reference_model"] = reference.fingerprint()
     return settings

@@ -535,3 +535,34 @@ def test_sam_radius_takes_the_protection_gradient_at_the_ascent_point_and_restor
     assert trainer.history[-1]["sam_step"] == pytest.approx(0.01 * p_norm, rel=1e-3)
     with pytest.raises(InputError, match="sam_radius"):
         fast_config(sam_radius=-0.1).validate()
+
+
+def test_sam_weights_others_moves_only_the_weights_outside_protect_layers(fast_config):
+    """sam_weights='others': the ascent step leaves theta''s protected weights (their theta' copies) where they are
+    and moves the others by sam_radius of their own norm; it needs a protect_layers that leaves some out."""
+    trainer = make_trainer(fast_config(loss="target", inner_steps=1, protect_layers="cross_attention",
+                                       sam_radius=0.01, sam_weights="others"))  # fmt: skip
+    protected = {id(p) for _, p in trainer.weights.protected_pairs}
+    moved = {}
+    real = trainer.protection_term
+
+    def spy(unet, log, where, weight=1.0):  # called at the ascent point
+        for name, p in trainer.unet_p.named_parameters():
+            moved[name] = (id(p) in protected, float((p.detach() - before[name]).abs().max()))
+        return real(unet, log, where, weight)
+
+    before = {}
+    trainer.protection_term = spy
+    real_gradient = trainer.protection_gradient
+
+    def gradient(log, where, weight=1.0):
+        before.update({n: p.detach().clone() for n, p in trainer.unet_p.named_parameters()})
+        real_gradient(log, where, weight)
+
+    trainer.protection_gradient = gradient
+    trainer.outer_step()
+    assert any(is_protected for is_protected, _ in moved.values())
+    assert all(delta == 0 for is_protected, delta in moved.values() if is_protected)
+    assert max(delta for is_protected, delta in moved.values() if not is_protected) > 0
+    with pytest.raises(InputError, match="sam_weights"):
+        fast_config(sam_radius=0.01, sam_weights="others").validate()  # protect_layers 'all'

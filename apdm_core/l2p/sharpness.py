@@ -5,7 +5,8 @@ SAM (Foret et al., 2010.03412) applied to the protection loss at the attacked we
 LLM unlearning against relearning: with g = grad L_protect(theta'), the gradient added to the accumulator is that of
 L_protect at theta' + rho ||theta'|| g / ||g|| (the same noise and timesteps, theta' restored afterwards). The
 eleventh round of the README measured that the attacker's other weights cancel a protection step within about 20
-attack steps; the ascent direction is the one along which they cancel it fastest.
+attack steps; the ascent direction is the one along which they cancel it fastest. ``sam_weights='others'`` moves
+only those other weights (the ones outside protect_layers), the radius relative to their norm.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import torch
 def flat_protection_gradient(trainer, log, where: str, weight: float = 1.0) -> None:
     """Add ``weight`` x grad L_protect at theta' moved by the radius toward the loss's ascent (theta' kept)."""
     params = trainer.params_p
+    if (
+        trainer.cfg.sam_weights == "others"
+    ):  # only the weights the protection does not move: how they cancel it
+        protected = {id(p_prime) for _, p_prime in trainer.weights.protected_pairs}
+        params = [p for p in params if id(p) not in protected]
     rng = trainer.generator.get_state()  # the second evaluation sees the same batch, noise and timesteps
     loss, _ = trainer.protection_loss(trainer.run_p)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
