@@ -17,9 +17,8 @@ import torch
 def flat_protection_gradient(trainer, log, where: str, weight: float = 1.0) -> None:
     """Add ``weight`` x grad L_protect at theta' moved by the radius toward the loss's ascent (theta' kept)."""
     params = trainer.params_p
-    if (
-        trainer.cfg.sam_weights == "others"
-    ):  # only the weights the protection does not move: how they cancel it
+    # sam_weights='others': only the weights the protection does not move, the ones that cancel it
+    if trainer.cfg.sam_weights == "others":
         protected = {id(p_prime) for _, p_prime in trainer.weights.protected_pairs}
         params = [p for p in params if id(p) not in protected]
     rng = trainer.generator.get_state()  # the second evaluation sees the same batch, noise and timesteps
